@@ -1,0 +1,101 @@
+"""Discrete-time samplers over a model function: ancestral DDPM and DDIM.
+
+Every sampler shares one signature: `sampler(diffusion, model_fn, x_T, *,
+cond_fn=None, noise=None, ...) -> x_0`, where `model_fn(x, t)` is the network
+on ORIGINAL timesteps (with labels and classifier-free guidance already bound
+in) and `cond_fn(x, t)` the scaled classifier gradient. Each step applies
+guidance in the form that suits it: the mean shift for DDPM (Algorithm 1 of
+Dhariwal & Nichol), the score correction for DDIM (Algorithm 2).
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import GaussianDiffusion
+from .guidance import condition_mean, condition_score
+
+
+class SampleNoise:
+    """One random generator per sample (EDM's StackedRandomGenerator): sample i
+    draws from a generator seeded with `seeds[i]`, so the same seed gives the same
+    image whatever the batch size or process count."""
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = device
+        self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape) -> torch.Tensor:
+        """A [len(seeds), *shape] standard normal tensor."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[1:]).to(x.dtype)
+
+
+def _noise_like(noise, x):
+    return noise.randn_like(x) if noise is not None else torch.randn_like(x)
+
+
+def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, form="mean"):
+    """The model's p(x_{t-1} | x_t) at respaced index i, with classifier guidance
+    as a mean shift (form="mean") or a score correction (form="score")."""
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    out = diffusion.p_mean_variance(model_fn(x, diffusion.model_t(t)), x, t, clip_denoised=clip_denoised)
+    if cond_fn is not None:
+        grad = cond_fn(x, diffusion.model_t(t))
+        if form == "mean":
+            out = {**out, "mean": condition_mean(out, grad)}
+        else:
+            out = condition_score(diffusion, out, x, t, grad)
+    return out, t
+
+
+def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, **_):
+    """x_{t-1} = mu + sigma z (Ho et al. Algorithm 2), mu shifted by guidance (Algorithm 1)."""
+    out, _ = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised)
+    z = _noise_like(noise, x)
+    if i == 0:
+        return out["mean"], out
+    return out["mean"] + torch.exp(0.5 * out["log_variance"]) * z, out
+
+
+def ddim_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, eta=0.0, **_):
+    """DDIM update (Song et al. 2021 eq. 12) with eta-controlled noise, on the
+    guidance-corrected eps (Algorithm 2 of Dhariwal & Nichol)."""
+    out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
+                                    form="score")
+    eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"])
+    abar = diffusion.extract(diffusion.alphas_cumprod, t, x)
+    abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+    z = _noise_like(noise, x)
+    if i == 0:
+        return mean, out
+    return mean + sigma * z, out
+
+
+def run_loop(step, diffusion: GaussianDiffusion, model_fn, x_T, *, start_index=None, after_step=None,
+             progress=False, **kw):
+    """Apply `step` from respaced index `start_index` (default: the last) down to 0.
+    `after_step(i, x)` may replace x after each step (SDEdit's mask re-noising)."""
+    start = diffusion.num_timesteps - 1 if start_index is None else start_index
+    x = x_T
+    for i in tqdm(range(start, -1, -1), disable=not progress, desc="reverse steps", leave=False):
+        with torch.no_grad():
+            x, _ = step(diffusion, model_fn, x, i, **kw)
+        if after_step is not None:
+            x = after_step(i, x)
+    return x
+
+
+def ddpm(diffusion, model_fn, x_T, **kw):
+    return run_loop(ddpm_step, diffusion, model_fn, x_T, **kw)
+
+
+def ddim(diffusion, model_fn, x_T, **kw):
+    return run_loop(ddim_step, diffusion, model_fn, x_T, **kw)
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
