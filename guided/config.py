@@ -79,10 +79,11 @@ class DataConfig:
     root: Optional[str] = None
     image_size: int = 16
     classes: Any = None  # a count, a list of wnids, or null for all
-    random_flip: bool = True
+    random_flip: Optional[bool] = None  # None: on for image folders, off for digits
     random_crop: bool = False
     in_memory: Optional[bool] = None
     channels: int = 3
+    split: str = "train"  # train | heldout (digits)
     num_workers: int = 0
 
 
