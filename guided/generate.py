@@ -1,0 +1,295 @@
+"""Class-conditional generation with guidance: the library behind sample_guided.py.
+
+`Pipeline` bundles a score model, its diffusion settings, an optional
+noise-aware classifier and the label map. `sample_batch` draws one batch;
+`generate` draws N samples into an output folder in the paper's npz layout,
+batch by batch, each finished batch saved atomically so an interrupted run
+resumes where it stopped. Sample i always uses seed `seed + i`, so the images
+do not depend on the batch size or the number of processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import create_diffusion
+from .errors import GuidedError
+from .guidance import cfg_model_fn, classifier_cond_fn
+from .sampling import SAMPLERS, SampleNoise
+
+
+@dataclass
+class Pipeline:
+    model: torch.nn.Module
+    diffusion_cfg: object  # DiffusionConfig node
+    classifier: Optional[torch.nn.Module] = None
+    label_map: object = None  # guided.data.labels.LabelMap or None
+    name: str = "model"
+
+    def __post_init__(self):
+        m, c = self.model.cfg, self.classifier.cfg if self.classifier is not None else None
+        if c is not None and (c.image_size != m.image_size or c.in_channels != m.in_channels):
+            raise GuidedError(f"the classifier takes {c.image_size}x{c.image_size}x{c.in_channels} images but the "
+                              f"score model makes {m.image_size}x{m.image_size}x{m.in_channels}: use a matching pair")
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        if self.model.num_classes is not None:
+            return self.model.num_classes
+        return self.classifier.cfg.num_classes if self.classifier is not None else None
+
+    def shape(self) -> tuple[int, int, int]:
+        cfg = self.model.cfg
+        return (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
+@dataclass
+class SampleOptions:
+    sampler: str = "ddpm"
+    steps: str = "250"
+    scale: float = 0.0
+    cfg_scale: float = 1.0
+    eta: float = 0.0
+    clip_denoised: bool = True
+    precision: str = "fp32"
+    extra: dict = field(default_factory=dict)  # sampler-specific settings (snr, rtol, ...)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, as the reference's sample script does."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_labels(p: Pipeline, labels, opts: SampleOptions):
+    n = p.num_classes
+    if n is None and (opts.scale or opts.cfg_scale != 1.0):
+        raise GuidedError("guidance needs a class-conditional model or a classifier; neither was given")
+    if n is not None and any(not 0 <= int(y) < n for y in labels):
+        raise GuidedError(f"class {max(labels)} is outside the model's {n} classes (0..{n - 1})")
+    if opts.scale and p.classifier is None:
+        raise GuidedError("--scale needs a noise-aware classifier (--classifier)")
+    if opts.cfg_scale != 1.0 and not getattr(p.model.cfg, "null_class", False):
+        raise GuidedError("--cfg-scale needs a model trained with label dropout (model.null_class true)")
+
+
+def model_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
+    """The network on original timesteps, with labels and classifier-free guidance bound in."""
+    model, num = p.model, p.model.num_classes
+    if num is None:
+        return lambda x, t: model(x, t)
+    if opts.cfg_scale != 1.0:
+        return cfg_model_fn(model, y, num, opts.cfg_scale)
+    return lambda x, t: model(x, t, y=y)
+
+
+def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
+                 init: Optional[dict] = None) -> torch.Tensor:
+    """Draw len(labels) samples in [-1, 1]; sample i uses the generator seeded with seeds[i].
+    `init` (SDEdit) holds `image` [C,H,W] in [-1, 1], `t0` in (0, 1] and an optional `mask` [1,H,W]
+    (1 = may change)."""
+    if opts.sampler not in SAMPLERS:
+        raise GuidedError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    device = torch.device(device)
+    diffusion = create_diffusion(p.diffusion_cfg, str(opts.steps))
+    y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
+    noise = SampleNoise(seeds, device)
+    x = noise.randn(p.shape())
+    kw = dict(noise=noise, clip_denoised=opts.clip_denoised, progress=progress)
+    if opts.sampler == "ddim":
+        kw["eta"] = opts.eta
+    if opts.scale:
+        kw["cond_fn"] = classifier_cond_fn(p.classifier, y, opts.scale)
+    if init is not None:
+        x = _sdedit_start(diffusion, init, x, noise, kw)
+    with _autocast(device, opts.precision):
+        out = SAMPLERS[opts.sampler](diffusion, model_function(p, y, opts), x, **kw)
+    return out.float()
+
+
+def _sdedit_start(diffusion, init, x_T, noise, kw):
+    """SDEdit (Meng et al. 2022): start from the guide noised to t0; with a mask, the
+    region outside it is the guide re-noised to each step's level."""
+    t0 = float(init["t0"])
+    if not 0 < t0 <= 1:
+        raise GuidedError(f"--t0 must be in (0, 1], got {t0}")
+    guide = init["image"].to(x_T.device).expand_as(x_T)
+    start = max(0, min(diffusion.num_timesteps - 1, round(t0 * diffusion.num_timesteps) - 1))
+    kw["start_index"] = start
+    x = diffusion.q_sample(guide, torch.full((len(x_T),), start, device=x_T.device), x_T)
+    mask = init.get("mask")
+    if mask is not None:
+        mask = mask.to(x_T.device)
+
+        def keep_outside(i, xi):
+            if i == 0:
+                known = guide
+            else:
+                known = diffusion.q_sample(guide, torch.full((len(xi),), i - 1, device=xi.device), noise.randn_like(xi))
+            return mask * xi + (1 - mask) * known
+        kw["after_step"] = keep_outside
+    return x
+
+
+# -- writing outputs ---------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`: a crash never leaves a half-written file there."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GuidedError(f"cannot write {path}: {e.strerror or e}; the previous files are untouched") from None
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The paper's evaluation layout: arr_0 uint8 N x H x W x C, arr_1 the labels."""
+    atomic_write(Path(path), lambda tmp: np.savez(open(tmp, "wb"), images, labels))
+
+
+def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int = 10, min_cell: int = 64) -> None:
+    """One row per class (up to `columns` samples each), upscaled so small images stay visible."""
+    from PIL import Image
+
+    rows = [images[labels == c][:columns] for c in np.unique(labels)] if len(labels) else [images[:columns]]
+    h, w, ch = images.shape[1:]
+    zoom = max(1, min_cell // max(h, w))
+    grid = np.full((len(rows) * (h + 2), columns * (w + 2), ch), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img
+    pil = Image.fromarray(grid[..., 0] if ch == 1 else grid)
+    pil = pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
+    atomic_write(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+
+
+class OutputLock:
+    """An exclusive lock file in the output folder: two runs cannot write one folder at once."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = self.path.read_text().strip() if self.path.exists() else "?"
+            if pid.isdigit() and not _alive(int(pid)):
+                self.path.unlink(missing_ok=True)
+                return self.__enter__()
+            raise GuidedError(f"{self.path.parent} is in use by another run (pid {pid}); wait for it or "
+                              f"choose another --out") from None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def plan_labels(classes: list[int], num_samples: int) -> np.ndarray:
+    """Sample i asks for classes[i % K]; an unconditional model gets label -1."""
+    if not classes:
+        return np.full(num_samples, -1, dtype=np.int64)
+    return np.array([classes[i % len(classes)] for i in range(num_samples)], dtype=np.int64)
+
+
+def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batch_size: int, seed: int,
+             opts: SampleOptions, device="cpu", overwrite=False, save_pngs=False, init=None,
+             rank: int = 0, world_size: int = 1, barrier=None, settings: Optional[dict] = None) -> Path:
+    """Draw `num_samples` into out_dir/samples.npz, grid.png and settings.json.
+
+    Batches are saved to out_dir/parts/ as they finish; a rerun with the same
+    settings keeps them and draws only what is missing. Rank r of `world_size`
+    draws batches r, r + world_size, ...; rank 0 assembles the output.
+    """
+    out = Path(out_dir)
+    if num_samples < 1 or batch_size < 1:
+        raise GuidedError("--num-samples and --batch-size must be positive")
+    labels = plan_labels(classes, num_samples)
+    check_labels(p, [y for y in labels if y >= 0], opts)
+    record = dict(settings or {}, num_samples=num_samples, seed=seed, classes=classes, options=asdict(opts))
+    parts = out / "parts"
+    if rank == 0:
+        _prepare_out(out, record, overwrite)
+    if barrier:
+        barrier()
+    starts = list(range(0, num_samples, batch_size))[rank::world_size]
+    lock = OutputLock(out) if world_size == 1 else contextlib.nullcontext()
+    with lock:
+        todo = [s for s in starts if not (parts / f"batch-{s:08d}.npz").exists()]
+        bar = tqdm(total=len(starts) * batch_size, initial=(len(starts) - len(todo)) * batch_size,
+                   desc="samples", unit="img", disable=rank != 0)
+        for s in todo:
+            idx = np.arange(s, min(s + batch_size, num_samples))
+            x = sample_batch(p, np.maximum(labels[idx], 0), seed + idx, opts, device=device, init=init,
+                             progress=rank == 0)
+            save_npz(parts / f"batch-{s:08d}.npz", to_uint8(x), labels[idx])
+            bar.update(len(idx))
+        bar.close()
+        if barrier:
+            barrier()
+        if rank == 0:
+            _assemble(out, num_samples, batch_size, record, save_pngs)
+    return out / "samples.npz"
+
+
+def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "samples.npz").exists() and not overwrite:
+        raise GuidedError(f"{out} already holds samples.npz; pass --overwrite to replace it or choose another --out")
+    (out / "parts").mkdir(exist_ok=True)
+    plan = out / "parts" / "plan.json"
+    text = json.dumps(record, sort_keys=True, default=str)
+    if plan.exists() and plan.read_text() != text:
+        for f in (out / "parts").glob("batch-*.npz"):  # other settings: earlier batches do not belong
+            f.unlink()
+    atomic_write(plan, lambda tmp: tmp.write_text(text))
+
+
+def _assemble(out: Path, num_samples: int, batch_size: int, record: dict, save_pngs: bool) -> None:
+    images, labels = [], []
+    for s in range(0, num_samples, batch_size):
+        with np.load(out / "parts" / f"batch-{s:08d}.npz") as part:
+            images.append(part["arr_0"])
+            labels.append(part["arr_1"])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    save_npz(out / "samples.npz", images, labels)
+    save_grid(out / "grid.png", images, labels)
+    if save_pngs:
+        from PIL import Image
+        (out / "images").mkdir(exist_ok=True)
+        for i, (img, y) in enumerate(zip(images, labels)):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / "images" / f"{i:06d}_class{y}.png")
+    atomic_write(out / "settings.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str) + "\n"))
+    for f in (out / "parts").glob("*"):
+        f.unlink()
+    (out / "parts").rmdir()

@@ -1,0 +1,124 @@
+"""The guided-generation library: seeds, batches, npz layout, resume, refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
+from guided.errors import GuidedError
+from guided.generate import OutputLock, Pipeline, SampleOptions, generate, sample_batch
+from guided.unet import EncoderUNetModel, UNetModel
+
+
+def tiny_pipeline(image_size=8, classifier_size=8, num_classes=3):
+    torch.manual_seed(0)
+    m = UNetModel(node(UNetConfig, dict(image_size=image_size, model_channels=32, num_res_blocks=1,
+                                        channel_mult=[1, 2], attention_resolutions=[4], learn_sigma=True)))
+    c = EncoderUNetModel(node(ClassifierConfig, dict(image_size=classifier_size, model_channels=32, num_res_blocks=1,
+                                                     channel_mult=[1, 2], attention_resolutions=[4],
+                                                     num_head_channels=16, num_classes=num_classes, pool="adaptive")))
+    with torch.no_grad():  # random, non-zero output layers so every path shows
+        for net in (m, c):
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    d = node(DiffusionConfig, dict(variance="learned_range", noise_schedule="cosine"))
+    return Pipeline(m.eval(), d, c.eval())
+
+
+OPTS = SampleOptions(sampler="ddim", steps="5", scale=0.0)
+
+
+def test_same_seed_same_images_whatever_the_batch(tmp_path):
+    p = tiny_pipeline()
+    a = generate(p, tmp_path / "a", classes=[0, 1, 2], num_samples=5, batch_size=5, seed=7, opts=OPTS)
+    b = generate(p, tmp_path / "b", classes=[0, 1, 2], num_samples=5, batch_size=2, seed=7, opts=OPTS)
+    with np.load(a) as x, np.load(b) as y:
+        assert np.array_equal(x["arr_0"], y["arr_0"]) and np.array_equal(x["arr_1"], y["arr_1"])
+
+
+def test_npz_layout_grid_and_settings(tmp_path):
+    path = generate(tiny_pipeline(), tmp_path, classes=[2, 0], num_samples=4, batch_size=3, seed=0, opts=OPTS,
+                    save_pngs=True)
+    with np.load(path) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (4, 8, 8, 3)
+        assert f["arr_1"].tolist() == [2, 0, 2, 0]
+    assert (tmp_path / "grid.png").stat().st_size > 0 and len(list((tmp_path / "images").glob("*.png"))) == 4
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["seed"] == 0 and settings["options"]["sampler"] == "ddim"
+    assert not (tmp_path / "parts").exists()
+
+
+def test_guidance_moves_samples_towards_the_class():
+    p = tiny_pipeline()
+    y, seeds = [1] * 6, list(range(6))
+
+    def logp(scale):
+        x = sample_batch(p, y, seeds, SampleOptions(sampler="ddpm", steps="8", scale=scale))
+        with torch.no_grad():
+            return torch.log_softmax(p.classifier(x, torch.zeros(6, dtype=torch.long)), -1)[:, 1].mean().item()
+
+    assert logp(50.0) > logp(0.0)
+
+
+def test_refuses_to_overwrite_and_resumes_finished_batches(tmp_path):
+    p = tiny_pipeline()
+    generate(p, tmp_path, classes=[0], num_samples=2, batch_size=1, seed=0, opts=OPTS)
+    with pytest.raises(GuidedError, match="already holds samples.npz; pass --overwrite"):
+        generate(p, tmp_path, classes=[0], num_samples=2, batch_size=1, seed=0, opts=OPTS)
+    first = np.load(tmp_path / "samples.npz")["arr_0"]
+    # an interrupted run: one finished batch left in parts/, resumed with the same settings
+    out = tmp_path / "resume"
+    calls = []
+    import guided.generate as gen
+    real = gen.sample_batch
+    gen.sample_batch = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        generate(p, out, classes=[0], num_samples=2, batch_size=1, seed=0, opts=OPTS)
+        (out / "samples.npz").unlink()
+        (out / "parts").mkdir()
+        np.savez(out / "parts" / "batch-00000000.npz", first[:1], np.array([0]))
+        calls.clear()
+        generate(p, out, classes=[0], num_samples=2, batch_size=1, seed=0, opts=OPTS)
+    finally:
+        gen.sample_batch = real
+    assert len(calls) == 1  # only the missing batch was drawn
+    assert np.array_equal(np.load(out / "samples.npz")["arr_0"], first)
+
+
+def test_lock_keeps_two_runs_apart(tmp_path):
+    with OutputLock(tmp_path):
+        with pytest.raises(GuidedError, match="in use by another run"):
+            with OutputLock(tmp_path):
+                pass
+    with OutputLock(tmp_path):  # released
+        pass
+
+
+def test_mismatched_resolution_is_refused():
+    with pytest.raises(GuidedError, match="classifier takes 16x16x3 images but the score model makes 8x8x3"):
+        tiny_pipeline(image_size=8, classifier_size=16)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(classes=[5]), "outside the model's 3 classes"),
+    (dict(num_samples=0), "must be positive"),
+])
+def test_bad_requests(tmp_path, kw, message):
+    args = dict(classes=[0], num_samples=1, batch_size=1, seed=0, opts=OPTS)
+    with pytest.raises(GuidedError, match=message):
+        generate(tiny_pipeline(), tmp_path, **{**args, **kw})
+
+
+def test_sdedit_mask_keeps_the_outside(tmp_path):
+    p = tiny_pipeline()
+    guide = torch.rand(3, 8, 8) * 2 - 1
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    x = sample_batch(p, [0, 1], [0, 1], SampleOptions(sampler="ddpm", steps="10"),
+                     init={"image": guide, "t0": 0.6, "mask": mask})
+    assert torch.allclose(x[:, :, 4:], guide[:, 4:].expand(2, 3, 4, 8), atol=1e-6)
+    assert not torch.allclose(x[:, :, :4], guide[:, :4].expand(2, 3, 4, 8), atol=1e-2)
+    with pytest.raises(GuidedError, match=r"--t0 must be in \(0, 1\]"):
+        sample_batch(p, [0], [0], SampleOptions(steps="10"), init={"image": guide, "t0": 1.5})
