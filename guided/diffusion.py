@@ -40,9 +40,13 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
     """The original timesteps kept by a respacing (the reference's `space_timesteps`).
 
     "ddimN": an integer stride giving exactly N steps; "N" or "a,b,c": the
-    process cut into equal sections, each strided to its count. Sorted list.
+    process cut into equal sections, each strided to its count; "quadN": N
+    steps quadratically spaced, t_i ~ (i / (N-1))^2 (the DDIM paper's "quadratic"
+    selection, dense at low noise where few-step solvers need it). Sorted list.
     """
     text = str(section_counts).strip() if section_counts not in (None, "") else str(num_timesteps)
+    if text.startswith("quad"):
+        return _quadratic_steps(num_timesteps, text)
     if text.startswith("ddim"):
         try:
             want = int(text[4:])
@@ -71,6 +75,21 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
         steps += [start + round(stride * j) for j in range(count)]
         start += size
     return sorted(set(steps))
+
+
+def _quadratic_steps(num_timesteps: int, text: str) -> list[int]:
+    try:
+        want = int(text[4:])
+    except ValueError:
+        raise GuidedError(f"respacing {text!r}: expected quadN, e.g. quad25") from None
+    if not 2 <= want <= num_timesteps:
+        raise GuidedError(f"respacing {text!r}: quadN needs 2 <= N <= {num_timesteps}")
+    steps = [round((i / (want - 1)) ** 2 * (num_timesteps - 1)) for i in range(want)]
+    for i in range(1, want):  # keep them distinct where the parabola is flat
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    for i in range(want - 2, -1, -1):
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    return steps
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

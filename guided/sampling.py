@@ -90,6 +90,35 @@ def run_loop(step, diffusion: GaussianDiffusion, model_fn, x_T, *, start_index=N
     return x
 
 
+def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, start_index=None, after_step=None,
+             progress=False, **_):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), a second-order multistep solver of the
+    probability-flow ODE in data prediction, over the respaced steps. Guidance corrects eps
+    as in DDIM (Algorithm 2 of Dhariwal & Nichol) before x0 is predicted. With one step it is DDIM."""
+    start = diffusion.num_timesteps - 1 if start_index is None else start_index
+    x, prev_x0, prev_h = x_T, None, None
+    for i in tqdm(range(start, -1, -1), disable=not progress, desc="reverse steps", leave=False):
+        with torch.no_grad():
+            out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn,
+                                            clip_denoised=clip_denoised, form="score")
+        x0 = out["pred_xstart"]
+        if i == 0:  # the last step goes to abar = 1 (sigma = 0): first order, x = x0
+            x = x0
+        else:
+            abar, abar_next = (diffusion.extract(a, t, x) for a in (diffusion.alphas_cumprod,
+                                                                    diffusion.alphas_cumprod_prev))
+            lam, lam_next = 0.5 * torch.log(abar / (1 - abar)), 0.5 * torch.log(abar_next / (1 - abar_next))
+            h = lam_next - lam
+            second = prev_x0 is not None and not (i == 1 and start < 15)  # first order last, as DPM-Solver does
+            d = x0 + (x0 - prev_x0) * h / (2 * prev_h) if second else x0  # (1 + 1/2r) x0 - 1/2r x0_prev
+            sigma_ratio = torch.sqrt((1 - abar_next) / (1 - abar))
+            x = sigma_ratio * x - torch.sqrt(abar_next) * torch.expm1(-h) * d
+            prev_x0, prev_h = x0, h
+        if after_step is not None:
+            x = after_step(i, x)
+    return x
+
+
 def ddpm(diffusion, model_fn, x_T, **kw):
     return run_loop(ddpm_step, diffusion, model_fn, x_T, **kw)
 
@@ -98,4 +127,4 @@ def ddim(diffusion, model_fn, x_T, **kw):
     return run_loop(ddim_step, diffusion, model_fn, x_T, **kw)
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpmpp_2m}

@@ -23,6 +23,8 @@ def diff(**kw):
     ("1000", list(range(1000))),
     ("4", [0, 333, 666, 999]),
     ("1,1", [0, 500]),
+    ("quad5", [0, 62, 250, 562, 999]),
+    ("quad1000", list(range(1000))),
 ])
 def test_respacing(spec, expected):
     assert space_timesteps(1000, spec) == expected
