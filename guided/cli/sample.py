@@ -1,0 +1,244 @@
+"""sample_guided.py: class-conditional samples with classifier guidance.
+
+    python sample_guided.py --class 3 --scale 4 --num-samples 100 --out out/
+    python sample_guided.py --model uncond --class 7 --scales 0,1,2,4,10 --out sweep/
+    python sample_guided.py --model 256x256_diffusion.pt --adm-flags "$MODEL_FLAGS" \\
+        --classifier 256x256_classifier.pt --classifier-flags "$CLASSIFIER_FLAGS" --class 207 --scale 1
+
+With no --model, the digits models shipped in guided/assets/digits are used.
+Runs under `accelerate launch` too: each process draws its share of batches.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import adm
+from ..errors import GuidedError
+from ..generate import Pipeline, SampleOptions, generate
+from . import Parser, run_cli
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "pc", "ode", "langevin")
+
+
+def _number(kind, low=None, low_open=False):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise TypeError from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise TypeError
+        if low is not None and (v < low or (low_open and v == low)):
+            raise TypeError
+        return v
+    positive = low_open or (low is not None and low > 0)
+    parse.__name__ = ("positive " if positive else "non-negative " if low is not None else "") + kind.__name__
+    return parse
+
+
+def _scales(text):
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise TypeError from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise TypeError
+    return values
+
+
+_scales.__name__ = "comma list of non-negative numbers"
+
+
+def add_model_args(p):
+    src = p.add_argument_group("models")
+    src.add_argument("--model", default="cond",
+                     help="score model: 'cond' / 'uncond' (shipped digits models), a run dir or checkpoint of "
+                          "train_diffusion.py, or an official ADM checkpoint with --adm-flags")
+    src.add_argument("--classifier", default=None,
+                     help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one with "
+                          "--classifier-flags, or 'none'; default: the shipped digits classifier for shipped models")
+    src.add_argument("--adm-flags", default=None, help="the published flag string of an official ADM model")
+    src.add_argument("--classifier-flags", default=None, help="the published flag string of an official classifier")
+    src.add_argument("--class", dest="classes", default=None,
+                     help="labels: an index, a comma list, an ImageNet wnid or a class name; default: every class")
+
+
+def add_sampler_args(p):
+    s = p.add_argument_group("sampler")
+    s.add_argument("--cfg-scale", type=_number(float, 0.0), default=1.0,
+                   help="classifier-free guidance scale (1 = off; needs a model trained with label dropout)")
+    s.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm")
+    s.add_argument("--steps", default="100", help="respacing: a count (100), section counts (10,15,20) or ddimN")
+    s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
+    s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
+    s.add_argument("--num-samples", type=_number(int, 1), default=100)
+    s.add_argument("--batch-size", type=_number(int, 1), default=100)
+    s.add_argument("--seed", type=_number(int, 0), default=0)
+    s.add_argument("--device", default=None, help="default: cuda if present, else mps, else cpu")
+    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="sample_guided.py", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    g = p.add_argument_group("guidance")
+    g.add_argument("--scale", type=_number(float, 0.0), default=1.0, help="classifier guidance scale (0 = none)")
+    g.add_argument("--scales", type=_scales, default=None, help="a sweep, e.g. 0,1,2,4,10: one folder per scale")
+    add_sampler_args(p)
+    e = p.add_argument_group("SDEdit")
+    e.add_argument("--init-image", default=None, help="a guide image to perturb and denoise")
+    e.add_argument("--t0", type=_number(float), default=0.5, help="how far to perturb, in (0, 1]")
+    e.add_argument("--mask", default=None, help="a mask image, white where the picture may change")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="out", help="output folder (samples.npz, grid.png, settings.json)")
+    o.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
+    o.add_argument("--png", action="store_true", help="also write one PNG per sample")
+    return p
+
+
+def options(args, scale) -> SampleOptions:
+    return SampleOptions(sampler=args.sampler, steps=args.steps, scale=scale, cfg_scale=args.cfg_scale,
+                         eta=args.eta, clip_denoised=not args.no_clip, precision=args.precision)
+
+
+def processes(args):
+    """(device, rank, world size, barrier) under plain python or accelerate launch."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu") if args.device in (None, "cpu", "cuda") else None
+    if state is None or state.num_processes == 1:
+        return args.device or default_device(), 0, 1, None
+    return str(state.device), state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_pipeline(args, device) -> Pipeline:
+    from ..checkpoints import load_trained, read_state_dict
+
+    shipped = args.model in ("cond", "uncond")
+    if args.adm_flags:
+        model = adm.load_state_dict_strict(adm.create_model(args.adm_flags), read_state_dict(args.model), args.model)
+        diffusion_cfg, label_map = adm.diffusion_config(args.adm_flags), _imagenet_labels(model.num_classes)
+    else:
+        path = SHIPPED / f"{args.model}.pt" if shipped else Path(args.model)
+        model, run_cfg, label_map = load_trained(path)
+        diffusion_cfg = run_cfg.diffusion
+    classifier = None
+    spec = args.classifier if args.classifier is not None else ("classifier" if shipped else "none")
+    if spec != "none":
+        if args.classifier_flags:
+            flags = args.classifier_flags
+            if "--image_size" not in flags and args.adm_flags:
+                flags += f" --image_size {model.cfg.image_size}"
+            classifier = adm.load_state_dict_strict(adm.create_classifier(flags), read_state_dict(spec), spec)
+        else:
+            path = SHIPPED / "classifier.pt" if spec == "classifier" else Path(spec)
+            classifier, _, clf_labels = load_trained(path)
+            label_map = label_map or clf_labels
+    if label_map is None and classifier is not None and args.classifier_flags:
+        label_map = _imagenet_labels(classifier.cfg.num_classes)
+    model.eval().to(device)
+    if classifier is not None:
+        classifier.eval().to(device)
+    return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model))
+
+
+def _imagenet_labels(num_classes):
+    if num_classes != 1000:
+        return None
+    from ..data.labels import LabelMap, imagenet_classes
+    return LabelMap.from_keys(c.wnid for c in imagenet_classes())
+
+
+def parse_classes(text, pipeline: Pipeline) -> list[int]:
+    n = pipeline.num_classes
+    if text is None:
+        return list(range(n)) if n is not None else []
+    if n is None:
+        raise GuidedError("--class needs a class-conditional model or a classifier")
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if pipeline.label_map is not None:
+            out.append(pipeline.label_map.index(item))
+        elif item.isdigit():
+            out.append(int(item))
+        else:
+            raise GuidedError(f"class {item!r}: this model has no label map, give a class index 0..{n - 1}")
+        if not 0 <= out[-1] < n:
+            raise GuidedError(f"class {out[-1]} is outside the model's {n} classes (0..{n - 1})")
+    return out
+
+
+def read_image(path, size, channels, mode="RGB") -> torch.Tensor:
+    """A guide or mask image as a [C, size, size] tensor in [-1, 1] (mask: [1, size, size] in [0, 1])."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if mode == "L" else "RGB").resize((size, size), Image.BICUBIC)
+    except FileNotFoundError:
+        raise GuidedError(f"{path}: no such image") from None
+    except (UnidentifiedImageError, OSError):
+        raise GuidedError(f"{path} is not an image PIL can read") from None
+    a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    if mode == "L":
+        return (a[None] > 0.5).float()
+    a = a.permute(2, 0, 1)[:channels] * 2 - 1
+    return a
+
+
+def sdedit_init(args, pipeline: Pipeline):
+    if args.init_image is None:
+        if args.mask is not None:
+            raise GuidedError("--mask goes with --init-image")
+        return None
+    if not 0 < args.t0 <= 1:
+        raise GuidedError(f"--t0 must be in (0, 1], got {args.t0}")
+    c, size, _ = pipeline.shape()
+    init = {"image": read_image(args.init_image, size, c), "t0": args.t0}
+    if args.mask is not None:
+        from PIL import Image
+        with Image.open(args.init_image) as a, Image.open(args.mask) as b:
+            if a.size != b.size:
+                raise GuidedError(f"the mask is {b.size[0]}x{b.size[1]} but the image is {a.size[0]}x{a.size[1]}")
+        init["mask"] = read_image(args.mask, size, 1, mode="L")
+    return init
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(_main, args)
+
+
+def _main(args) -> int:
+    device, rank, world, barrier = processes(args)
+    pipeline = load_pipeline(args, device)
+    classes = parse_classes(args.classes, pipeline)
+    init = sdedit_init(args, pipeline)
+    for scale in args.scales or [args.scale]:
+        out = Path(args.out) / f"scale_{scale:g}" if args.scales else Path(args.out)
+        settings = {"model": args.model, "classifier": args.classifier, "device": device}
+        path = generate(pipeline, out, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size,
+                        seed=args.seed, opts=options(args, scale), device=device, overwrite=args.overwrite,
+                        save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
+                        settings=settings)
+        if rank == 0:
+            print(f"wrote {path} and {path.parent / 'grid.png'} (scale {scale:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
