@@ -33,6 +33,8 @@ class Pipeline:
     classifier: Optional[torch.nn.Module] = None
     label_map: object = None  # guided.data.labels.LabelMap or None
     name: str = "model"
+    objective: str = "eps"  # how the model was trained: eps | vp_dsm (eps networks) | ncsn (score network)
+    ncsn_sigmas: Optional[torch.Tensor] = None  # the noise ladder of an NCSN model
 
     def __post_init__(self):
         m, c = self.model.cfg, self.classifier.cfg if self.classifier is not None else None
@@ -97,13 +99,29 @@ def model_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     return lambda x, t: model(x, t, y=y)
 
 
+SCORE_FAMILY = ("pc", "ode", "langevin")
+
+
+def check_sampler(p: Pipeline, sampler: str) -> None:
+    """Refuse a sampler the model cannot serve, in one line."""
+    if sampler not in (*SAMPLERS, *SCORE_FAMILY):
+        raise GuidedError(f"unknown sampler {sampler!r}; choose one of {', '.join((*SAMPLERS, *SCORE_FAMILY))}")
+    if p.objective == "ncsn" and sampler not in ("langevin", "pc"):
+        raise GuidedError(f"an NCSN model (a noise-conditional score network) cannot use the {sampler} sampler, "
+                          "which needs an eps-prediction model: use --sampler langevin or pc")
+    if p.objective != "ncsn" and sampler == "langevin":
+        raise GuidedError("annealed Langevin dynamics needs an NCSN model (train.objective=ncsn); "
+                          "for this eps-prediction model use ddpm, ddim, dpm++, pc or ode")
+
+
 def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
                  init: Optional[dict] = None) -> torch.Tensor:
     """Draw len(labels) samples in [-1, 1]; sample i uses the generator seeded with seeds[i].
     `init` (SDEdit) holds `image` [C,H,W] in [-1, 1], `t0` in (0, 1] and an optional `mask` [1,H,W]
     (1 = may change)."""
-    if opts.sampler not in SAMPLERS:
-        raise GuidedError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler(p, opts.sampler)
+    if opts.sampler in SCORE_FAMILY:
+        return sample_score_family(p, labels, seeds, opts, device=device, progress=progress, init=init)
     device = torch.device(device)
     diffusion = create_diffusion(p.diffusion_cfg, str(opts.steps))
     y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
@@ -119,6 +137,58 @@ def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu
     with _autocast(device, opts.precision):
         out = SAMPLERS[opts.sampler](diffusion, model_function(p, y, opts), x, **kw)
     return out.float()
+
+
+def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
+    """(score_fn, sde) of the pipeline: s(x, t) = grad log p_t(x), guided when asked.
+    An eps network is a score model of the VP SDE of its own discrete schedule; an
+    NCSN network one of the VE SDE spanning its noise ladder."""
+    from .score import classifier_grad_fn, eps_model_score, guided_score, ncsn_score
+    from .sde import VESDE, VPSDE
+
+    if p.objective == "ncsn":
+        sigmas = p.ncsn_sigmas
+        sde = VESDE(float(sigmas[-1]), float(sigmas[0]))
+        net = p.model
+        score = ncsn_score(lambda x, t: net(x, t, y=y) if net.num_classes is not None else net(x, t), sigmas)
+    else:
+        sde = VPSDE.from_alphas_cumprod(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
+        mf = model_function(p, y, opts)
+        score = eps_model_score(lambda x, t, **_: mf(x, t), sde)
+    if opts.scale:
+        score = guided_score(score, classifier_grad_fn(p.classifier, sde, y), opts.scale)
+    return score, sde
+
+
+def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
+                        init=None) -> torch.Tensor:
+    """The score-SDE samplers (Song et al. 2021; Song & Ermon 2019) over the pipeline's score;
+    SDEdit (Meng et al. 2022) runs the reverse SDE from t0 with the pc sampler."""
+    from . import score_sampling as ss
+
+    device = torch.device(device)
+    y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
+    noise = SampleNoise(seeds, device)
+    score, sde = score_function(p, y, opts)
+    extra = dict(opts.extra)
+    steps = int(opts.steps) if str(opts.steps).isdigit() else None
+    if init is not None:
+        if not 0 < float(init["t0"]) <= 1:
+            raise GuidedError(f"--t0 must be in (0, 1], got {init['t0']}")
+        guide = init["image"].to(device).expand(len(y), *init["image"].shape)
+        mask = init.get("mask")
+        return ss.sdedit(score, sde, guide, steps=steps or 500, t0=float(init["t0"]),
+                         mask=None if mask is None else mask.to(device), generator=noise, progress=progress).float()
+    x_T = noise.randn(p.shape()) * getattr(sde, "sigma_max", 1.0)  # the prior: N(0, I), or N(0, sigma_max^2 I) for VE
+    with _autocast(device, opts.precision):
+        if opts.sampler == "pc":
+            x = ss.pc_sampler(score, sde, x_T, steps=steps or 1000, generator=noise, progress=progress, **extra)
+        elif opts.sampler == "ode":
+            x = ss.ode_sampler(score, sde, x_T, generator=noise, progress=progress, **extra)
+        else:
+            x = ss.annealed_langevin(score, sde, x_T, sigmas=p.ncsn_sigmas, generator=noise, progress=progress,
+                                     **extra)
+    return x.float().clamp(-1, 1)
 
 
 def _sdedit_start(diffusion, init, x_T, noise, kw):

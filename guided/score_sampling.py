@@ -23,6 +23,8 @@ from guided.sde import VESDE, expand_as
 
 
 def _randn(x, generator):
+    if hasattr(generator, "randn_like"):  # one generator per sample (guided.sampling.SampleNoise)
+        return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 

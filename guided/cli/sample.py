@@ -129,13 +129,18 @@ def load_pipeline(args, device) -> Pipeline:
     from ..checkpoints import load_trained, read_state_dict
 
     shipped = args.model in ("cond", "uncond")
+    extra = {}
     if args.adm_flags:
         model = adm.load_state_dict_strict(adm.create_model(args.adm_flags), read_state_dict(args.model), args.model)
         diffusion_cfg, label_map = adm.diffusion_config(args.adm_flags), _imagenet_labels(model.num_classes)
     else:
         path = SHIPPED / f"{args.model}.pt" if shipped else Path(args.model)
         model, run_cfg, label_map = load_trained(path)
-        diffusion_cfg = run_cfg.diffusion
+        diffusion_cfg, train = run_cfg.diffusion, run_cfg.train
+        extra = {"objective": train.objective}
+        if train.objective == "ncsn":
+            from ..score_sampling import geometric_sigmas
+            extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
     classifier = None
     spec = args.classifier if args.classifier is not None else ("classifier" if shipped else "none")
     if spec != "none":
@@ -153,7 +158,7 @@ def load_pipeline(args, device) -> Pipeline:
     model.eval().to(device)
     if classifier is not None:
         classifier.eval().to(device)
-    return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model))
+    return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model), **extra)
 
 
 def _imagenet_labels(num_classes):
