@@ -85,13 +85,14 @@ class DataConfig:
     channels: int = 3
     split: str = "train"  # train | heldout (digits)
     num_workers: int = 0
+    val_root: Optional[str] = None  # held-out images (class folders) for the classifier's evaluation
 
 
 @dataclass
 class TrainConfig:
     objective: str = "eps"  # eps | vp_dsm | ncsn
-    batch_size: int = 64
-    microbatch: int = 0  # gradient accumulation: 0 = whole batch at once
+    batch_size: int = 64  # global: split evenly over the processes
+    microbatch: int = 0  # gradient accumulation: per-process chunk size, 0 = whole batch at once
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_rates: List[float] = field(default_factory=lambda: [0.9999])
@@ -103,11 +104,19 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     save_every: int = 1000
-    eval_every: int = 0
+    eval_every: int = 0  # classifier: held-out top-1/top-5 per noise quarter every N steps (0 = at the end)
+    eval_images: int = 1024  # held-out images per evaluation (each scored at one t in every quarter)
     out_dir: str = "runs/default"
+    keep_checkpoints: int = 2  # full checkpoints kept in out_dir (the newest ones)
+    export_dtype: str = "fp32"  # fp32 | fp16: the weights-only model.pt / ema.pt written with each checkpoint
+    tracker: str = "tensorboard"  # an Accelerate tracker name, or none
+    num_threads: int = 0  # CPU: torch threads per process (0 = torch's default)
     anneal_lr: bool = False
     noised: bool = True  # classifier: train on x_t (the noise-aware objective)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    ncsn_sigma_max: float = 50.0  # objective=ncsn: the geometric noise ladder (Song & Ermon 2019)
+    ncsn_sigma_min: float = 0.01
+    ncsn_levels: int = 232
 
 
 @dataclass
@@ -166,4 +175,6 @@ def node(schema, values=None) -> DictConfig:
 
 
 def _one_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0]
+    msg = str(e).strip().splitlines()[0]
+    key = getattr(e, "full_key", None)  # OmegaConf names the offending key on a later line
+    return f"{key}: {msg}" if key and key not in msg else msg

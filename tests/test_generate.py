@@ -132,7 +132,7 @@ def test_every_eps_sampler_runs_and_is_seeded_per_sample(sampler, extra):
     b = sample_batch(p, [1, 2], [6, 7], opts)
     assert a.shape == (3, 3, 8, 8) and torch.isfinite(a).all()
     # float32 convolutions round differently at other batch sizes; another seed differs by O(1)
-    assert (a[1:] - b).abs().mean() < 2e-3
+    assert (a[1:] - b).abs().mean() < 1e-2
     other = sample_batch(p, [1, 2], [60, 70], opts)
     assert (a[1:] - other).abs().mean() > 0.1
 

@@ -1,0 +1,115 @@
+"""Training the noise-aware classifier p(y | x_t, t) (the reference's classifier_train.py).
+
+Each step noises the clean batch to x_t = q_sample(x_0, t) at original timesteps
+t ~ U{0..T-1} and minimises the cross-entropy of the clean label (Dhariwal & Nichol
+sec. 4.1); the paper trains it with AdamW (lr 3e-4, weight decay 0.05), the
+learning rate annealed linearly to 0 (train.anneal_lr). Every train.eval_every
+steps the held-out images (the digits' heldout split, or data.val_root) are
+scored once in each quarter of the timestep range: top-1 and top-5 per quarter.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from .data import build_dataset, shard_indices
+from .errors import GuidedError
+from .losses import UniformSampler
+from .train_utils import QuarterMeter, derive_seed
+from .training import Trainer
+from .unet import EncoderUNetModel
+
+
+def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """1.0 where the label is among the k highest logits, per example."""
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == labels[:, None]).any(dim=-1).float()
+
+
+class ClassifierTrainer(Trainer):
+    kind, net_cfg_key = "classifier", "classifier"
+
+    def fit_config_to_data(self):
+        super().fit_config_to_data()
+        if self.cfg.train.schedule_sampler != "uniform":
+            raise GuidedError("the classifier is trained at uniform timesteps: set train.schedule_sampler=uniform")
+        if self.cfg.train.objective != "eps":
+            raise GuidedError("train.objective applies to the score model; leave it at eps for the classifier")
+        self.set_num_classes(self.cfg.classifier)
+
+    def build_model(self):
+        self.sampler = UniformSampler(self.diffusion.num_timesteps)
+        self.val = self.build_val()
+        self.last_eval = {}
+        try:
+            return EncoderUNetModel(self.cfg.classifier)
+        except ValueError as e:
+            raise GuidedError(f"cannot build the classifier of this config: {e}") from None
+
+    def build_val(self):
+        """The held-out images, with the training classes, unaugmented; None when there are none."""
+        d = OmegaConf.to_container(self.cfg.data, resolve=True)
+        d.update(random_flip=False, random_crop=False, classes=list(self.label_map.keys))
+        if d["kind"] == "digits":
+            d["split"] = "heldout"
+        elif d.get("val_root"):
+            d["root"] = d["val_root"]
+        else:
+            self.print("note: no held-out images (set data.val_root): no evaluation")
+            return None
+        return build_dataset(d)
+
+    def prepare_batch(self, x0, y):
+        n = len(x0)
+        if not self.cfg.train.noised:
+            return dict(x=x0, t=torch.zeros(n, dtype=torch.long, device=self.device), y=y)
+        t, _ = self.sampler.sample(n, self.device, generator=self.gen)
+        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        return dict(x=self.diffusion.q_sample(x0, t, noise), t=t, y=y)
+
+    def scores(self, model, x, t, y) -> dict:
+        logits = model(x, self.diffusion.model_t(t)).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        return {"loss": loss, "acc@1": top_k(logits, y, 1), "acc@5": top_k(logits, y, 5)}
+
+    def losses(self, b):
+        values = self.scores(self.model, b["x"], b["t"], b["y"])
+        return values["loss"].mean(), {k: v.detach() for k, v in values.items()}
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Top-1 / top-5 on up to train.eval_images held-out images, each scored at one t drawn
+        in every quarter; the same images and draws at every evaluation."""
+        if self.val is None:
+            return
+        tc, T = self.cfg.train, self.diffusion.num_timesteps
+        order = shard_indices(len(self.val), 0, 1, tc.seed)[:tc.eval_images][self.rank::self.world]
+        gen = torch.Generator().manual_seed(derive_seed(tc.seed, self.rank, 7))
+        meter, quarters = QuarterMeter(T, self.device), range(4) if tc.noised else [None]
+        self.net.eval()
+        for i in range(0, len(order), self.local_batch):
+            items = [self.val[j] for j in order[i:i + self.local_batch]]
+            x0 = torch.stack([x for x, _ in items]).to(self.device)
+            y = torch.tensor([label for _, label in items], device=self.device)
+            for q in quarters:
+                if q is None:
+                    t, x = torch.zeros(len(y), dtype=torch.long), x0
+                else:
+                    t = torch.randint(q * T // 4, (q + 1) * T // 4, (len(y),), generator=gen)
+                    x = self.diffusion.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
+                meter.add(t, self.scores(self.net, x, t.to(self.device), y))
+        self.net.train()
+        stats = {f"val_{k}": v for k, v in meter.flush(self.accel).items()}
+        self.last_eval = stats
+        self.record(stats)
+        line = " ".join(f"{stats.get(f'val_acc@1_q{q}', float('nan')):.1%}" for q in range(4))
+        self.print(f"eval step {self.step} ({len(self.val)} held-out, {min(tc.eval_images, len(self.val))} used): "
+                   f"top-1 {stats.get('val_acc@1', 0):.1%} (quarters {line}), top-5 {stats.get('val_acc@5', 0):.1%}")
+
+
+def train_classifier(cfg, resume: bool = False, stop_after: int | None = None) -> ClassifierTrainer:
+    """Train (or with resume, continue) the noise-aware classifier of `cfg`; returns the trainer."""
+    trainer = ClassifierTrainer(cfg, resume=resume)
+    trainer.status = trainer.run(stop_after=stop_after)
+    return trainer
