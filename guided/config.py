@@ -114,6 +114,9 @@ class TrainConfig:
     anneal_lr: bool = False
     noised: bool = True  # classifier: train on x_t (the noise-aware objective)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    channels_last: bool = False  # speed switches (guided/speed.py); all off = the reference's computation
+    compile: bool = False
+    fused_optimizer: bool = True  # fused AdamW where the device has it (CUDA)
     ncsn_sigma_max: float = 50.0  # objective=ncsn: the geometric noise ladder (Song & Ermon 2019)
     ncsn_sigma_min: float = 0.01
     ncsn_levels: int = 232

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import atomic_write
 from .diffusion import create_diffusion
 from .errors import GuidedError
 from .guidance import cfg_model_fn, classifier_cond_fn
@@ -216,23 +217,17 @@ def _sdedit_start(diffusion, init, x_T, noise, kw):
 
 
 # -- writing outputs ---------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a crash never leaves a half-written file there."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_output(path: Path, write) -> None:
+    """checkpoints.atomic_write, with a failed write (disk full, no permission) turned into one line."""
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise GuidedError(f"cannot write {path}: {e.strerror or e}; the previous files are untouched") from None
 
 
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """The paper's evaluation layout: arr_0 uint8 N x H x W x C, arr_1 the labels."""
-    atomic_write(Path(path), lambda tmp: np.savez(open(tmp, "wb"), images, labels))
+    write_output(Path(path), lambda f: np.savez(f, images, labels))
 
 
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int = 10, min_cell: int = 64) -> None:
@@ -248,7 +243,7 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int =
             grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img
     pil = Image.fromarray(grid[..., 0] if ch == 1 else grid)
     pil = pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
-    atomic_write(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+    write_output(Path(path), lambda f: pil.save(f, format="PNG"))
 
 
 class OutputLock:
@@ -342,7 +337,7 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
     if plan.exists() and plan.read_text() != text:
         for f in (out / "parts").glob("batch-*.npz"):  # other settings: earlier batches do not belong
             f.unlink()
-    atomic_write(plan, lambda tmp: tmp.write_text(text))
+    write_output(plan, lambda f: f.write(text.encode()))
 
 
 def _assemble(out: Path, num_samples: int, batch_size: int, record: dict, save_pngs: bool) -> None:
@@ -359,7 +354,7 @@ def _assemble(out: Path, num_samples: int, batch_size: int, record: dict, save_p
         (out / "images").mkdir(exist_ok=True)
         for i, (img, y) in enumerate(zip(images, labels)):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / "images" / f"{i:06d}_class{y}.png")
-    atomic_write(out / "settings.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str) + "\n"))
+    write_output(out / "settings.json", lambda f: f.write((json.dumps(record, indent=1, default=str) + "\n").encode()))
     for f in (out / "parts").glob("*"):
         f.unlink()
     (out / "parts").rmdir()

@@ -12,6 +12,7 @@ scale whose sampling stopped part-way keeps its finished batches.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from .cli import Parser, run_cli
 from .cli.sample import _scales, add_model_args, add_sampler_args, load_pipeline, options, parse_classes, processes
 from .errors import GuidedError
 from .evaluate import evaluate
-from .generate import atomic_write, generate
+from .generate import generate, write_output
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "judge_accuracy")
 
@@ -59,15 +60,16 @@ def load_results(out: Path) -> dict[str, dict]:
 
 def save_results(out: Path, rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: float(r["scale"]))
-    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
+    write_output(out / "results.json", lambda f: f.write((json.dumps(rows, indent=1) + "\n").encode()))
 
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["scale", *[m for m in METRICS if m in rows[0]], "num_samples"],
-                               extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(out / "results.csv", write_csv)
+    def write_csv(f):
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=["scale", *[m for m in METRICS if m in rows[0]], "num_samples"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        f.write(text.getvalue().encode())
+    write_output(out / "results.csv", write_csv)
     plot(out / "sweep.png", rows)
 
 
@@ -85,7 +87,7 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_title(m.replace("_", " "))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_output(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 

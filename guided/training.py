@@ -37,6 +37,7 @@ from .config import to_yaml
 from .data import build_dataset, infinite_batches
 from .diffusion import create_diffusion
 from .errors import GuidedError
+from .speed import adamw, speed_up
 from .train_utils import QuarterMeter, derive_seed, flat_hparams
 
 
@@ -74,9 +75,12 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same initial weights in every process
         net = self.build_model()
         self.ema_rates = [float(r) for r in tc.ema_rates]
-        opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        self.model, self.opt = self.accel.prepare(net, opt)
+        opt = adamw(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, device=self.accel.device,
+                    fused=tc.fused_optimizer)
+        self.model, self.opt = self.accel.prepare(speed_up(net, channels_last=tc.channels_last), opt)
         self.net = self.accel.unwrap_model(self.model)
+        if tc.compile:
+            self.model = torch.compile(self.model)
         self.params = [p for p in self.net.parameters()]
         self.ema = {str(r): [p.detach().float().clone() for p in self.params] for r in self.ema_rates}
         self.seed_rngs(tc.seed)
@@ -337,6 +341,9 @@ class Trainer:
                 raise GuidedError(f"{self.out_dir} already holds checkpoints (newest {found[-1][1].name}); "
                                   f"pass --resume to continue, or choose another train.out_dir")
             return None
+        if self.accel.is_main_process:  # temp files of a write that a killed run never finished
+            for stale in ck.remove_stale_temp_files(self.out_dir):
+                self.print(f"note: removed {stale.name}, left by an interrupted write")
         latest = ck.latest_checkpoint(self.out_dir)
         if latest is None:
             self.print(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")

@@ -19,10 +19,12 @@ import torch
 
 from .. import adm
 from ..errors import GuidedError
+from ..speed import speed_up
 from ..generate import Pipeline, SampleOptions, generate
 from . import Parser, run_cli
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
+SHIPPED_MODELS = ("cond", "uncond", "ncsn")  # guided/assets/digits/<name>.pt
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "pc", "ode", "langevin")
 
 
@@ -58,7 +60,7 @@ _scales.__name__ = "comma list of non-negative numbers"
 def add_model_args(p):
     src = p.add_argument_group("models")
     src.add_argument("--model", default="cond",
-                     help="score model: 'cond' / 'uncond' (shipped digits models), a run dir or checkpoint of "
+                     help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
                           "train_diffusion.py, or an official ADM checkpoint with --adm-flags")
     src.add_argument("--classifier", default=None,
                      help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one with "
@@ -82,6 +84,8 @@ def add_sampler_args(p):
     s.add_argument("--seed", type=_number(int, 0), default=0)
     s.add_argument("--device", default=None, help="default: cuda if present, else mps, else cpu")
     s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    s.add_argument("--channels-last", action="store_true", help="speed: NHWC memory layout")
+    s.add_argument("--compile", action="store_true", help="speed: torch.compile the networks")
 
 
 def build_parser() -> Parser:
@@ -128,7 +132,7 @@ def default_device() -> str:
 def load_pipeline(args, device) -> Pipeline:
     from ..checkpoints import load_trained, read_state_dict
 
-    shipped = args.model in ("cond", "uncond")
+    shipped = args.model in SHIPPED_MODELS
     extra = {}
     if args.adm_flags:
         model = adm.load_state_dict_strict(adm.create_model(args.adm_flags), read_state_dict(args.model), args.model)
@@ -142,7 +146,8 @@ def load_pipeline(args, device) -> Pipeline:
             from ..score_sampling import geometric_sigmas
             extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
     classifier = None
-    spec = args.classifier if args.classifier is not None else ("classifier" if shipped else "none")
+    default = "classifier" if shipped and args.model != "ncsn" else "none"
+    spec = args.classifier if args.classifier is not None else default
     if spec != "none":
         if args.classifier_flags:
             flags = args.classifier_flags
@@ -155,9 +160,10 @@ def load_pipeline(args, device) -> Pipeline:
             label_map = label_map or clf_labels
     if label_map is None and classifier is not None and args.classifier_flags:
         label_map = _imagenet_labels(classifier.cfg.num_classes)
-    model.eval().to(device)
+    fast = dict(channels_last=args.channels_last, compile=args.compile)
+    model = speed_up(model.eval().to(device), **fast)
     if classifier is not None:
-        classifier.eval().to(device)
+        classifier = speed_up(classifier.eval().to(device), **fast)
     return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model), **extra)
 
 

@@ -1,0 +1,77 @@
+"""Speed switches keep the numbers: channels-last, torch.compile and bf16 autocast."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from guided import adm
+from guided.conformance import rel_error
+from guided.guidance import classifier_grad
+from guided.speed import adamw, speed_up
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance"
+
+
+def reference_unet():
+    d = torch.load(SHARED / "unet_a.pt", weights_only=True)
+    model = adm.load_state_dict_strict(adm.create_model(d["flags"]), d["state_dict"]).eval()
+    return model, d
+
+
+def test_channels_last_keeps_the_conformance_numbers():
+    model, d = reference_unet()
+    fast = speed_up(model, channels_last=True)
+    with torch.no_grad():
+        out = fast(d["x"].contiguous(memory_format=torch.channels_last), d["t"], y=d["y"])
+    assert rel_error(out, d["out"]) < 1e-4
+
+
+def test_bf16_autocast_is_within_bf16_rounding():
+    model, d = reference_unet()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(d["x"], d["t"], y=d["y"])
+    err = rel_error(out.float(), d["out"])
+    assert 1e-4 < err < 3e-2  # bf16 has 8 mantissa bits: well above fp32 rounding, well below a real error
+
+
+def test_bf16_classifier_gradient_follows_fp32():
+    d = torch.load(SHARED / "classifier_a.pt", weights_only=True)
+    clf = adm.load_state_dict_strict(adm.create_classifier(d["flags"]), d["state_dict"]).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = classifier_grad(clf, d["x"], d["t"], d["y"])
+    cos = torch.nn.functional.cosine_similarity(g.float().flatten(), d["grad_log_prob"].flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_compiled_network_matches_eager():
+    """A small network, to keep compilation short; the weights are shared with the eager one."""
+    model = adm.create_model("--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
+                             "--attention_resolutions 4 --learn_sigma True").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    compiled = speed_up(model, compile=True)
+    with torch.no_grad():
+        assert rel_error(compiled(x, t), model(x, t)) < 1e-4
+    assert compiled._orig_mod is model
+
+
+def test_fused_adamw_only_where_supported():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    opt = adamw(p, lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
+    assert not opt.defaults.get("fused")
+
+
+def test_training_with_channels_last_follows_the_plain_run(tiny):
+    """The same seed with the layout switch on makes the same updates up to float rounding. (Without
+    dropout: its mask is drawn in memory order, so another layout draws another mask.)"""
+    from guided.train_diffusion_loop import train_diffusion
+
+    run = lambda *extra: train_diffusion(tiny("diffusion", "model.dropout=0.0", *extra)).net.state_dict()  # noqa: E731
+    init, plain, fast = run("train.steps=0"), run("train.steps=2"), run("train.steps=2", "train.channels_last=true")
+    assert plain.keys() == fast.keys()
+    flat = lambda sd: torch.cat([sd[k].flatten() for k in plain if plain[k].is_floating_point()])  # noqa: E731
+    update_plain, update_fast = flat(plain) - flat(init), flat(fast) - flat(init)
+    assert update_plain.norm() > 0
+    assert rel_error(update_fast, update_plain) < 0.05
