@@ -86,6 +86,7 @@ def add_sampler_args(p):
     s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     s.add_argument("--channels-last", action="store_true", help="speed: NHWC memory layout")
     s.add_argument("--compile", action="store_true", help="speed: torch.compile the networks")
+    s.add_argument("--cuda-graphs", action="store_true", help="speed: compile and replay each step as a CUDA graph")
 
 
 def build_parser() -> Parser:
@@ -160,7 +161,7 @@ def load_pipeline(args, device) -> Pipeline:
             label_map = label_map or clf_labels
     if label_map is None and classifier is not None and args.classifier_flags:
         label_map = _imagenet_labels(classifier.cfg.num_classes)
-    fast = dict(channels_last=args.channels_last, compile=args.compile)
+    fast = dict(channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs)
     model = speed_up(model.eval().to(device), **fast)
     if classifier is not None:
         classifier = speed_up(classifier.eval().to(device), **fast)
