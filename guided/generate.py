@@ -144,7 +144,7 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     """(score_fn, sde) of the pipeline: s(x, t) = grad log p_t(x), guided when asked.
     An eps network is a score model of the VP SDE of its own discrete schedule; an
     NCSN network one of the VE SDE spanning its noise ladder."""
-    from .score import classifier_grad_fn, eps_model_score, guided_score, ncsn_score
+    from .score import LadderTime, classifier_grad_fn, eps_model_score, guided_score, ncsn_score
     from .sde import VESDE, VPSDE
 
     if p.objective == "ncsn":
@@ -156,8 +156,9 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
         sde = VPSDE.from_alphas_cumprod(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
         mf = model_function(p, y, opts)
         score = eps_model_score(lambda x, t, **_: mf(x, t), sde)
-    if opts.scale:
-        score = guided_score(score, classifier_grad_fn(p.classifier, sde, y), opts.scale)
+    if opts.scale:  # an NCSN model's classifier sees the ladder index, as the model does
+        clock = LadderTime(p.ncsn_sigmas) if p.objective == "ncsn" else sde
+        score = guided_score(score, classifier_grad_fn(p.classifier, clock, y), opts.scale)
     return score, sde
 
 
@@ -301,7 +302,8 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
         raise GuidedError("--num-samples and --batch-size must be positive")
     labels = plan_labels(classes, num_samples)
     check_labels(p, [y for y in labels if y >= 0], opts)
-    record = dict(settings or {}, num_samples=num_samples, seed=seed, classes=classes, options=asdict(opts))
+    record = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, classes=classes,
+                  options=asdict(opts))  # parts/ of another batch size do not fit: the plan differs
     parts = out / "parts"
     if rank == 0:
         _prepare_out(out, record, overwrite)
@@ -313,13 +315,15 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
         todo = [s for s in starts if not (parts / f"batch-{s:08d}.npz").exists()]
         bar = tqdm(total=len(starts) * batch_size, initial=(len(starts) - len(todo)) * batch_size,
                    desc="samples", unit="img", disable=rank != 0)
-        for s in todo:
-            idx = np.arange(s, min(s + batch_size, num_samples))
-            x = sample_batch(p, np.maximum(labels[idx], 0), seed + idx, opts, device=device, init=init,
-                             progress=rank == 0)
-            save_npz(parts / f"batch-{s:08d}.npz", to_uint8(x), labels[idx])
-            bar.update(len(idx))
-        bar.close()
+        try:
+            for s in todo:
+                idx = np.arange(s, min(s + batch_size, num_samples))
+                x = sample_batch(p, np.maximum(labels[idx], 0), seed + idx, opts, device=device, init=init,
+                                 progress=rank == 0)
+                save_npz(parts / f"batch-{s:08d}.npz", to_uint8(x), labels[idx])
+                bar.update(len(idx))
+        finally:  # an error message then starts on a line of its own
+            bar.close()
         if barrier:
             barrier()
         if rank == 0:

@@ -53,24 +53,31 @@ def eps_model_score(model, sde, y=None, model_kwargs=None):
     return score_from_eps(eps_fn, sde)
 
 
+class LadderTime:
+    """Continuous VE time -> the index of the nearest rung (in log sigma) of a decreasing NCSN
+    ladder, through sigma(t) = sigma_min (sigma_max/sigma_min)^t: the `model_time` of networks
+    conditioned on the ladder index (the NCSN score model and its classifier)."""
+
+    def __init__(self, sigmas):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        if sigmas.dim() != 1 or sigmas.numel() < 2 or not torch.all(sigmas[1:] < sigmas[:-1]):
+            raise GuidedError("sigmas must be a decreasing 1-D ladder with >= 2 levels")
+        self.ve = VESDE(float(sigmas[-1]), float(sigmas[0]))
+        self.log_ladder = sigmas.log()
+
+    def model_time(self, t):
+        log_sigma = self.ve.sigma(t.double()).log().to("cpu")
+        return (log_sigma[:, None] - self.log_ladder[None, :]).abs().argmin(dim=1).to(t.device)
+
+
 def ncsn_score(model, sigmas):
     """Score of an NCSN `model(x, labels) -> s(x, sigma_labels)` (Song & Ermon 2019),
-    conditioned on the index of its noise level in the decreasing ladder `sigmas`.
-
-    Continuous time maps to noise level through the VE SDE spanning the ladder,
-    sigma(t) = sigma_min (sigma_max/sigma_min)^t; the label is the ladder entry
-    nearest in log sigma. Sample it with a `VESDE(sigmas[-1], sigmas[0])`.
-    """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.dim() != 1 or sigmas.numel() < 2 or not torch.all(sigmas[1:] < sigmas[:-1]):
-        raise GuidedError("sigmas must be a decreasing 1-D ladder with >= 2 levels")
-    ve = VESDE(float(sigmas[-1]), float(sigmas[0]))
-    log_ladder = sigmas.log()
+    conditioned on the index of its noise level in the decreasing ladder `sigmas`
+    (see LadderTime). Sample it with a `VESDE(sigmas[-1], sigmas[0])`."""
+    ladder = LadderTime(sigmas)
 
     def score_fn(x, t):
-        log_sigma = ve.sigma(t.double()).log().to("cpu")
-        labels = (log_sigma[:, None] - log_ladder[None, :]).abs().argmin(dim=1)
-        return model(x, labels.to(x.device))
+        return model(x, ladder.model_time(t))
 
     return score_fn
 

@@ -1,5 +1,9 @@
 """Training the noise-aware classifier p(y | x_t, t) (the reference's classifier_train.py).
 
+With train.objective=ncsn the noise is NCSN's instead: x = x_0 + sigma_i z over the
+geometric ladder of the NCSN score model (train.ncsn_*), and the classifier sees the
+ladder index i, as the score model does, so it can guide annealed Langevin dynamics.
+
 Each step noises the clean batch to x_t = q_sample(x_0, t) at original timesteps
 t ~ U{0..T-1} and minimises the cross-entropy of the clean label (Dhariwal & Nichol
 sec. 4.1); the paper trains it with AdamW (lr 3e-4, weight decay 0.05), the
@@ -16,6 +20,7 @@ from omegaconf import OmegaConf
 from .data import build_dataset, shard_indices
 from .errors import GuidedError
 from .losses import UniformSampler
+from .score_sampling import geometric_sigmas
 from .train_utils import QuarterMeter, derive_seed
 from .training import Trainer
 from .unet import EncoderUNetModel
@@ -34,12 +39,26 @@ class ClassifierTrainer(Trainer):
         super().fit_config_to_data()
         if self.cfg.train.schedule_sampler != "uniform":
             raise GuidedError("the classifier is trained at uniform timesteps: set train.schedule_sampler=uniform")
-        if self.cfg.train.objective != "eps":
-            raise GuidedError("train.objective applies to the score model; leave it at eps for the classifier")
+        if self.cfg.train.objective not in ("eps", "ncsn"):
+            raise GuidedError("the classifier trains on the diffusion's noise (train.objective=eps) or an NCSN "
+                              f"ladder (ncsn), not {self.cfg.train.objective!r}")
         self.set_num_classes(self.cfg.classifier)
 
+    def num_noise_levels(self) -> int:
+        return self.noise.num_timesteps
+
+    @property
+    def noise(self):
+        """The noising process: the diffusion's q(x_t | x_0), or the NCSN ladder."""
+        if self.cfg.train.objective != "ncsn":
+            return self.diffusion
+        if not hasattr(self, "_ladder"):
+            tc = self.cfg.train
+            self._ladder = LadderNoise(geometric_sigmas(tc.ncsn_sigma_max, tc.ncsn_sigma_min, tc.ncsn_levels))
+        return self._ladder
+
     def build_model(self):
-        self.sampler = UniformSampler(self.diffusion.num_timesteps)
+        self.sampler = UniformSampler(self.noise.num_timesteps)
         self.val = self.build_val()
         self.last_eval = {}
         try:
@@ -66,10 +85,10 @@ class ClassifierTrainer(Trainer):
             return dict(x=x0, t=torch.zeros(n, dtype=torch.long, device=self.device), y=y)
         t, _ = self.sampler.sample(n, self.device, generator=self.gen)
         noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
-        return dict(x=self.diffusion.q_sample(x0, t, noise), t=t, y=y)
+        return dict(x=self.noise.q_sample(x0, t, noise), t=t, y=y)
 
     def scores(self, model, x, t, y) -> dict:
-        logits = model(x, self.diffusion.model_t(t)).float()
+        logits = model(x, self.noise.model_t(t)).float()
         loss = F.cross_entropy(logits, y, reduction="none")
         return {"loss": loss, "acc@1": top_k(logits, y, 1), "acc@5": top_k(logits, y, 5)}
 
@@ -83,7 +102,7 @@ class ClassifierTrainer(Trainer):
         in every quarter; the same images and draws at every evaluation."""
         if self.val is None:
             return
-        tc, T = self.cfg.train, self.diffusion.num_timesteps
+        tc, T = self.cfg.train, self.noise.num_timesteps
         order = shard_indices(len(self.val), 0, 1, tc.seed)[:tc.eval_images][self.rank::self.world]
         gen = torch.Generator().manual_seed(derive_seed(tc.seed, self.rank, 7))
         meter, quarters = QuarterMeter(T, self.device), range(4) if tc.noised else [None]
@@ -97,7 +116,7 @@ class ClassifierTrainer(Trainer):
                     t, x = torch.zeros(len(y), dtype=torch.long), x0
                 else:
                     t = torch.randint(q * T // 4, (q + 1) * T // 4, (len(y),), generator=gen)
-                    x = self.diffusion.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
+                    x = self.noise.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
                 meter.add(t, self.scores(self.net, x, t.to(self.device), y))
         self.net.train()
         stats = {f"val_{k}": v for k, v in meter.flush(self.accel).items()}
@@ -106,6 +125,22 @@ class ClassifierTrainer(Trainer):
         line = " ".join(f"{stats.get(f'val_acc@1_q{q}', float('nan')):.1%}" for q in range(4))
         self.print(f"eval step {self.step} ({len(self.val)} held-out, {min(tc.eval_images, len(self.val))} used): "
                    f"top-1 {stats.get('val_acc@1', 0):.1%} (quarters {line}), top-5 {stats.get('val_acc@5', 0):.1%}")
+
+
+class LadderNoise:
+    """NCSN's perturbation x = x_0 + sigma_i z (Song & Ermon 2019) with the diffusion's interface:
+    t = 0 is the smallest sigma, so quarters run from little to much noise as for a diffusion;
+    the network sees the ladder index i = L - 1 - t (sigmas are stored largest first)."""
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas.float()
+        self.num_timesteps = len(sigmas)
+
+    def model_t(self, t):
+        return self.num_timesteps - 1 - t
+
+    def q_sample(self, x0, t, noise):
+        return x0 + self.sigmas.to(x0.device)[self.model_t(t)].view(-1, *[1] * (x0.dim() - 1)) * noise
 
 
 def train_classifier(cfg, resume: bool = False, stop_after: int | None = None) -> ClassifierTrainer:

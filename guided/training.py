@@ -85,7 +85,7 @@ class Trainer:
         self.ema = {str(r): [p.detach().float().clone() for p in self.params] for r in self.ema_rates}
         self.seed_rngs(tc.seed)
         self.step, self.bad_total, self.bad_in_row, self.last_ckpt = 0, 0, 0, None
-        self.meter = QuarterMeter(self.diffusion.num_original_steps, self.device)
+        self.meter = QuarterMeter(self.num_noise_levels(), self.device)
         self._stop = None
         data_state = self.resume_or_check(resume)
         self.stream = infinite_batches(self.dataset, self.local_batch, self.rank, self.world, tc.seed,
@@ -95,6 +95,10 @@ class Trainer:
     # -- hooks --------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def num_noise_levels(self) -> int:
+        """The range of the timesteps that losses are logged by quarter of."""
+        return self.diffusion.num_original_steps
 
     def prepare_batch(self, x0, y) -> dict:
         """Draw this step's randomness for the whole per-process batch (so it does not depend on
@@ -280,8 +284,12 @@ class Trainer:
         if self.accel.log_with:
             self.accel.log(stats, step=self.step)
         if self.accel.is_main_process:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **stats}) + "\n")
+            try:
+                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, **stats}) + "\n")
+            except OSError as e:  # disk full: stop with one line (the last checkpoint is intact)
+                raise GuidedError(f"cannot write {self.out_dir / 'metrics.jsonl'}: {e.strerror or e}; "
+                                  f"last checkpoint: {self.last_ckpt or 'none saved yet'}") from None
 
     def print(self, *args):
         if self.accel.is_main_process:
