@@ -147,7 +147,7 @@ def load_pipeline(args, device) -> Pipeline:
             from ..score_sampling import geometric_sigmas
             extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
     classifier = None
-    default = "classifier" if shipped and args.model != "ncsn" else "none"
+    default = ("ncsn_classifier" if args.model == "ncsn" else "classifier") if shipped else "none"
     spec = args.classifier if args.classifier is not None else default
     if spec != "none":
         if args.classifier_flags:
@@ -156,7 +156,7 @@ def load_pipeline(args, device) -> Pipeline:
                 flags += f" --image_size {model.cfg.image_size}"
             classifier = adm.load_state_dict_strict(adm.create_classifier(flags), read_state_dict(spec), spec)
         else:
-            path = SHIPPED / "classifier.pt" if spec == "classifier" else Path(spec)
+            path = SHIPPED / f"{spec}.pt" if spec in ("classifier", "ncsn_classifier") else Path(spec)
             classifier, _, clf_labels = load_trained(path)
             label_map = label_map or clf_labels
     if label_map is None and classifier is not None and args.classifier_flags:
