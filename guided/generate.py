@@ -302,6 +302,7 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
         raise GuidedError("--num-samples and --batch-size must be positive")
     labels = plan_labels(classes, num_samples)
     check_labels(p, [y for y in labels if y >= 0], opts)
+    check_sampler(p, opts.sampler)
     record = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, classes=classes,
                   options=asdict(opts))  # parts/ of another batch size do not fit: the plan differs
     parts = out / "parts"
@@ -313,7 +314,8 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
     lock = OutputLock(out) if world_size == 1 else contextlib.nullcontext()
     with lock:
         todo = [s for s in starts if not (parts / f"batch-{s:08d}.npz").exists()]
-        bar = tqdm(total=len(starts) * batch_size, initial=(len(starts) - len(todo)) * batch_size,
+        size = lambda s: min(batch_size, num_samples - s)  # noqa: E731
+        bar = tqdm(total=sum(map(size, starts)), initial=sum(size(s) for s in starts if s not in todo),
                    desc="samples", unit="img", disable=rank != 0)
         try:
             for s in todo:
@@ -332,10 +334,12 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
 
 
 def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     if (out / "samples.npz").exists() and not overwrite:
         raise GuidedError(f"{out} already holds samples.npz; pass --overwrite to replace it or choose another --out")
-    (out / "parts").mkdir(exist_ok=True)
+    try:
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, disk full
+        raise GuidedError(f"cannot use {out} as the output folder: {e.strerror or e}") from None
     plan = out / "parts" / "plan.json"
     text = json.dumps(record, sort_keys=True, default=str)
     if plan.exists() and plan.read_text() != text:
