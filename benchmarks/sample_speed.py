@@ -28,7 +28,7 @@ from guided.diffusion import create_diffusion  # noqa: E402
 from guided.guidance import classifier_cond_fn  # noqa: E402
 from guided.sampling import ddpm_step  # noqa: E402
 from guided.unet import EncoderUNetModel, UNetModel  # noqa: E402
-from train_speed import peak_flops  # noqa: E402
+from train_speed import device_of, peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,10 +72,7 @@ def count_flops(model_fn, classifier, x, y, guided) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cuda, device = device_of(args)
     preset = args.preset or ("64x64" if cuda else "digits")
     batch = args.batch_size or (64 if cuda else 16)
     model, classifier, diff_cfg = build(preset)

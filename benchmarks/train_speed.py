@@ -127,12 +127,17 @@ def peak_flops(device, args) -> tuple[float | None, str]:
     return None, f"{name} is not in the table (pass --peak-tflops)"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+def device_of(args) -> tuple[bool, torch.device]:
+    """(GPU present?, the device), with --threads applied."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    return cuda, torch.device("cuda" if cuda else "cpu")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda, device = device_of(args)
     path, cfg, classifier, batch = pick_config(args, cuda)
     net, model, opt, ema, node = build(cfg, classifier, device, args)
     step = make_step(cfg, classifier, net, model, opt, ema, node, batch, device, args)
