@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,9 @@ CKPT_FORMAT, WEIGHTS_FORMAT = "guided-checkpoint", "guided-weights"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _CKPT_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+# Test hook (fault injection, tests/test_faults.py): pause this many seconds between writing a
+# ckpt-*.pt temp file and renaming it, so a harness can kill the process mid-checkpoint.
+PAUSE_ENV = "GUIDED_FAULT_PAUSE_CKPT_WRITE"
 
 
 # -- atomic writes ------------------------------------------------------------------------------
@@ -51,6 +55,8 @@ def atomic_write(path: str | Path, write: Callable) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            if path.name.startswith("ckpt-") and os.environ.get(PAUSE_ENV):
+                time.sleep(float(os.environ[PAUSE_ENV]))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -132,6 +138,17 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
 
 
 # -- writing ------------------------------------------------------------------------------------
+def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed run left half-done (.<name>.*.tmp)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt-{step:07d}.pt"
 
@@ -146,9 +163,12 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) 
 
 def write_run_files(run_dir: str | Path, cfg, label_map) -> None:
     """config.yaml and label_map.json, the files load_trained reads beside the weights."""
-    atomic_write_text(Path(run_dir) / "config.yaml", to_yaml(cfg))
-    if label_map is not None:
-        atomic_write_text(Path(run_dir) / "label_map.json", json.dumps(label_map.to_dict(), indent=1) + "\n")
+    try:
+        atomic_write_text(Path(run_dir) / "config.yaml", to_yaml(cfg))
+        if label_map is not None:
+            atomic_write_text(Path(run_dir) / "label_map.json", json.dumps(label_map.to_dict(), indent=1) + "\n")
+    except OSError as e:  # a read-only or full output folder
+        raise GuidedError(f"cannot write into {run_dir}: {e.strerror or e}") from None
 
 
 def export_weights(path: str | Path, state_dict: dict, *, kind: str, cfg, label_map=None, which: str = "model",

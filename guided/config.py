@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -153,7 +154,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
             raise GuidedError(f"config file {path} does not exist (see configs/ for the shipped ones)")
         try:
             cfg = merge(cfg, OmegaConf.load(path))
-        except OmegaConfBaseException as e:  # YAML syntax
+        except (OmegaConfBaseException, yaml.YAMLError) as e:  # YAML syntax
             raise GuidedError(f"cannot read config {path}: {_one_line(e)}") from None
     for item in overrides:
         if "=" not in item:

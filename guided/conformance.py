@@ -202,7 +202,9 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m guided.conformance", description=__doc__.split("\n\n")[0])
+    from .cli import Parser  # one-line argparse errors, exit 2
+
+    p = Parser(prog="python -m guided.conformance", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="conformance .pt files")
     args = p.parse_args(argv)
     torch.set_grad_enabled(True)

@@ -239,7 +239,9 @@ def evaluate(samples_npz, reference_npz, extractor="inception", *, inception_wei
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m guided.evaluate", description=__doc__.split("\n\n")[0])
+    from guided.cli import Parser  # one-line argparse errors, exit 2
+
+    p = Parser(prog="python -m guided.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("samples", help="sample batch .npz (arr_0: uint8 N x H x W x C)")
     p.add_argument("reference", help="reference batch .npz; statistics are cached next to it")
     p.add_argument("--features", choices=["inception", "digits"], default="inception",

@@ -41,6 +41,28 @@ from .speed import adamw, speed_up
 from .train_utils import QuarterMeter, derive_seed, flat_hparams
 
 
+def check_train_config(tc) -> None:
+    """Refuse train.* values out of range in one line, before anything is built."""
+    rules = [("steps", tc.steps >= 0, "0 (just save the initial weights) or more"),
+             ("batch_size", tc.batch_size >= 1, "at least 1"),
+             ("microbatch", tc.microbatch >= 0, "0 (whole batch) or more"), ("lr", tc.lr >= 0, "0 or more"),
+             ("weight_decay", tc.weight_decay >= 0, "0 or more"), ("log_every", tc.log_every >= 1, "at least 1"),
+             ("save_every", tc.save_every >= 1, "at least 1"), ("eval_every", tc.eval_every >= 0, "0 or more"),
+             ("eval_images", tc.eval_images >= 1, "at least 1"),
+             ("keep_checkpoints", tc.keep_checkpoints >= 1, "at least 1"),
+             ("max_bad_steps", tc.max_bad_steps >= 1, "at least 1"), ("grad_clip", tc.grad_clip >= 0, "0 or more"),
+             ("label_dropout", 0 <= tc.label_dropout <= 1, "in [0, 1]"),
+             ("num_threads", tc.num_threads >= 0, "0 (default) or more"),
+             ("ema_rates", all(0 <= r <= 1 for r in tc.ema_rates), "a list of rates in [0, 1]"),
+             ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16")]
+    for key, ok, want in rules:
+        if not ok:
+            value = list(tc[key]) if key == "ema_rates" else tc[key]
+            raise GuidedError(f"train.{key} must be {want}, not {value!r}")
+    if not all(math.isfinite(v) for v in (tc.lr, tc.weight_decay, tc.grad_clip)):
+        raise GuidedError("train.lr, train.weight_decay and train.grad_clip must be finite numbers")
+
+
 class Trainer:
     kind = "unet"  # or "classifier": which network and config node
     net_cfg_key = "model"
@@ -50,6 +72,7 @@ class Trainer:
         from accelerate.state import AcceleratorState
 
         self.cfg, tc = cfg, cfg.train
+        check_train_config(tc)
         if tc.mixed_precision not in ("no", "bf16", "fp16"):
             raise GuidedError(f"train.mixed_precision must be no, bf16 or fp16, not {tc.mixed_precision!r}")
         AcceleratorState._reset_state()  # allow a new mixed-precision setting in the same process

@@ -116,10 +116,27 @@ def processes(args):
     """(device, rank, world size, barrier) under plain python or accelerate launch."""
     from accelerate import PartialState
 
+    check_device(args.device)
     state = PartialState(cpu=args.device == "cpu") if args.device in (None, "cpu", "cuda") else None
     if state is None or state.num_processes == 1:
         return args.device or default_device(), 0, 1, None
     return str(state.device), state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def check_device(name) -> None:
+    """Refuse a --device torch cannot parse or this machine does not have, in one line."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise GuidedError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise GuidedError(f"--device {name}: no such CUDA device here (use --device cpu)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GuidedError(f"--device {name}: MPS is not available here (use --device cpu)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise GuidedError(f"--device {name}: only cpu, cuda and mps are supported")
 
 
 def default_device() -> str:
@@ -132,6 +149,7 @@ def default_device() -> str:
 
 def load_pipeline(args, device) -> Pipeline:
     from ..checkpoints import load_trained, read_state_dict
+    from ..unet import EncoderUNetModel, UNetModel
 
     shipped = args.model in SHIPPED_MODELS
     extra = {}
@@ -141,6 +159,9 @@ def load_pipeline(args, device) -> Pipeline:
     else:
         path = SHIPPED / f"{args.model}.pt" if shipped else Path(args.model)
         model, run_cfg, label_map = load_trained(path)
+        if not isinstance(model, UNetModel):
+            raise GuidedError(f"--model {args.model} holds a noise-aware classifier, not a score model "
+                              f"(pass it as --classifier)")
         diffusion_cfg, train = run_cfg.diffusion, run_cfg.train
         extra = {"objective": train.objective}
         if train.objective == "ncsn":
@@ -158,6 +179,8 @@ def load_pipeline(args, device) -> Pipeline:
         else:
             path = SHIPPED / f"{spec}.pt" if spec in ("classifier", "ncsn_classifier") else Path(spec)
             classifier, _, clf_labels = load_trained(path)
+            if not isinstance(classifier, EncoderUNetModel):
+                raise GuidedError(f"--classifier {spec} holds a score model (U-Net), not a noise-aware classifier")
             label_map = label_map or clf_labels
     if label_map is None and classifier is not None and args.classifier_flags:
         label_map = _imagenet_labels(classifier.cfg.num_classes)

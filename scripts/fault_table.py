@@ -1,0 +1,69 @@
+"""Render the fault-injection report of the tests as the README's Markdown tables.
+
+    GUIDED_FAULT_REPORT=fault_report.json OMP_NUM_THREADS=1 \
+        python -m pytest -q tests/test_faults.py tests/test_bad_input.py
+    python scripts/fault_table.py fault_report.json
+
+Every row comes from a test that injected the fault or fed the bad input and checked the outcome
+(tests/fault_harness.py writes the report); nothing here is typed by hand.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = ["train_diffusion.py", "train_classifier.py", "sample_guided.py", "python -m guided.evaluate",
+            "python -m guided.sweep", "python -m guided.conformance"]
+FAULT_ORDER = ["kill_training", "divergence", "disk_ENOSPC", "disk_EACCES", "disk_EROFS", "disk_samples",
+               "kill_sampling", "two_samplers"]
+
+
+def cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def code(text) -> str:
+    text = cell(text)
+    return f"`{text}`" if "`" not in text else text
+
+
+def render(report: dict) -> str:
+    out = []
+    faults = report.get("faults", {})
+    if faults:
+        keys = sorted(faults, key=lambda k: (FAULT_ORDER.index(k) if k in FAULT_ORDER else len(FAULT_ORDER), k))
+        out += ["| fault | how it was injected | times | what survived |", "| --- | --- | --- | --- |"]
+        for k in keys:
+            r = faults[k]
+            out.append(f"| {cell(r['fault'])} | {cell(r['injected'])} | {r['times']} | {cell(r['survived'])} |")
+        out.append("")
+    bad = report.get("bad_input", {})
+    if bad:
+        rows = sorted(bad.values(), key=lambda r: (COMMANDS.index(r["command"]) if r["command"] in COMMANDS
+                                                   else len(COMMANDS), r["given"]))
+        out += [f"{len(rows)} bad inputs tried; none ends in a traceback:", "",
+                "| command | bad input | exit | what it gets |", "| --- | --- | --- | --- |"]
+        for r in rows:
+            message = code(r["message"]) if r["message"].startswith("error: ") else cell(r["message"])
+            out.append(f"| {cell(r['command'])} | {cell(r['given'])} | {r['exit']} | {message} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python scripts/fault_table.py REPORT.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: cannot read {path}: {e}", file=sys.stderr)
+        return 2
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

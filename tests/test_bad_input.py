@@ -1,0 +1,326 @@
+"""Bad input: every wrong option, config, checkpoint, image or label is one `error:` line and a
+non-zero exit, never a traceback. Each case is recorded into the fault report (fault_harness)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_CLASSIFIER, TINY_TRAIN, TINY_UNET
+from fault_harness import REPO, one_error_line, record_bad_input
+
+TRAIN = TINY_UNET + TINY_TRAIN
+
+
+def _main(command):
+    if command == "sample_guided.py":
+        from guided.cli.sample import main
+    elif command == "train_diffusion.py":
+        from guided.cli.train import main_diffusion as main
+    elif command == "train_classifier.py":
+        from guided.cli.train import main_classifier as main
+    elif command == "python -m guided.evaluate":
+        from guided.evaluate import main
+    elif command == "python -m guided.sweep":
+        from guided.sweep import main
+    else:
+        from guided.conformance import main
+    return main
+
+
+def run(command, argv, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        code = _main(command)(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, one_error_line(capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Damaged and foreign files to feed the commands."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.pt").write_bytes(b"")
+    (d / "garbage.pt").write_bytes(os.urandom(3000))
+    good = d / "good.pt"
+    torch.save({"w": torch.zeros(1000)}, good)
+    (d / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"format": "something-else"}, d / "foreign.pt")
+    (d / "notes.txt").write_text("hello\n")
+    (d / "unknown_key.yaml").write_text("train:\n  batch_sise: 32\n")
+    (d / "wrong_type.yaml").write_text("train:\n  batch_size: lots\n")
+    (d / "broken.yaml").write_text("train: [unclosed\n")
+    (d / "not_an_image.png").write_bytes(b"not a png at all")
+    np.savez(d / "samples.npz", np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64))
+    np.savez(d / "wrong_layout.npz", np.zeros((4, 8), np.float32))
+    (d / "a_file").write_text("x")
+    # a trained tiny classifier and U-Net, for "checkpoint of another architecture"
+    from guided.cli.train import main_classifier, main_diffusion
+    assert main_classifier(TINY_CLASSIFIER + TINY_TRAIN + ["train.steps=1", "train.lr=3e-4",
+                                                           f"train.out_dir={d / 'clf'}"]) == 0
+    assert main_diffusion(TINY_UNET + TINY_TRAIN + ["train.steps=1", f"train.out_dir={d / 'unet'}"]) == 0
+    return d
+
+
+def P(files, name):
+    return str(files / name)
+
+
+# (command, argv builder, what is wrong, expected part of the message)
+S = "sample_guided.py"
+SAMPLE = [
+    (S, ["--num-samples", "abc"], "--num-samples abc", "argument --num-samples: invalid positive int value"),
+    (S, ["--num-samples", "0"], "--num-samples 0", "argument --num-samples: invalid positive int value"),
+    (S, ["--batch-size", "-2"], "--batch-size -2", "argument --batch-size: invalid positive int value"),
+    (S, ["--seed", "-1"], "--seed -1", "argument --seed: invalid non-negative int value"),
+    (S, ["--scale", "-1"], "--scale -1", "argument --scale: invalid non-negative float value"),
+    (S, ["--scale", "nan"], "--scale nan", "argument --scale: invalid non-negative float value"),
+    (S, ["--scales", "1,x"], "--scales 1,x", "argument --scales: invalid comma list"),
+    (S, ["--cfg-scale", "big"], "--cfg-scale big", "argument --cfg-scale: invalid"),
+    (S, ["--eta", "-0.5"], "--eta -0.5", "argument --eta: invalid non-negative float value"),
+    (S, ["--sampler", "euler"], "--sampler euler", "argument --sampler: invalid choice"),
+    (S, ["--precision", "fp8"], "--precision fp8", "argument --precision: invalid choice"),
+    (S, ["--steps", "abc"], "--steps abc", "respacing 'abc': expected a step count"),
+    (S, ["--steps", "0"], "--steps 0", "respacing '0': every section needs at least one step"),
+    (S, ["--t0", "x"], "--t0 x", "argument --t0: invalid float value"),
+    (S, ["--init-image", "{bad}/not_an_image.png", "--t0", "2"], "--t0 2", "--t0 must be in (0, 1]"),
+    (S, ["--init-image", "{bad}/missing.png"], "--init-image missing.png", "no such image"),
+    (S, ["--init-image", "{bad}/not_an_image.png"], "--init-image of a non-image", "is not an image PIL can read"),
+    (S, ["--mask", "{bad}/not_an_image.png"], "--mask without --init-image", "--mask goes with --init-image"),
+    (S, ["--class", "12"], "--class 12 (10 classes)", "class index 12 is out of range"),
+    (S, ["--class", "zebra"], "--class zebra", "class 'zebra' is not in this label map"),
+    (S, ["--model", "{bad}/missing.pt"], "--model missing.pt", "does not exist"),
+    (S, ["--model", "{bad}/empty.pt"], "--model: empty file", "is empty (0 bytes)"),
+    (S, ["--model", "{bad}/garbage.pt"], "--model: random bytes", "is truncated or corrupt"),
+    (S, ["--model", "{bad}/truncated.pt"], "--model: truncated file", "is truncated or corrupt"),
+    (S, ["--model", "{bad}/foreign.pt"], "--model: a .pt of something else", "is neither a weights file"),
+    (S, ["--model", "{bad}/clf"], "--model: a classifier run", "holds a noise-aware classifier, not a score model"),
+    (S, ["--classifier", "{bad}/unet"], "--classifier: a U-Net run", "classifier"),
+    (S, ["--adm-flags", "--bogus_flag 1", "--model", "{bad}/good.pt"], "--adm-flags with an unknown flag", "bogus"),
+    (S, ["--device", "tpu9"], "--device tpu9", "is not a torch device"),
+    (S, ["--out", "{bad}/a_file"], "--out: an existing file", "as the output folder"),
+    (S, ["--frobnicate"], "an unknown option", "unrecognized arguments: --frobnicate"),
+]
+T, C = "train_diffusion.py", "train_classifier.py"
+TRAINING = [
+    (T, ["--config", "{bad}/missing.yaml"], "--config missing.yaml", "does not exist"),
+    (T, ["--config", "{bad}/unknown_key.yaml"], "config with an unknown key", "batch_sise"),
+    (T, ["--config", "{bad}/wrong_type.yaml"], "config with a wrong type", "batch_size"),
+    (T, ["--config", "{bad}/broken.yaml"], "config that is not YAML", "cannot read config"),
+    (T, ["train.batch_size=lots"], "override train.batch_size=lots", "train.batch_size"),
+    (T, ["train.bogus=1"], "override of an unknown key", "bogus"),
+    (T, ["train.steps"], "override without =", "is not of the form key=value"),
+    (T, ["train.steps=-5"], "train.steps=-5",
+     "train.steps must be 0 (just save the initial weights) or more, not -5"),
+    (T, ["train.lr=-1"], "train.lr=-1", "train.lr must be 0 or more, not -1.0"),
+    (T, ["train.batch_size=0"], "train.batch_size=0", "batch"),
+    (T, ["train.save_every=0"], "train.save_every=0", "train.save_every must be at least 1, not 0"),
+    (T, ["train.mixed_precision=fp8"], "train.mixed_precision=fp8", "mixed_precision"),
+    (T, ["train.objective=gan"], "train.objective=gan", "train.objective must be one of"),
+    (T, ["model.channel_mult=[1,x]"], "model.channel_mult=[1,x]", "channel_mult"),
+    (T, ["model.num_head_channels=7"], "model.num_head_channels=7", "cannot build"),
+    (T, ["data.kind=lmdb"], "data.kind=lmdb", "data.kind must be one of"),
+    (T, ["data.kind=folder", "data.root={bad}/nowhere"], "data.root that does not exist", "does not exist"),
+    (T, ["data.classes=[zebra]"], "data.classes=[zebra] (digits)", "zebra"),
+    (T, ["data.image_size=16"], "data.image_size != model.image_size", "set them equal"),
+    (T, ["--resume", "train.out_dir={bad}/clf"], "--resume onto a classifier run", "not a unet one"),
+    (T, ["train.out_dir={bad}/unet"], "a run folder that has checkpoints, no --resume", "pass --resume"),
+    (T, ["--frobnicate"], "an unknown option", "unrecognized arguments: --frobnicate"),
+    (C, ["train.schedule_sampler=loss-second-moment"], "classifier with a loss-aware sampler",
+     "train.schedule_sampler=uniform"),
+    (C, ["--resume", "train.out_dir={bad}/unet"], "--resume onto a U-Net run", "not a classifier one"),
+    (C, ["classifier.pool=max"], "classifier.pool=max", "pool"),
+]
+E, W, K = "python -m guided.evaluate", "python -m guided.sweep", "python -m guided.conformance"
+OTHERS = [
+    (E, ["{bad}/missing.npz", "{bad}/samples.npz", "--features", "digits"], "samples file that does not exist",
+     "missing.npz"),
+    (E, ["{bad}/notes.txt", "{bad}/samples.npz", "--features", "digits"], "samples file that is not an npz",
+     "notes.txt"),
+    (E, ["{bad}/wrong_layout.npz", "{bad}/samples.npz", "--features", "digits"], "npz without uint8 images",
+     "wrong_layout.npz"),
+    (E, ["{bad}/samples.npz", "{bad}/samples.npz", "--batch-size", "0"], "--batch-size 0",
+     "batch size must be a positive integer, got 0"),
+    (E, ["{bad}/samples.npz", "{bad}/samples.npz", "--batch-size", "x"], "--batch-size x",
+     "argument --batch-size: invalid int value"),
+    (E, ["{bad}/samples.npz", "{bad}/samples.npz", "--features", "vgg"], "--features vgg", "invalid choice"),
+    (E, ["{bad}/samples.npz", "{bad}/samples.npz", "--inception-weights", "{bad}/garbage.pt", "--no-cache"],
+     "--inception-weights of random bytes", "garbage.pt"),
+    (E, ["{bad}/samples.npz"], "a missing argument", "reference"),
+    (W, ["--scales", "1,-2"], "--scales 1,-2", "argument --scales: invalid comma list"),
+    (W, ["--num-samples", "0"], "--num-samples 0", "argument --num-samples: invalid positive int value"),
+    (W, ["--reference", "{bad}/missing.npz", "--out", "{bad}/sweep"], "--reference missing.npz", "does not exist"),
+    (W, ["--features", "vgg"], "--features vgg", "invalid choice"),
+    (K, ["{bad}/missing.pt"], "a file that does not exist", "missing.pt"),
+    (K, ["{bad}/garbage.pt"], "a file of random bytes", "garbage.pt"),
+    (K, ["{bad}/foreign.pt"], "a .pt that is not a conformance file", "foreign.pt"),
+    (K, [], "no file", "files"),
+]
+CASES = SAMPLE + TRAINING + OTHERS
+
+
+def _argv(command, argv, files):
+    argv = [a.replace("{bad}", str(files)) for a in argv]
+    if command.startswith("train_"):  # the tiny run, unless the case points elsewhere
+        base = (TINY_UNET if command == T else TINY_CLASSIFIER + ["train.lr=3e-4"]) + TINY_TRAIN
+        if not any(a.startswith("train.out_dir=") for a in argv):
+            base = base + [f"train.out_dir={files / 'runs' / str(abs(hash(tuple(argv))))}"]
+        options = [a for a in argv if a.startswith("--")]
+        flags = [a for a in argv if not a.startswith("--")]
+        if "--config" in options:  # its value is the next item
+            i = argv.index("--config")
+            return argv[i: i + 2] + base
+        return options + base + flags
+    if command == S or command == W:
+        base = ["--num-samples", "2", "--batch-size", "2", "--steps", "2", "--sampler", "ddim", "--device", "cpu",
+                "--out", str(files / "out" / str(abs(hash(tuple(argv)))))]
+        if command == W:
+            base = base[:-2] + ["--out", str(files / "sweep" / str(abs(hash(tuple(argv)))))]
+        return base + argv
+    return argv
+
+
+@pytest.mark.parametrize("command,argv,given,expected", CASES, ids=[f"{c.split()[-1]}:{g}" for c, _, g, _ in CASES])
+def test_bad_option_is_one_error_line(files, capsys, command, argv, given, expected):
+    code, line = run(command, _argv(command, argv, files), capsys)
+    assert code not in (0, None), line
+    if expected is not None:
+        assert expected in line, line
+    record_bad_input(f"{command} {given}", command, given, code, line.replace(str(files), "…"))
+
+
+# -- damaged checkpoints, label files and class names ----------------------------------------------
+@pytest.fixture(scope="module")
+def damaged_runs(files):
+    import shutil
+
+    d = files / "damaged"
+    for name, damage in (("only_empty", b""), ("only_garbage", os.urandom(5000))):
+        (d / name).mkdir(parents=True)
+        (d / name / "ckpt-0000004.pt").write_bytes(damage)
+    trunc = d / "truncated_newest"
+    shutil.copytree(files / "unet", trunc)
+    good = trunc / "ckpt-0000001.pt"
+    (trunc / "ckpt-0000002.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    bad_labels = d / "bad_labels"
+    shutil.copytree(files / "unet", bad_labels)
+    for f in ("model.pt", "ema.pt"):
+        (bad_labels / f).unlink()
+    (bad_labels / "label_map.json").write_text("{not json")
+    _image_folder(d / "imgs")
+    return d
+
+
+DAMAGED = [
+    (T, ["--resume", "train.out_dir={damaged}/only_empty"], "--resume: the only checkpoint is 0 bytes",
+     "no readable checkpoint in"),
+    (T, ["--resume", "train.out_dir={damaged}/only_garbage"], "--resume: the only checkpoint is random bytes",
+     "no readable checkpoint in"),
+    (S, ["--model", "{damaged}/bad_labels", "--classifier", "none"], "--model: a run whose label_map.json is broken",
+     "is not valid JSON"),
+    (T, ["data.kind=imagenet", "data.root={damaged}/imgs", "data.classes=[zebra]"],
+     "data.classes naming a missing class",
+     "class 'zebra' is not in"),
+]
+
+
+@pytest.mark.parametrize("command,argv,given,expected", DAMAGED, ids=[g for _, _, g, _ in DAMAGED])
+def test_damaged_checkpoints_and_labels_are_one_error_line(files, damaged_runs, capsys, command, argv, given,
+                                                            expected):
+    argv = [a.replace("{damaged}", str(damaged_runs)) for a in argv]
+    code, line = run(command, _argv(command, argv, files), capsys)
+    assert code == 2 and expected in line, line
+    record_bad_input(f"{command} {given}", command, given, code, line.replace(str(files), "…"))
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_on_resume(files, damaged_runs, capsys):
+    run_dir = damaged_runs / "truncated_newest"
+    argv = TINY_UNET + TINY_TRAIN + ["train.steps=2", f"train.out_dir={run_dir}", "--resume"]
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint.*ckpt-0000002.pt is truncated or corrupt"):
+        code = _main(T)(argv)
+    out = capsys.readouterr().out
+    assert code == 0 and f"resumed from {run_dir / 'ckpt-0000001.pt'} at step 1" in out
+    record_bad_input("train_diffusion.py --resume: newest checkpoint truncated", T,
+                     "--resume: newest checkpoint truncated, an older one intact", code,
+                     "warning: skipping unreadable checkpoint …/ckpt-0000002.pt; resumed from ckpt-0000001.pt")
+
+
+# -- images in the data folder ---------------------------------------------------------------------
+def _image_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rgb = lambda: Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))  # noqa: E731
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            rgb().save(root / cls / f"ok{i}.png")
+    rgb().convert("CMYK").save(root / "a" / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (12, 12))).astype(np.uint16)).save(root / "a" / "sixteen.png")
+    rgb().convert("L").save(root / "b" / "grey.png")
+    rgb().convert("RGBA").save(root / "b" / "rgba.png")
+    (root / "b" / "zero.png").write_bytes(b"")
+    full = root / "a" / "ok0.png"
+    (root / "a" / "truncated.png").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    return root
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path, in_memory):
+    import warnings
+
+    from guided.data import build_dataset
+
+    root = _image_folder(tmp_path / "imgs")
+    modes = {p.name: Image.open(p).mode for p in root.rglob("*") if p.is_file() and p.stat().st_size
+             and p.name != "truncated.png"}
+    assert {modes["cmyk.jpg"], modes["sixteen.png"], modes["grey.png"], modes["rgba.png"]} == {"CMYK", "I;16", "L",
+                                                                                               "RGBA"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = build_dataset(dict(kind="imagenet", root=str(root), image_size=8, in_memory=in_memory,
+                                random_flip=False))
+        items = [ds[i] for i in range(len(ds))]
+    names = sorted(Path(f).name for f in ds.skipped_files)
+    assert names == ["truncated.png", "zero.png"] and ds.skipped == 2
+    assert all(x.shape == (3, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1 for x, _ in items)
+    converted = {Path(f).name for f in ds.files} & {"cmyk.jpg", "sixteen.png", "grey.png", "rgba.png"}
+    assert len(converted) == 4
+    warned = [str(w.message) for w in caught if "skipping unreadable image" in str(w.message)]
+    assert len(warned) == 2
+    record_bad_input(f"data folder images (in_memory={in_memory})", "train_diffusion.py",
+                     f"data folder with truncated, zero-byte, CMYK, 16-bit, greyscale and RGBA images "
+                     f"(in_memory={in_memory})", 0,
+                     "CMYK, 16-bit, greyscale, RGBA converted to RGB; truncated and zero-byte skipped with a warning "
+                     "naming each and counted (dataset.skipped = 2); training runs on the rest")
+
+
+def test_training_on_a_folder_of_odd_images_runs(tmp_path, capsys):
+    root = _image_folder(tmp_path / "imgs")
+    argv = TINY_UNET + TINY_TRAIN + ["data.kind=folder", "data.kind=imagenet", f"data.root={root}",
+                                     "train.batch_size=4", "train.steps=2", f"train.out_dir={tmp_path / 'run'}"]
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert _main(T)(argv) == 0
+
+
+# -- a few real processes: exit status and no traceback ---------------------------------------------
+def test_real_processes_exit_2_with_one_line(files):
+    cases = [
+        ([str(REPO / "sample_guided.py"), "--model", str(files / "truncated.pt"), "--out", str(files / "p1")],
+         "is truncated or corrupt"),
+        ([str(REPO / "train_diffusion.py"), "--config", str(files / "unknown_key.yaml")], "batch_sise"),
+        (["-m", "guided.evaluate", str(files / "notes.txt"), str(files / "samples.npz")], "notes.txt"),
+        (["-m", "guided.conformance", str(files / "garbage.pt")], "garbage.pt"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=files, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv, _ in cases]
+    for (argv, expected), proc in zip(cases, procs):
+        out, err = proc.communicate(timeout=120)
+        line = one_error_line(err)
+        assert proc.returncode == 2 and expected in line, (argv, err)
