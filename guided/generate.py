@@ -131,6 +131,8 @@ def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu
     kw = dict(noise=noise, clip_denoised=opts.clip_denoised, progress=progress)
     if opts.sampler == "ddim":
         kw["eta"] = opts.eta
+    if opts.sampler != "ddpm":
+        kw["clip_guided"] = True  # see sampling.guided_p_mean_variance
     if opts.scale:
         kw["cond_fn"] = classifier_cond_fn(p.classifier, y, opts.scale)
     if init is not None:
@@ -144,7 +146,7 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     """(score_fn, sde) of the pipeline: s(x, t) = grad log p_t(x), guided when asked.
     An eps network is a score model of the VP SDE of its own discrete schedule; an
     NCSN network one of the VE SDE spanning its noise ladder."""
-    from .score import LadderTime, classifier_grad_fn, eps_model_score, guided_score, ncsn_score
+    from .score import LadderTime, classifier_grad_fn, guided_score, ncsn_score, score_from_eps
     from .sde import VESDE, VPSDE
 
     if p.objective == "ncsn":
@@ -155,11 +157,25 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     else:
         sde = VPSDE.from_alphas_cumprod(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
         mf = model_function(p, y, opts)
-        score = eps_model_score(lambda x, t, **_: mf(x, t), sde)
+        score = score_from_eps(lambda x, t: clipped_eps(mf, sde, x, t, opts.clip_denoised), sde)
     if opts.scale:  # an NCSN model's classifier sees the ladder index, as the model does
         clock = LadderTime(p.ncsn_sigmas) if p.objective == "ncsn" else sde
         score = guided_score(score, classifier_grad_fn(p.classifier, clock, y), opts.scale)
     return score, sde
+
+
+def clipped_eps(model_fn, sde, x, t, clip: bool):
+    """The network's eps at SDE time t; with `clip`, re-derived from the x0 prediction clipped
+    to [-1, 1], as the discrete samplers' clip_denoised does. Without it, where alpha_t is tiny
+    (the start of a cosine schedule) an eps error of e moves x0 by e sigma_t / alpha_t."""
+    from .sde import expand_as
+
+    eps = model_fn(x, sde.model_time(t))[:, :x.shape[1]]
+    if not clip:
+        return eps
+    alpha, sigma = (expand_as(v, x) for v in sde.marginal(t))
+    x0 = ((x - sigma * eps) / alpha).clamp(-1, 1)
+    return (x - alpha * x0) / sigma
 
 
 def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,

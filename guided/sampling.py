@@ -37,9 +37,16 @@ def _noise_like(noise, x):
     return noise.randn_like(x) if noise is not None else torch.randn_like(x)
 
 
-def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, form="mean"):
+def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, form="mean",
+                           clip_guided=False):
     """The model's p(x_{t-1} | x_t) at respaced index i, with classifier guidance
-    as a mean shift (form="mean") or a score correction (form="score")."""
+    as a mean shift (form="mean") or a score correction (form="score").
+
+    `clip_guided` also clips the guided x0 of the score form. The reference does not:
+    where abar_t is tiny (the first steps of a cosine schedule, abar_T = 2e-9) the
+    correction moves x0 by (1 - abar)/sqrt(abar) * s * grad, thousands of times the
+    gradient, and one DDIM step then throws x far out of range. Off in the conformance
+    runner; on in the sampling application."""
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
     out = diffusion.p_mean_variance(model_fn(x, diffusion.model_t(t)), x, t, clip_denoised=clip_denoised)
     if cond_fn is not None:
@@ -48,6 +55,9 @@ def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_deno
             out = {**out, "mean": condition_mean(out, grad)}
         else:
             out = condition_score(diffusion, out, x, t, grad)
+            if clip_guided and clip_denoised:
+                x0 = out["pred_xstart"].clamp(-1, 1)
+                out = {**out, "pred_xstart": x0, "mean": diffusion.q_posterior(x0, x, t)[0]}
     return out, t
 
 
@@ -60,11 +70,12 @@ def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, no
     return out["mean"] + torch.exp(0.5 * out["log_variance"]) * z, out
 
 
-def ddim_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, eta=0.0, **_):
+def ddim_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, eta=0.0,
+              clip_guided=False, **_):
     """DDIM update (Song et al. 2021 eq. 12) with eta-controlled noise, on the
     guidance-corrected eps (Algorithm 2 of Dhariwal & Nichol)."""
     out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
-                                    form="score")
+                                    form="score", clip_guided=clip_guided)
     eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"])
     abar = diffusion.extract(diffusion.alphas_cumprod, t, x)
     abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
@@ -91,7 +102,7 @@ def run_loop(step, diffusion: GaussianDiffusion, model_fn, x_T, *, start_index=N
 
 
 def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, start_index=None, after_step=None,
-             progress=False, **_):
+             progress=False, clip_guided=False, **_):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), a second-order multistep solver of the
     probability-flow ODE in data prediction, over the respaced steps. Guidance corrects eps
     as in DDIM (Algorithm 2 of Dhariwal & Nichol) before x0 is predicted. With one step it is DDIM."""
@@ -100,7 +111,7 @@ def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, star
     for i in tqdm(range(start, -1, -1), disable=not progress, desc="reverse steps", leave=False):
         with torch.no_grad():
             out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn,
-                                            clip_denoised=clip_denoised, form="score")
+                                            clip_denoised=clip_denoised, form="score", clip_guided=clip_guided)
         x0 = out["pred_xstart"]
         if i == 0:  # the last step goes to abar = 1 (sigma = 0): first order, x = x0
             x = x0

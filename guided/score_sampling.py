@@ -49,13 +49,16 @@ def _batch_norm(v):
 
 
 def reverse_diffusion_step(score_fn, sde, x, t, s, generator=None):
-    """Reverse diffusion predictor ([SDE] App. E). The forward step s -> t is
-    x_t = x_s + f_i + G_i z with f_i = (a - 1) x, G_i = std of p(x_t | x_s) (for
-    VE, G_i^2 = sigma_t^2 - sigma_s^2 as in Algorithm 2); its reverse is
-    x_s = x_t - f_i + G_i^2 s(x_t, t) + G_i z. Returns (x_s, mean of x_s)."""
+    """Reverse diffusion predictor ([SDE] App. E) in its ancestral form: the forward
+    step s -> t is x_t = a x_s + G_i z, G_i the std of p(x_t | x_s) (for VE a = 1 and
+    G_i^2 = sigma_t^2 - sigma_s^2, Algorithm 2); its reverse is
+    x_s = (x_t + G_i^2 s(x_t, t)) / a + G_i z ([SDE] App. F's ancestral sampler for VP).
+    The division, rather than the first-order (2 - a) x_t, keeps a long step exact
+    where beta is large (the last steps of a cosine schedule, a ~ 0.003).
+    Returns (x_s, mean of x_s)."""
     a, std = _kernel(sde, t, s)
     a, g2 = expand_as(a, x), expand_as(std**2, x)
-    x_mean = x - (a - 1) * x + g2 * score_fn(x, t)
+    x_mean = (x + g2 * score_fn(x, t)) / a
     return x_mean + g2.sqrt() * _randn(x, generator), x_mean
 
 

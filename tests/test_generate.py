@@ -131,8 +131,9 @@ def test_every_eps_sampler_runs_and_is_seeded_per_sample(sampler, extra):
     a = sample_batch(p, [0, 1, 2], [5, 6, 7], opts)
     b = sample_batch(p, [1, 2], [6, 7], opts)
     assert a.shape == (3, 3, 8, 8) and torch.isfinite(a).all()
-    # float32 convolutions round differently at other batch sizes; another seed differs by O(1)
-    assert (a[1:] - b).abs().mean() < 1e-2
+    # float32 convolutions round differently at other batch sizes, and the adaptive ODE solver
+    # picks its steps for the whole batch (agreement to its tolerance); another seed differs by O(1)
+    assert (a[1:] - b).abs().mean() < (5e-2 if sampler == "ode" else 1e-2)
     other = sample_batch(p, [1, 2], [60, 70], opts)
     assert (a[1:] - other).abs().mean() > 0.1
 
