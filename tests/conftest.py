@@ -6,6 +6,11 @@ import torch
 
 from guided.config import load_config
 
+# One intra-op thread for the whole session: the tests' tensors are tiny (threads only contend
+# on a 2-core CI machine), and the two-process tests fork, which an OpenMP pool does not survive
+# (a forked child that touches it waits forever).
+torch.set_num_threads(1)
+
 TINY_UNET = [
     "model.image_size=8", "model.model_channels=32", "model.num_res_blocks=1", "model.channel_mult=[1,2]",
     "model.attention_resolutions=[4]", "model.num_head_channels=32", "model.dropout=0.1",
@@ -39,7 +44,7 @@ def tiny(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_threads():
+def _restore_torch_threads():  # tests that change the count (the trainers' num_threads) put it back
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)

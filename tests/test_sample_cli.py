@@ -91,6 +91,7 @@ def _two_process_sampling(out_dir):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single process
+    torch.set_num_threads(1)  # the parent's OpenMP thread pool does not survive fork: use none
     assert main(["--model", "uncond", "--class", "1,2", "--num-samples", "6", "--batch-size", "2", "--steps", "4",
                  "--device", "cpu", "--out", out_dir]) == 0
 
