@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guided.checkpoints import atomic_write
 from guided.errors import GuidedError
 from guided.features import compute_features, get_extractor
 from guided.metrics import feature_stats, frechet_distance, inception_score, precision_recall
@@ -133,16 +134,7 @@ def write_npz(path, images, labels=None):
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
             raise GuidedError(f"write_npz: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
         arrays["arr_1"] = labels.astype(np.int64)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
     return str(path)
 
 
@@ -173,13 +165,9 @@ def reference_features(reference, extractor, batch_size=64, progress=True, use_c
     mu_s, sigma_s = feature_stats(feats["spatial"])
     out = {"pool": feats["pool"].astype(np.float32), "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
     if use_cache:
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        try:  # write then rename, so a concurrent reader never sees half a file
-            with open(tmp, "wb") as f:
-                np.savez(f, fingerprint=np.array(key), **out)
-            os.replace(tmp, cache)
+        try:  # atomic, so a concurrent reader never sees half a file
+            atomic_write(cache, lambda f: np.savez(f, fingerprint=np.array(key), **out))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             print(f"warning: could not write the statistics cache {cache}: {e}", file=sys.stderr)
     return out
 
