@@ -107,6 +107,9 @@ class TrainConfig:
     save_every: int = 1000
     eval_every: int = 0  # classifier: held-out top-1/top-5 per noise quarter every N steps (0 = at the end)
     eval_images: int = 1024  # held-out images per evaluation (each scored at one t in every quarter)
+    probe_every: int = 0  # score model on digits: judge-space FID of EMA samples every N steps (guided/probe.py)
+    probe_samples: int = 300  # samples per probe
+    snapshot_steps: List[int] = field(default_factory=list)  # also keep the EMA weights of these steps (weak guides)
     out_dir: str = "runs/default"
     keep_checkpoints: int = 2  # full checkpoints kept in out_dir (the newest ones)
     export_dtype: str = "fp32"  # fp32 | fp16: the weights-only model.pt / ema.pt written with each checkpoint

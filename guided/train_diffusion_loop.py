@@ -85,6 +85,31 @@ class DiffusionTrainer(Trainer):
             loss = ss.ncsn_loss(net, sigmas.to(self.device), b["x"], generator=self.noise_gen)
         return loss, {"loss": loss.detach().expand(len(b["x"]))}
 
+    def probe(self):
+        """Judge-space FID of EMA samples against the held-out digits (guided/probe.py), logged as probe_*."""
+        if self.cfg.data.kind != "digits" or not self.ema:
+            return
+        if self.accel.is_main_process:
+            from .generate import Pipeline
+            from .probe import fid_floor, probe
+
+            net = UNetModel(self.cfg.model).to(self.device).eval()
+            net.load_state_dict(next(iter(self.ema_state_dicts().values())))
+            tc, sigmas = self.cfg.train, None
+            if tc.objective == "ncsn":
+                from .score_sampling import geometric_sigmas
+                sigmas = geometric_sigmas(tc.ncsn_sigma_max, tc.ncsn_sigma_min, tc.ncsn_levels).float()
+            pipe = Pipeline(net, self.cfg.diffusion, label_map=self.label_map, objective=tc.objective,
+                            ncsn_sigmas=sigmas)
+            stats = probe(pipe, tc.probe_samples, device=self.device)
+            if self.cfg.model.num_classes is not None and self.cfg.model.null_class:  # the unconditional score too
+                stats.update({f"{k}_null": v for k, v in probe(pipe, tc.probe_samples, device=self.device,
+                                                              null=True).items()})
+            stats["probe_fid_floor"] = fid_floor(self.cfg.data.image_size, tc.probe_samples)
+            self.record(stats)
+            self.print(f"step {self.step}: probe " + " ".join(f"{k[6:]} {v:.4g}" for k, v in stats.items()))
+        self.accel.wait_for_everyone()
+
     def after_step(self, t, values):
         if hasattr(self.sampler, "loss_history") and self.cfg.train.objective == "eps":
             # loss-aware sampling sees the losses of every process (the reference's all-gather)

@@ -49,6 +49,8 @@ def check_train_config(tc) -> None:
              ("weight_decay", tc.weight_decay >= 0, "0 or more"), ("log_every", tc.log_every >= 1, "at least 1"),
              ("save_every", tc.save_every >= 1, "at least 1"), ("eval_every", tc.eval_every >= 0, "0 or more"),
              ("eval_images", tc.eval_images >= 1, "at least 1"),
+             ("probe_every", tc.probe_every >= 0, "0 (off) or more"),
+             ("probe_samples", tc.probe_samples >= 2, "at least 2"),
              ("keep_checkpoints", tc.keep_checkpoints >= 1, "at least 1"),
              ("max_bad_steps", tc.max_bad_steps >= 1, "at least 1"), ("grad_clip", tc.grad_clip >= 0, "0 or more"),
              ("label_dropout", 0 <= tc.label_dropout <= 1, "in [0, 1]"),
@@ -134,6 +136,21 @@ class Trainer:
 
     def evaluate(self):
         pass
+
+    def probe(self):
+        """A sample-quality probe of the EMA weights (score models; see guided/probe.py)."""
+
+    def export_snapshot(self):
+        """out_dir/ema_step{N}.pt: the first EMA's weights now (an early snapshot is a weak guide)."""
+        if self.accel.is_main_process and self.ema:
+            rate, sd = next(iter(self.ema_state_dicts().items()))
+            path = self.out_dir / f"ema_step{self.step}.pt"
+            try:
+                ck.export_weights(path, sd, which=f"ema:{rate}", kind=self.kind, cfg=self.cfg,
+                                  label_map=self.label_map, step=self.step, dtype=self.cfg.train.export_dtype)
+            except OSError as e:
+                raise GuidedError(f"cannot write {path}: {e.strerror or e}") from None
+            self.print(f"step {self.step}: EMA snapshot {path}")
 
     def fit_config_to_data(self):
         """Check that the network fits the images, and set its class count to the data's."""
@@ -256,6 +273,10 @@ class Trainer:
                     self.log(bar, window)
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     self.evaluate()
+                if tc.probe_every and self.step % tc.probe_every == 0:
+                    self.probe()
+                if self.step in tc.snapshot_steps:
+                    self.export_snapshot()
                 if self._stop or (stop_after and done_here >= stop_after):
                     self.save()
                     self.print(f"stopped at step {self.step} ({self._stop or 'stop_after'}); "
