@@ -172,8 +172,9 @@ def write_run_files(run_dir: str | Path, cfg, label_map) -> None:
 
 
 def export_weights(path: str | Path, state_dict: dict, *, kind: str, cfg, label_map=None, which: str = "model",
-                   step: int = 0, dtype: str = "fp32") -> Path:
-    """A compact, self-contained weights file for sampling (fp32 or fp16 floats)."""
+                   step: int = 0, dtype: str = "fp32", calibration: dict | None = None) -> Path:
+    """A compact, self-contained weights file for sampling (fp32 or fp16 floats); a classifier's
+    calibration (guided/calibration.py, Calibration.to_dict) travels in it."""
     if dtype not in ("fp32", "fp16"):
         raise GuidedError(f"export dtype must be fp32 or fp16, not {dtype!r}")
     cast = torch.float16 if dtype == "fp16" else torch.float32
@@ -181,7 +182,7 @@ def export_weights(path: str | Path, state_dict: dict, *, kind: str, cfg, label_
                for k, v in clean_state_dict(state_dict).items()}
     return atomic_save({"format": WEIGHTS_FORMAT, "version": 1, "kind": kind, "which": which, "step": step,
                         "config": to_yaml(cfg), "label_map": label_map.to_dict() if label_map else None,
-                        "state_dict": weights}, path)
+                        "state_dict": weights, **({"calibration": calibration} if calibration else {})}, path)
 
 
 # -- loading a trained model --------------------------------------------------------------------
@@ -249,11 +250,12 @@ def _unpack(obj, which: str | None, path: Path) -> dict:
         if which not in (None, obj["which"]) and not (which == "ema" and obj["which"].startswith("ema")):
             raise GuidedError(f"{path} holds the {obj['which']} weights, not {which!r}")
         return dict(state_dict=obj["state_dict"], kind=obj["kind"], config=obj["config"],
-                    label_map=obj["label_map"], which=obj["which"], step=obj.get("step", 0))
+                    label_map=obj["label_map"], which=obj["which"], step=obj.get("step", 0),
+                    calibration=obj.get("calibration"))
     if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT:
         sd, name = pick_weights(obj, which, path)
         return dict(state_dict=sd, kind=obj["kind"], config=obj["config"], label_map=obj.get("label_map"),
-                    which=name, step=obj["step"])
+                    which=name, step=obj["step"], calibration=obj.get("calibration"))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         # a bare state dict, e.g. a released ADM checkpoint
         return dict(state_dict=obj, kind=_infer_kind(obj), config=None, label_map=None, which="model", step=0)
@@ -282,7 +284,7 @@ def ship(path_or_dir, out: str | Path, which: str | None = None, dtype: str = "f
     w, cfg, label_map, _ = resolve_trained(path_or_dir, which)
     out = Path(out)
     export_weights(out, w["state_dict"], kind=w["kind"], cfg=cfg, label_map=label_map, which=w["which"],
-                   step=w["step"], dtype=dtype)
+                   step=w["step"], dtype=dtype, calibration=w.get("calibration"))
     atomic_write_text(out.with_suffix(".yaml"), to_yaml(cfg))
     if label_map is not None:
         atomic_write_text(out.parent / "label_map.json", json.dumps(label_map.to_dict(), indent=1) + "\n")
@@ -310,4 +312,7 @@ def load_trained(path_or_dir, which: str | None = None, device="cpu"):
     model = build_network(w["kind"], cfg)
     load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in w["state_dict"].items()},
                            what=f"weights {path}")
+    if w.get("calibration"):  # a classifier's temperatures per noise band (guided/calibration.py)
+        from .calibration import Calibration
+        model.calibration = Calibration.from_dict(w["calibration"])
     return model.to(device).eval(), cfg, label_map

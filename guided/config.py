@@ -109,6 +109,7 @@ class TrainConfig:
     eval_images: int = 1024  # held-out images per evaluation (each scored at one t in every quarter)
     probe_every: int = 0  # score model on digits: judge-space FID of EMA samples every N steps (guided/probe.py)
     probe_samples: int = 300  # samples per probe
+    calibration_bands: int = 8  # classifier: temperatures fitted per band of timesteps at the end (0 = off)
     snapshot_steps: List[int] = field(default_factory=list)  # also keep the EMA weights of these steps (weak guides)
     out_dir: str = "runs/default"
     keep_checkpoints: int = 2  # full checkpoints kept in out_dir (the newest ones)

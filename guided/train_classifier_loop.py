@@ -119,12 +119,51 @@ class ClassifierTrainer(Trainer):
                     x = self.noise.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
                 meter.add(t, self.scores(self.net, x, t.to(self.device), y))
         self.net.train()
+        if self.step >= tc.steps and tc.noised and tc.calibration_bands:
+            self.fit_calibration(order, gen)
         stats = {f"val_{k}": v for k, v in meter.flush(self.accel).items()}
         self.last_eval = stats
         self.record(stats)
         line = " ".join(f"{stats.get(f'val_acc@1_q{q}', float('nan')):.1%}" for q in range(4))
         self.print(f"eval step {self.step} ({len(self.val)} held-out, {min(tc.eval_images, len(self.val))} used): "
                    f"top-1 {stats.get('val_acc@1', 0):.1%} (quarters {line}), top-5 {stats.get('val_acc@5', 0):.1%}")
+
+
+    @torch.no_grad()
+    def fit_calibration(self, order, gen, draws: int = 4):
+        """A softmax temperature per band of timesteps (guided/calibration.py), fitted on half of the
+        held-out images x_t and reported (accuracy, ECE before/after) on the other half; main process."""
+        from .calibration import calibrate
+
+        if not self.accel.is_main_process:
+            return
+        T, K = self.noise.num_timesteps, self.cfg.train.calibration_bands
+        edges = torch.linspace(0, T, K + 1)
+        logits, labels, ts = [], [], []
+        self.net.eval()
+        for i in range(0, len(order), self.local_batch):
+            items = [self.val[j] for j in order[i:i + self.local_batch]]
+            x0 = torch.stack([x for x, _ in items]).to(self.device)
+            y = torch.tensor([label for _, label in items])
+            for k in range(K * draws):
+                lo, hi = int(edges[k // draws]), max(int(edges[k // draws + 1]), int(edges[k // draws]) + 1)
+                t = torch.randint(lo, hi, (len(y),), generator=gen)
+                x = self.noise.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
+                logits.append(self.net(x, self.noise.model_t(t.to(self.device))).float().cpu())
+                labels.append(y)
+                ts.append(self.noise.model_t(t).double())
+        self.net.train()
+        if self.cfg.train.objective == "ncsn":  # bands in the ladder index the classifier sees (runs the other way)
+            edges = (T - edges).flip(0)
+        elif self.cfg.diffusion.rescale_timesteps:
+            edges = edges * (1000.0 / T)
+        self.calibration, report = calibrate(torch.cat(logits), torch.cat(labels), torch.cat(ts), edges)
+        self.record({f"calib_{r['band']}_{k}": r[k] for r in report
+                     for k in ("temperature", "accuracy", "ece_before", "ece_after")})
+        for r in report:
+            self.print(f"calibration band {r['band']} (t {r['t_from']:.0f}-{r['t_to']:.0f}): temperature "
+                       f"{r['temperature']:.3f}, accuracy {r['accuracy']:.1%}, ECE {r['ece_before']:.4f} -> "
+                       f"{r['ece_after']:.4f} ({r['n']} held-out draws)")
 
 
 class LadderNoise:

@@ -365,7 +365,11 @@ class Trainer:
                     sampler={k: torch.as_tensor(v) for k, v in sampler.items()} if sampler else None,
                     world_size=self.world,
                     rng=[r["rng"] for r in per_rank], data=[r["data"] for r in per_rank],
-                    bad_total=self.bad_total)
+                    bad_total=self.bad_total, calibration=self.calibration_dict())
+
+    def calibration_dict(self):
+        cal = getattr(self, "calibration", None)
+        return cal.to_dict() if cal is not None else None
 
     def save(self):
         state = self.state()
@@ -379,7 +383,8 @@ class Trainer:
     def write_checkpoint(self, state: dict):
         tc = self.cfg.train
         self.last_ckpt = ck.save_checkpoint(self.out_dir, self.step, state, tc.keep_checkpoints)
-        common = dict(kind=self.kind, cfg=self.cfg, label_map=self.label_map, step=self.step, dtype=tc.export_dtype)
+        common = dict(kind=self.kind, cfg=self.cfg, label_map=self.label_map, step=self.step, dtype=tc.export_dtype,
+                      calibration=state.get("calibration"))
         ck.export_weights(self.out_dir / "model.pt", state["model"], which="model", **common)
         if state["ema"]:
             rate, sd = next(iter(state["ema"].items()))
