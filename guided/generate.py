@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoints import atomic_write
 from .diffusion import create_diffusion
 from .errors import GuidedError
-from .guidance import cfg_model_fn, classifier_cond_fn
+from .guidance import Guidance, Term, ladder_sigma, vp_denoiser, vp_sigma
 from .sampling import SAMPLERS, SampleNoise
 
 
@@ -36,12 +36,28 @@ class Pipeline:
     name: str = "model"
     objective: str = "eps"  # how the model was trained: eps | vp_dsm (eps networks) | ncsn (score network)
     ncsn_sigmas: Optional[torch.Tensor] = None  # the noise ladder of an NCSN model
+    unconditional: bool = False  # sample a label-dropout model's null class (its unconditional score)
+    weak_model: Optional[torch.nn.Module] = None  # autoguidance's weaker model, same conditioning
+    x0_classifier: Optional[torch.nn.Module] = None  # a classifier of clean images, for x0-classifier guidance
 
     def __post_init__(self):
-        m, c = self.model.cfg, self.classifier.cfg if self.classifier is not None else None
-        if c is not None and (c.image_size != m.image_size or c.in_channels != m.in_channels):
-            raise GuidedError(f"the classifier takes {c.image_size}x{c.image_size}x{c.in_channels} images but the "
-                              f"score model makes {m.image_size}x{m.image_size}x{m.in_channels}: use a matching pair")
+        m = self.model.cfg
+        for what, net in (("classifier", self.classifier), ("x0 classifier", self.x0_classifier),
+                          ("weak model", self.weak_model)):
+            c = getattr(net, "cfg", None)
+            if c is not None and (c.image_size != m.image_size or c.in_channels != m.in_channels):
+                raise GuidedError(f"the {what} takes {c.image_size}x{c.image_size}x{c.in_channels} images but the "
+                                  f"score model makes {m.image_size}x{m.image_size}x{m.in_channels}: use a matching pair")
+        if self.weak_model is not None and self.weak_model.num_classes != self.model.num_classes:
+            raise GuidedError("the autoguidance model must have the main model's conditioning "
+                              f"({self.model.num_classes} classes, not {self.weak_model.num_classes})")
+        if self.unconditional and not getattr(m, "null_class", False):
+            raise GuidedError("only a model trained with label dropout (model.null_class) has an unconditional score")
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the network itself takes the asked labels."""
+        return self.model.num_classes is not None and not self.unconditional
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -64,10 +80,25 @@ class SampleOptions:
     clip_denoised: bool = True
     precision: str = "fp32"
     extra: dict = field(default_factory=dict)  # sampler-specific settings (snr, rtol, ...)
+    # the guidance layer (guided/guidance.py): every term has a scale and an interval (sigma_lo, sigma_hi)
+    interval: Optional[tuple] = None  # the noise-aware classifier's; None = every level
+    schedule: str = "constant"  # the classifier's weight over sigma (guidance.SCHEDULES)
+    calibration: bool = True  # divide the classifier's logits by its fitted temperatures, when it has them
+    ddpm_form: str = "mean"  # DDPM: the paper's mean shift (Algorithm 1) or the score correction
+    cfg_interval: Optional[tuple] = None
+    autoguide_scale: float = 1.0  # w of autoguidance (1 = off); needs Pipeline.weak_model
+    autoguide_interval: Optional[tuple] = None
+    x0_scale: float = 0.0  # a clean-image classifier on x0_hat (0 = off); needs Pipeline.x0_classifier
+    x0_temperature: float = 1.0
+    x0_interval: Optional[tuple] = None
+    x0_schedule: str = "constant"
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW -> uint8 NHWC, as the reference's sample script does."""
+    """[-1, 1] NCHW -> uint8 NHWC, as the reference's sample script does; a one-channel (grey) model's
+    samples become three equal channels, the RGB layout of the paper's evaluation batches."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -86,18 +117,51 @@ def check_labels(p: Pipeline, labels, opts: SampleOptions):
         raise GuidedError(f"class {max(labels)} is outside the model's {n} classes (0..{n - 1})")
     if opts.scale and p.classifier is None:
         raise GuidedError("--scale needs a noise-aware classifier (--classifier)")
-    if opts.cfg_scale != 1.0 and not getattr(p.model.cfg, "null_class", False):
-        raise GuidedError("--cfg-scale needs a model trained with label dropout (model.null_class true)")
+    if opts.cfg_scale != 1.0 and not (getattr(p.model.cfg, "null_class", False) and p.conditional):
+        raise GuidedError("--cfg-scale needs a class-conditional model trained with label dropout (model.null_class)")
+    if opts.autoguide_scale != 1.0 and p.weak_model is None:
+        raise GuidedError("--autoguide-scale needs a weaker model (--autoguide)")
+    if opts.x0_scale and p.x0_classifier is None:
+        raise GuidedError("--x0-scale needs a classifier of clean images (--x0-classifier)")
 
 
-def model_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
-    """The network on original timesteps, with labels and classifier-free guidance bound in."""
-    model, num = p.model, p.model.num_classes
-    if num is None:
-        return lambda x, t: model(x, t)
-    if opts.cfg_scale != 1.0:
-        return cfg_model_fn(model, y, num, opts.cfg_scale)
-    return lambda x, t: model(x, t, y=y)
+def guidance(p: Pipeline, opts: SampleOptions) -> Guidance:
+    """The guidance terms the options ask for, over the pipeline's networks (guided/guidance.py)."""
+    if p.objective == "ncsn":
+        sigma_of = ladder_sigma(p.ncsn_sigmas)
+    else:
+        sigma_of = vp_sigma(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
+    terms = [Term("classifier", opts.scale, p.classifier, opts.interval, opts.schedule, calibrated=opts.calibration),
+             Term("cfg", opts.cfg_scale, None, opts.cfg_interval),
+             Term("autoguide", opts.autoguide_scale, p.weak_model, opts.autoguide_interval),
+             Term("x0_classifier", opts.x0_scale, _clean_classifier(p.x0_classifier), opts.x0_interval,
+                  opts.x0_schedule, temperature=opts.x0_temperature)]
+    null = p.model.num_classes if getattr(p.model.cfg, "null_class", False) else None
+    return Guidance(terms, sigma_of, null_label=null)
+
+
+def _clean_classifier(net):
+    """classify(x0) -> logits of a clean-image classifier: one of ours sees timestep 0, any other module x0 alone."""
+    if net is None or not hasattr(net, "cfg"):
+        return net
+    return lambda x0: net(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device))
+
+
+def network_labels(p: Pipeline, y: torch.Tensor) -> Optional[torch.Tensor]:
+    """What the score network is given: the asked labels, the null class, or nothing."""
+    if p.model.num_classes is None:
+        return None
+    return torch.full_like(y, p.model.num_classes) if p.unconditional else y
+
+
+def guided_functions(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
+    """(model_fn, cond_fn) of the pipeline for labels y: every sampler's guidance (see sampling.py)."""
+    g = guidance(p, opts)
+    model_fn = g.model_fn(p.model, network_labels(p, y))
+    denoise = None
+    if p.objective != "ncsn" and opts.x0_scale:
+        denoise = vp_denoiser(model_fn, create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
+    return model_fn, g.cond_fn(y, denoise)
 
 
 SCORE_FAMILY = ("pc", "ode", "langevin")
@@ -128,17 +192,18 @@ def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu
     y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
     noise = SampleNoise(seeds, device)
     x = noise.randn(p.shape())
-    kw = dict(noise=noise, clip_denoised=opts.clip_denoised, progress=progress)
+    model_fn, cond_fn = guided_functions(p, y, opts)
+    kw = dict(noise=noise, clip_denoised=opts.clip_denoised, progress=progress, cond_fn=cond_fn)
     if opts.sampler == "ddim":
         kw["eta"] = opts.eta
-    if opts.sampler != "ddpm":
+    if opts.sampler == "ddpm":
+        kw["guidance_form"] = opts.ddpm_form
+    if opts.sampler != "ddpm" or opts.ddpm_form == "score":
         kw["clip_guided"] = True  # see sampling.guided_p_mean_variance
-    if opts.scale:
-        kw["cond_fn"] = classifier_cond_fn(p.classifier, y, opts.scale)
     if init is not None:
         x = _sdedit_start(diffusion, init, x, noise, kw)
     with _autocast(device, opts.precision):
-        out = SAMPLERS[opts.sampler](diffusion, model_function(p, y, opts), x, **kw)
+        out = SAMPLERS[opts.sampler](diffusion, model_fn, x, **kw)
     return out.float()
 
 
@@ -146,21 +211,19 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     """(score_fn, sde) of the pipeline: s(x, t) = grad log p_t(x), guided when asked.
     An eps network is a score model of the VP SDE of its own discrete schedule; an
     NCSN network one of the VE SDE spanning its noise ladder."""
-    from .score import LadderTime, classifier_grad_fn, guided_score, ncsn_score, score_from_eps
+    from .score import LadderTime, guided_score, ncsn_score, score_from_eps
     from .sde import VESDE, VPSDE
 
+    model_fn, cond_fn = guided_functions(p, y, opts)
     if p.objective == "ncsn":
         sigmas = p.ncsn_sigmas
-        sde = VESDE(float(sigmas[-1]), float(sigmas[0]))
-        net = p.model
-        score = ncsn_score(lambda x, t: net(x, t, y=y) if net.num_classes is not None else net(x, t), sigmas)
+        sde, clock = VESDE(float(sigmas[-1]), float(sigmas[0])), LadderTime(sigmas)
+        score = ncsn_score(model_fn, sigmas)
     else:
-        sde = VPSDE.from_alphas_cumprod(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
-        mf = model_function(p, y, opts)
-        score = score_from_eps(lambda x, t: clipped_eps(mf, sde, x, t, opts.clip_denoised), sde)
-    if opts.scale:  # an NCSN model's classifier sees the ladder index, as the model does
-        clock = LadderTime(p.ncsn_sigmas) if p.objective == "ncsn" else sde
-        score = guided_score(score, classifier_grad_fn(p.classifier, clock, y), opts.scale)
+        sde = clock = VPSDE.from_alphas_cumprod(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
+        score = score_from_eps(lambda x, t: clipped_eps(model_fn, sde, x, t, opts.clip_denoised), sde)
+    if cond_fn is not None:  # the gradient terms see the networks' timesteps (an NCSN's ladder index)
+        score = guided_score(score, lambda x, t: cond_fn(x, clock.model_time(t)), 1.0)
     return score, sde
 
 

@@ -2,10 +2,12 @@
 
 Every sampler shares one signature: `sampler(diffusion, model_fn, x_T, *,
 cond_fn=None, noise=None, ...) -> x_0`, where `model_fn(x, t)` is the network
-on ORIGINAL timesteps (with labels and classifier-free guidance already bound
-in) and `cond_fn(x, t)` the scaled classifier gradient. Each step applies
-guidance in the form that suits it: the mean shift for DDPM (Algorithm 1 of
-Dhariwal & Nichol), the score correction for DDIM (Algorithm 2).
+on ORIGINAL timesteps (labels and the mixing guidance terms bound in) and
+`cond_fn(x, t)` the sum of the gradient terms (guided/guidance.py); samplers
+know nothing of the kinds of guidance. Each step applies cond_fn in the form
+that suits it: the mean shift for DDPM (Algorithm 1 of Dhariwal & Nichol;
+`guidance_form="score"` gives it the score correction instead), the score
+correction for DDIM and DPM-Solver++ (Algorithm 2).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import GaussianDiffusion
+from .errors import GuidedError
 from .guidance import condition_mean, condition_score
 
 
@@ -61,9 +64,15 @@ def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_deno
     return out, t
 
 
-def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, **_):
-    """x_{t-1} = mu + sigma z (Ho et al. Algorithm 2), mu shifted by guidance (Algorithm 1)."""
-    out, _ = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised)
+def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, guidance_form="mean",
+              clip_guided=False, **_):
+    """x_{t-1} = mu + sigma z (Ho et al. Algorithm 2), mu shifted by guidance (Algorithm 1), or with
+    guidance_form="score" the mean of the score-corrected x0 (Algorithm 2's correction in an ancestral
+    step: at low noise the posterior variance Sigma is far below beta_t, so the mean shift under-guides)."""
+    if guidance_form not in ("mean", "score"):
+        raise GuidedError(f"the DDPM guidance form must be mean or score, not {guidance_form!r}")
+    out, _ = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
+                                    form=guidance_form, clip_guided=clip_guided)
     z = _noise_like(noise, x)
     if i == 0:
         return out["mean"], out
