@@ -1,5 +1,6 @@
-"""Official ADM checkpoints through the application: the paper's arithmetic by default, and parity
-of the sample CLI's own path with the reference's guided DDIM loop (../shared/conformance/guided_a.pt)."""
+"""Official ADM checkpoints through the application: the paper's arithmetic by default, presets by
+file name, warnings on flags that differ from them, messages that say what to do, and parity of
+the sample CLI's own path with the reference's guided DDIM loop (../shared/conformance/guided_a.pt)."""
 import json
 from pathlib import Path
 
@@ -7,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from guided import adm
 from guided.cli.sample import build_parser, load_pipeline, main, options
 from guided.conformance import LOOP_TOL, TOL, rel_error
-from guided.generate import SampleNoise, discrete_sampler, sample_batch, score_function
+from guided.generate import SampleNoise, discrete_sampler, sample_batch, score_function, to_uint8
 from guided.sampling import ddim_step
 
 GUIDED_A = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance" / "guided_a.pt"
+TINY_UNET = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
+             "--num_head_channels 16 --class_cond True --num_classes 3 --learn_sigma True --noise_schedule cosine "
+             "--use_new_attention_order True")
+TINY_CLASSIFIER = ("--image_size 8 --classifier_width 32 --classifier_depth 1 --channel_mult 1,2 "
+                   "--classifier_attention_resolutions 4 --num_head_channels 16 --num_classes 3")
 
 
 def run(capsys, *argv):
@@ -28,6 +35,17 @@ def run(capsys, *argv):
 
 def flag_string(flags: dict) -> str:
     return " ".join(f"--{k} {v}" for k, v in flags.items())
+
+
+def save_random(build, flags, path, seed=0):
+    """A network of `flags` with random, non-zero weights everywhere, saved as a bare state dict."""
+    torch.manual_seed(seed)
+    net = build(flags)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.save(net.state_dict(), path)
+    return path
 
 
 # -- 1. the extra clip: off (the paper's arithmetic) except for the shipped cosine digits models ---------
@@ -87,6 +105,97 @@ def test_score_samplers_take_the_network_eps_unless_clip_guided():
         sigma = sde.marginal(t)[1].view(-1, 1, 1, 1)
         assert torch.allclose(paper(x, t), -eps / sigma, rtol=1e-5, atol=1e-6)
         assert (paper(x, t) - clipped(x, t)).abs().max() > 1e-2
+
+
+# -- 2. released file names: their published flags, and a warning for each flag that differs -----------
+@pytest.fixture()
+def released(tmp_path, monkeypatch):
+    """Tiny stand-ins saved under two released names, whose presets are swapped for tiny ones
+    (the real presets' keys and shapes are checked against the manifest in test_adm.py)."""
+    monkeypatch.setitem(adm.PUBLISHED, "64x64_diffusion.pt", TINY_UNET)
+    monkeypatch.setitem(adm.PUBLISHED, "64x64_classifier.pt", TINY_CLASSIFIER)
+    save_random(adm.create_model, TINY_UNET, tmp_path / "64x64_diffusion.pt")
+    save_random(adm.create_classifier, TINY_CLASSIFIER, tmp_path / "64x64_classifier.pt", seed=1)
+    return tmp_path
+
+
+def test_released_names_need_no_flags(released, capsys):
+    argv = ["--model", released / "64x64_diffusion.pt", "--classifier", released / "64x64_classifier.pt",
+            "--class", "1,2", "--scale", "2", "--sampler", "ddim", "--steps", "3", "--num-samples", "2"]
+    code, out, err = run(capsys, *argv, "--out", released / "out")
+    assert code == 0, err
+    notes = err.strip().splitlines()
+    assert len(notes) == 2 and all(n.startswith("note: ") for n in notes), err
+    assert "no --adm-flags given, using the published flags of the released 64x64_diffusion.pt" in notes[0]
+    assert "no --classifier-flags given, using the published flags of the released 64x64_classifier.pt" in notes[1]
+    args = build_parser().parse_args([str(a) for a in argv])
+    p = load_pipeline(args, "cpu")
+    assert p.model.cfg == adm.unet_config(TINY_UNET) and p.classifier.cfg == adm.classifier_config(TINY_CLASSIFIER)
+    assert p.diffusion_cfg == adm.diffusion_config(TINY_UNET)
+    with np.load(released / "out" / "samples.npz") as f:  # the preset's network, seeded per sample
+        ours = to_uint8(sample_batch(p, [1, 2], [0, 1], options(args, 2.0)))
+        assert np.abs(f["arr_0"].astype(int) - ours.astype(int)).max() <= 1
+
+
+def test_flags_that_differ_from_the_preset_are_named(released, capsys):
+    """Leaving out --use_new_attention_order adds no parameter, so loading succeeds; the warning is
+    all that tells the user the images are not the paper's."""
+    without = TINY_UNET.replace(" --use_new_attention_order True", "")
+    code, _, err = run(capsys, "--model", released / "64x64_diffusion.pt", "--adm-flags", without,
+                       "--classifier", released / "64x64_classifier.pt", "--classifier-flags", TINY_CLASSIFIER,
+                       "--class", 1, "--steps", 2, "--num-samples", 1, "--out", released / "out")
+    assert code == 0
+    assert err.strip().splitlines() == ["warning: --adm-flags differ from the published flags of 64x64_diffusion.pt "
+                                        "(other images than the paper's): --use_new_attention_order False "
+                                        "(published: True)"]
+
+
+def test_flag_differences_on_the_real_presets():
+    preset = adm.PUBLISHED["64x64_diffusion.pt"]
+    assert adm.flag_differences(preset, "64x64_diffusion.pt") == []
+    # not sampled here (fp16 is --precision, dropout and respacing are not the network's), or only spelt otherwise
+    same = preset.replace("--use_fp16 True", "--use_fp16 False").replace("--dropout 0.1", "--timestep_respacing 250")
+    same = same.replace("32,16,8", "8,16,32") + " --channel_mult 1,2,3,4"
+    assert adm.flag_differences(same, "64x64_diffusion.pt") == []
+    missing = preset.replace(" --use_new_attention_order True", "")
+    assert adm.flag_differences(missing, "64x64_diffusion.pt") == ["--use_new_attention_order False (published: True)"]
+    clf = adm.PUBLISHED["256x256_classifier.pt"].replace("--classifier_depth 2", "--classifier_depth 4")
+    assert adm.flag_differences(clf, "256x256_classifier.pt") == ["--classifier_depth 4 (published: 2)"]
+    cosine = adm.PUBLISHED["256x256_diffusion.pt"].replace("linear", "cosine")
+    assert adm.flag_differences(cosine, "256x256_diffusion.pt") == ["--noise_schedule cosine (published: linear)"]
+
+
+# -- 3. messages that say what to do with an official checkpoint --------------------------------------
+def test_bare_state_dict_without_flags_is_told_about_adm_flags(tmp_path, capsys):
+    save_random(adm.create_model, TINY_UNET, tmp_path / "ema_0.9999_432000.pt")
+    save_random(adm.create_classifier, TINY_CLASSIFIER, tmp_path / "model_classifier.pt")
+    code, _, err = run(capsys, "--model", tmp_path / "ema_0.9999_432000.pt", "--out", tmp_path / "o")
+    assert code == 2 and "like the paper's released ADM checkpoints, which take their published flags with " \
+                         "--adm-flags" in err and "config.yaml" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--model", "uncond", "--classifier", tmp_path / "model_classifier.pt", "--out",
+                       tmp_path / "o")
+    assert code == 2 and "--classifier-flags" in err
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("64x64_diffusion.pt", b"", "is empty (0 bytes): download it again (" + adm.RELEASE_URL + "64x64_diffusion.pt)"),
+    ("256x256_diffusion.pt", b"PK\x03\x04 cut short", "is truncated or corrupt ("),
+    ("mine.pt", b"", "is empty (0 bytes): copy, export or download it again"),
+    ("128x128_diffusion.pt", None, "does not exist (download it from " + adm.RELEASE_URL + "128x128_diffusion.pt)"),
+])
+def test_damaged_official_checkpoint_is_not_told_to_resume(tmp_path, capsys, name, damage, message):
+    if damage is not None:
+        (tmp_path / name).write_bytes(damage)
+    flags = adm.PUBLISHED.get(name, TINY_UNET)  # no warning: the file is refused before any network is built
+    code, _, err = run(capsys, "--model", tmp_path / name, "--adm-flags", flags, "--out", tmp_path / "o")
+    assert code == 2 and message in err and "resume" not in err and len(err.strip().splitlines()) == 1, err
+    if name == "256x256_diffusion.pt":
+        assert err.strip().endswith(f"download it again ({adm.RELEASE_URL}256x256_diffusion.pt)")
+
+
+def test_a_released_name_passed_the_wrong_way_round(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", tmp_path / "64x64_classifier.pt", "--out", tmp_path / "o")
+    assert code == 2 and "is the released classifier 64x64_classifier.pt: pass it as --classifier" in err
 
 
 # -- 4. the application's default path reproduces the reference's guided DDIM -------------------------

@@ -2,10 +2,11 @@
 
     python sample_guided.py --class 3 --scale 4 --num-samples 100 --out out/
     python sample_guided.py --model uncond --class 7 --scales 0,1,2,4,10 --out sweep/
-    python sample_guided.py --model 256x256_diffusion.pt --adm-flags "$MODEL_FLAGS" \\
-        --classifier 256x256_classifier.pt --classifier-flags "$CLASSIFIER_FLAGS" --class 207 --scale 1
+    python sample_guided.py --model 256x256_diffusion.pt --classifier 256x256_classifier.pt --class 207 --scale 1
 
-With no --model, the digits models shipped in guided/assets/digits are used.
+With no --model, the digits models shipped in guided/assets/digits are used. The nine released
+ADM checkpoints are built from their published flags by file name; other ADM checkpoints take
+--adm-flags / --classifier-flags.
 Runs under `accelerate launch` too: each process draws its share of batches.
 """
 from __future__ import annotations
@@ -66,12 +67,16 @@ def add_model_args(p):
     src = p.add_argument_group("models")
     src.add_argument("--model", default="cond",
                      help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
-                          "train_diffusion.py, or an official ADM checkpoint with --adm-flags")
+                          "train_diffusion.py, or an official ADM checkpoint (the released file names need no "
+                          "--adm-flags)")
     src.add_argument("--classifier", default=None,
-                     help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one with "
-                          "--classifier-flags, or 'none'; default: the shipped digits classifier for shipped models")
-    src.add_argument("--adm-flags", default=None, help="the published flag string of an official ADM model")
-    src.add_argument("--classifier-flags", default=None, help="the published flag string of an official classifier")
+                     help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one (the "
+                          "released file names need no --classifier-flags), or 'none'; default: the shipped digits "
+                          "classifier for shipped models")
+    src.add_argument("--adm-flags", default=None, help="the published flag string of an official ADM model "
+                     "(default for a released file name: its published flags)")
+    src.add_argument("--classifier-flags", default=None, help="the published flag string of an official classifier "
+                     "(default for a released file name: its published flags)")
     src.add_argument("--class", dest="classes", default=None,
                      help="labels: an index, a comma list, an ImageNet wnid or a class name; default: every class")
 
@@ -171,13 +176,38 @@ def default_device() -> str:
     return "cpu"
 
 
+def official_flags(path: str, flags, option: str, classifier: bool):
+    """The ADM flag string to build `path` with: `flags` as given, with a warning naming each
+    difference from the published preset when `path` has a released file name; that preset
+    (with a note) when no flags were given and no config of a run sits beside the file; else None."""
+    from ..checkpoints import config_beside
+
+    name = adm.released_name(path)
+    if name is None or flags and adm.is_classifier_name(name) != classifier:
+        return flags
+    if flags:
+        diffs = adm.flag_differences(flags, name)
+        if diffs:
+            print(f"warning: {option} differ from the published flags of {name} (other images than the "
+                  f"paper's): " + "; ".join(diffs), file=sys.stderr)
+        return flags
+    if config_beside(path) is not None:  # a model trained here under a released name
+        return None
+    if adm.is_classifier_name(name) != classifier:
+        what, right = ("classifier", "--classifier") if adm.is_classifier_name(name) else ("score model", "--model")
+        raise GuidedError(f"{path} is the released {what} {name}: pass it as {right}")
+    print(f"note: {path}: no {option} given, using the published flags of the released {name} "
+          f"(guided.adm.PUBLISHED)", file=sys.stderr)
+    return adm.PUBLISHED[name]
+
+
 def load_pipeline(args, device) -> Pipeline:
     from ..checkpoints import load_trained, read_state_dict
     from ..unet import EncoderUNetModel, UNetModel
 
     shipped = args.model in SHIPPED_MODELS
     extra = {}
-    model_flags = args.adm_flags
+    model_flags = None if shipped else official_flags(args.model, args.adm_flags, "--adm-flags", classifier=False)
     if model_flags:
         weights = read_state_dict(args.model)  # a damaged file is named before a large network is built
         model = adm.load_state_dict_strict(adm.create_model(model_flags), weights, args.model)
@@ -199,6 +229,8 @@ def load_pipeline(args, device) -> Pipeline:
     flags = args.classifier_flags
     if flags and "--image_size" not in flags and model_flags:
         flags += f" --image_size {model.cfg.image_size}"
+    if spec != "none" and spec not in ("classifier", "ncsn_classifier"):
+        flags = official_flags(spec, flags, "--classifier-flags", classifier=True)
     if spec != "none":
         if flags:
             weights = read_state_dict(spec)
