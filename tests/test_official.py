@@ -12,7 +12,7 @@ from guided import adm
 from guided.cli.sample import build_parser, load_pipeline, main, options
 from guided.conformance import LOOP_TOL, TOL, rel_error
 from guided.generate import SampleNoise, discrete_sampler, sample_batch, score_function, to_uint8
-from guided.sampling import ddim_step
+from guided.sampling import ddim_step, ddpm_step
 
 GUIDED_A = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance" / "guided_a.pt"
 TINY_UNET = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
@@ -248,6 +248,19 @@ def test_cli_defaults_take_the_reference_guided_ddim_step(reference):
     abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
     expected = ref_x0 * abar_prev.sqrt() + (1 - abar_prev).sqrt() * diffusion.eps_from_xstart(x, t, ref_x0)
     assert rel_error(x_prev, expected) <= TOL
+
+
+def test_cli_defaults_take_the_reference_guided_ddpm_step(reference):
+    """--sampler ddpm at the CLI's defaults: the reference's mean shift (Algorithm 1) and variance."""
+    d, argv = reference
+    args = build_parser().parse_args([*argv, "--sampler", "ddpm"])
+    p = load_pipeline(args, "cpu")
+    diffusion, model_fn, kw = discrete_sampler(p, [int(c) for c in d["y"]], options(args, args.scale),
+                                               SampleNoise([0, 1]))
+    with torch.no_grad():
+        _, out = ddpm_step(diffusion, model_fn, d["step_x"], int(d["step_index"][0]), **kw)
+    assert rel_error(out["mean"], d["condition_mean"]) <= TOL
+    assert rel_error(out["variance"], d["p_variance"]) <= TOL
 
 
 def test_the_extra_clip_would_be_seen(reference):
