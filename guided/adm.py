@@ -10,6 +10,7 @@ A flag it does not know, or one it cannot honour, is an error naming it.
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -83,6 +84,15 @@ PUBLISHED = {
     "256x256_classifier.pt": _CLASSIFIER + " --classifier_depth 2 --image_size 256",
     "512x512_classifier.pt": _CLASSIFIER + " --classifier_depth 2 --image_size 512",
 }
+# Where the reference's README links the released checkpoints.
+RELEASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+# The flags a classifier shares with the U-Net, with the reference's classifier defaults.
+CLASSIFIER_SHARED = {"image_size": (int, 64), "in_channels": (int, 3), "num_head_channels": (int, 64),
+                     "num_classes": (int, NUM_CLASSES), "channel_mult": (str, "")}
+# Flags that change nothing this code samples: training-only ones, the reference's fp16 switch
+# (here --precision decides) and the respacing (here --steps decides).
+NOT_SAMPLED = {"dropout", "use_checkpoint", "use_kl", "rescale_learned_sigmas", "use_fp16", "classifier_use_fp16",
+               "timestep_respacing"}
 
 
 def parse_flags(flags: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -153,15 +163,14 @@ def unet_config(flags: str | Mapping[str, Any]):
 def classifier_config(flags: str | Mapping[str, Any]):
     """The reference's `create_classifier` flags -> a ClassifierConfig node."""
     f = parse_flags(flags)
-    g = lambda n: _get(f, CLASSIFIER_FLAGS, n)  # noqa: E731
-    size = f.get("image_size", 64)
+    g = lambda n: _get(f, {**CLASSIFIER_FLAGS, **CLASSIFIER_SHARED}, n)  # noqa: E731
+    size = g("image_size")
     return node(ClassifierConfig, dict(
-        image_size=size, in_channels=f.get("in_channels", 3), model_channels=g("classifier_width"),
+        image_size=size, in_channels=g("in_channels"), model_channels=g("classifier_width"),
         num_res_blocks=g("classifier_depth"), channel_mult=_channel_mult(f, size),
         attention_resolutions=_resolutions(g("classifier_attention_resolutions"), "classifier_attention_resolutions"),
-        num_head_channels=f.get("num_head_channels", 64), use_scale_shift_norm=g("classifier_use_scale_shift_norm"),
-        resblock_updown=g("classifier_resblock_updown"), pool=g("classifier_pool"),
-        num_classes=f.get("num_classes", NUM_CLASSES)))
+        num_head_channels=g("num_head_channels"), use_scale_shift_norm=g("classifier_use_scale_shift_norm"),
+        resblock_updown=g("classifier_resblock_updown"), pool=g("classifier_pool"), num_classes=g("num_classes")))
 
 
 def diffusion_config(flags: str | Mapping[str, Any]):
@@ -180,6 +189,38 @@ def diffusion_config(flags: str | Mapping[str, Any]):
         steps=g("diffusion_steps"), noise_schedule=g("noise_schedule"), variance=variance,
         predict_xstart=g("predict_xstart"), loss=loss, rescale_timesteps=g("rescale_timesteps"),
         timestep_respacing=g("timestep_respacing")))
+
+
+def released_name(path) -> str | None:
+    """The file name of `path` when it is one of the nine released checkpoints' names, else None."""
+    name = Path(str(path)).name
+    return name if name in PUBLISHED else None
+
+
+def is_classifier_name(name: str) -> bool:
+    return "classifier" in name
+
+
+def _sampled_flags(flags, classifier: bool) -> dict[str, str]:
+    """Every flag that shapes what is sampled, at its effective value (defaults filled in, channel_mult
+    resolved from the image size, attention resolutions as a set), as the text a flag string holds."""
+    f = parse_flags(flags)
+    table = {**CLASSIFIER_FLAGS, **CLASSIFIER_SHARED} if classifier else {**MODEL_FLAGS, **DIFFUSION_FLAGS}
+    out = {n: f.get(n, default) for n, (_, default) in table.items() if n not in NOT_SAMPLED}
+    out["channel_mult"] = ",".join(f"{m:g}" for m in _channel_mult(f, out["image_size"]))
+    for n in ("attention_resolutions", "classifier_attention_resolutions"):
+        if n in out:
+            out[n] = ",".join(str(r) for r in sorted(set(_resolutions(out[n], n)), reverse=True))
+    return {n: str(v) for n, v in out.items()}
+
+
+def flag_differences(flags, name: str) -> list[str]:
+    """'--flag VALUE (published: VALUE)' for each flag of `flags` that samples differently from the
+    published preset of the released file `name`. Flags that add no parameters (e.g.
+    --use_new_attention_order) show only here: a strict key and shape check cannot see them."""
+    classifier = is_classifier_name(name)
+    mine, published = _sampled_flags(flags, classifier), _sampled_flags(PUBLISHED[name], classifier)
+    return [f"--{n} {mine[n]} (published: {published[n]})" for n in published if mine[n] != published[n]]
 
 
 def _build(cls, cfg, device):

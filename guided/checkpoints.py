@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .adm import clean_state_dict, load_state_dict_strict
+from .adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
 from .config import load_config, merge, structured, to_yaml
 from .errors import GuidedError
 
@@ -88,20 +88,33 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 # -- reading ------------------------------------------------------------------------------------
+def _remedy(path: Path, what: str) -> str:
+    """What to do about a damaged file: a training checkpoint has earlier ones, a weights file
+    was copied or downloaded, a released ADM checkpoint comes from the paper's site."""
+    if what == "checkpoint":
+        return "delete it and resume from an earlier one"
+    if (name := released_name(path)) is not None:
+        return f"download it again ({RELEASE_URL}{name})"
+    return "copy, export or download it again"
+
+
 def read_file(path: str | Path, what: str = "checkpoint"):
     """torch.load(weights_only=True) whose failures are one-line GuidedErrors."""
     path = Path(path)
     if not path.exists():
-        raise GuidedError(f"{what} {path} does not exist")
+        name = released_name(path)
+        where = f" (download it from {RELEASE_URL}{name})" if name else ""
+        raise GuidedError(f"{what} {path} does not exist{where}")
     if path.is_dir():
         raise GuidedError(f"{what} {path} is a folder, not a file")
     if path.stat().st_size == 0:
-        raise GuidedError(f"{what} {path} is empty (0 bytes): delete it and resume from an earlier one")
+        raise GuidedError(f"{what} {path} is empty (0 bytes): {_remedy(path, what)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zipfile, pickle, EOF and storage errors of a damaged file
         why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise GuidedError(f"{what} {path} is truncated or corrupt ({why[:100]})") from None
+        fix = "" if what == "checkpoint" else f": {_remedy(path, what)}"  # (training skips to an older one)
+        raise GuidedError(f"{what} {path} is truncated or corrupt ({why[:100]}){fix}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -207,8 +220,14 @@ def _beside(path: Path, names: list[str]) -> Path | None:
     return next((path.parent / n for n in names if (path.parent / n).is_file()), None)
 
 
-def _config_for(path: Path, embedded: str | None):
-    side = _beside(path, [f"{path.stem}.yaml", "config.yaml"])
+def config_beside(path: str | Path) -> Path | None:
+    """The run config that training wrote beside a weights file (`<stem>.yaml` or config.yaml), if any."""
+    path = Path(path)
+    return _beside(path, [f"{path.stem}.yaml", "config.yaml"])
+
+
+def _config_for(path: Path, embedded: str | None, kind: str):
+    side = config_beside(path)
     if side is not None:
         return load_config(side)
     if embedded:
@@ -216,7 +235,10 @@ def _config_for(path: Path, embedded: str | None):
             return merge(structured(), OmegaConf.create(embedded))
         except OmegaConfBaseException as e:
             raise GuidedError(f"the config stored in {path} is unreadable: {e}") from None
-    raise GuidedError(f"no config for {path}: put its config.yaml (written by training) beside it")
+    option = "--adm-flags" if kind == "unet" else "--classifier-flags"
+    raise GuidedError(f"no config for {path}: it is a bare state dict, like the paper's released ADM checkpoints, "
+                      f"which take their published flags with {option} (the nine released file names need none); "
+                      f"a model trained here needs its config.yaml beside it")
 
 
 def _label_map_for(path: Path, embedded: dict | None):
@@ -275,7 +297,7 @@ def resolve_trained(path_or_dir, which: str | None = None) -> tuple[dict, object
     if path.is_dir():
         path = _weights_file(path, which)
     w = _unpack(read_file(path, "weights file"), which, path)
-    return w, _config_for(path, w["config"]), _label_map_for(path, w["label_map"]), path
+    return w, _config_for(path, w["config"], w["kind"]), _label_map_for(path, w["label_map"]), path
 
 
 def ship(path_or_dir, out: str | Path, which: str | None = None, dtype: str = "fp16") -> Path:

@@ -78,6 +78,9 @@ class SampleOptions:
     cfg_scale: float = 1.0
     eta: float = 0.0
     clip_denoised: bool = True
+    # Clip x0 again where the paper's code does not: the guided x0 of ddim and dpm++ (after the
+    # score correction), the x0 behind the eps of pc and ode. Off = the paper's arithmetic.
+    clip_guided: bool = False
     precision: str = "fp32"
     extra: dict = field(default_factory=dict)  # sampler-specific settings (snr, rtol, ...)
     # the guidance layer (guided/guidance.py): every term has a scale and an interval (sigma_lo, sigma_hi)
@@ -180,31 +183,38 @@ def check_sampler(p: Pipeline, sampler: str) -> None:
 
 
 def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
-                 init: Optional[dict] = None) -> torch.Tensor:
+                 init: Optional[dict] = None, x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw len(labels) samples in [-1, 1]; sample i uses the generator seeded with seeds[i].
     `init` (SDEdit) holds `image` [C,H,W] in [-1, 1], `t0` in (0, 1] and an optional `mask` [1,H,W]
-    (1 = may change)."""
+    (1 = may change). `x_T`: start from this noise instead of drawing it (e.g. a reference run's)."""
     check_sampler(p, opts.sampler)
     if opts.sampler in SCORE_FAMILY:
-        return sample_score_family(p, labels, seeds, opts, device=device, progress=progress, init=init)
+        return sample_score_family(p, labels, seeds, opts, device=device, progress=progress, init=init, x_T=x_T)
     device = torch.device(device)
-    diffusion = create_diffusion(p.diffusion_cfg, str(opts.steps))
-    y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
     noise = SampleNoise(seeds, device)
-    x = noise.randn(p.shape())
+    x = noise.randn(p.shape()) if x_T is None else x_T.to(device)
+    diffusion, model_fn, kw = discrete_sampler(p, labels, opts, noise, progress=progress)
+    if init is not None:
+        x = _sdedit_start(diffusion, init, x, noise, kw)
+    with _autocast(device, opts.precision):
+        out = SAMPLERS[opts.sampler](diffusion, model_fn, x, **kw)
+    return out.float()
+
+
+def discrete_sampler(p: Pipeline, labels, opts: SampleOptions, noise: SampleNoise, *, progress=False):
+    """(diffusion, model_fn, keywords) with which sample_batch runs SAMPLERS[opts.sampler]: every
+    choice the application makes about guidance and clipping, in one place."""
+    diffusion = create_diffusion(p.diffusion_cfg, str(opts.steps))
+    y = torch.as_tensor(list(labels), device=noise.device, dtype=torch.long)
     model_fn, cond_fn = guided_functions(p, y, opts)
     kw = dict(noise=noise, clip_denoised=opts.clip_denoised, progress=progress, cond_fn=cond_fn)
     if opts.sampler == "ddim":
         kw["eta"] = opts.eta
     if opts.sampler == "ddpm":
         kw["guidance_form"] = opts.ddpm_form
-    if opts.sampler != "ddpm" or opts.ddpm_form == "score":
-        kw["clip_guided"] = True  # see sampling.guided_p_mean_variance
-    if init is not None:
-        x = _sdedit_start(diffusion, init, x, noise, kw)
-    with _autocast(device, opts.precision):
-        out = SAMPLERS[opts.sampler](diffusion, model_fn, x, **kw)
-    return out.float()
+    if opts.sampler != "ddpm" or opts.ddpm_form == "score":  # the score form (Algorithm 2)
+        kw["clip_guided"] = opts.clip_guided  # see sampling.guided_p_mean_variance
+    return diffusion, model_fn, kw
 
 
 def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
@@ -221,16 +231,18 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
         score = ncsn_score(model_fn, sigmas)
     else:
         sde = clock = VPSDE.from_alphas_cumprod(create_diffusion(p.diffusion_cfg, "").alphas_cumprod)
-        score = score_from_eps(lambda x, t: clipped_eps(model_fn, sde, x, t, opts.clip_denoised), sde)
+        clip = opts.clip_denoised and opts.clip_guided
+        score = score_from_eps(lambda x, t: clipped_eps(model_fn, sde, x, t, clip), sde)
     if cond_fn is not None:  # the gradient terms see the networks' timesteps (an NCSN's ladder index)
         score = guided_score(score, lambda x, t: cond_fn(x, clock.model_time(t)), 1.0)
     return score, sde
 
 
 def clipped_eps(model_fn, sde, x, t, clip: bool):
-    """The network's eps at SDE time t; with `clip`, re-derived from the x0 prediction clipped
-    to [-1, 1], as the discrete samplers' clip_denoised does. Without it, where alpha_t is tiny
-    (the start of a cosine schedule) an eps error of e moves x0 by e sigma_t / alpha_t."""
+    """The network's eps at SDE time t; with `clip` (SampleOptions.clip_guided), re-derived from
+    the x0 prediction clipped to [-1, 1], as the discrete samplers' clip_denoised does. Without it
+    (the score-SDE reference's arithmetic), where alpha_t is tiny (the start of a cosine schedule)
+    an eps error of e moves x0 by e sigma_t / alpha_t."""
     from .sde import expand_as
 
     eps = model_fn(x, sde.model_time(t))[:, :x.shape[1]]
@@ -242,7 +254,7 @@ def clipped_eps(model_fn, sde, x, t, clip: bool):
 
 
 def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
-                        init=None) -> torch.Tensor:
+                        init=None, x_T=None) -> torch.Tensor:
     """The score-SDE samplers (Song et al. 2021; Song & Ermon 2019) over the pipeline's score;
     SDEdit (Meng et al. 2022) runs the reverse SDE from t0 with the pc sampler."""
     from . import score_sampling as ss
@@ -260,7 +272,9 @@ def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, devi
         mask = init.get("mask")
         return ss.sdedit(score, sde, guide, steps=steps or 500, t0=float(init["t0"]),
                          mask=None if mask is None else mask.to(device), generator=noise, progress=progress).float()
-    x_T = noise.randn(p.shape()) * getattr(sde, "sigma_max", 1.0)  # the prior: N(0, I), or N(0, sigma_max^2 I) for VE
+    if x_T is None:  # the prior: N(0, I), or N(0, sigma_max^2 I) for VE
+        x_T = noise.randn(p.shape()) * getattr(sde, "sigma_max", 1.0)
+    x_T = x_T.to(device)
     with _autocast(device, opts.precision):
         if opts.sampler == "pc":
             x = ss.pc_sampler(score, sde, x_T, steps=steps or 1000, generator=noise, progress=progress, **extra)

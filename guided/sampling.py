@@ -48,8 +48,8 @@ def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_deno
     `clip_guided` also clips the guided x0 of the score form. The reference does not:
     where abar_t is tiny (the first steps of a cosine schedule, abar_T = 2e-9) the
     correction moves x0 by (1 - abar)/sqrt(abar) * s * grad, thousands of times the
-    gradient, and one DDIM step then throws x far out of range. Off in the conformance
-    runner; on in the sampling application."""
+    gradient, and one DDIM step then throws x far out of range. Off by default (the
+    paper's arithmetic); --clip-guided turns it on, as the shipped digits models do."""
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
     out = diffusion.p_mean_variance(model_fn(x, diffusion.model_t(t)), x, t, clip_denoised=clip_denoised)
     if cond_fn is not None:

@@ -97,7 +97,7 @@ SAMPLE = [
     (S, ["--class", "12"], "--class 12 (10 classes)", "class index 12 is out of range"),
     (S, ["--class", "zebra"], "--class zebra", "class 'zebra' is not in this label map"),
     (S, ["--model", "{bad}/missing.pt"], "--model missing.pt", "does not exist"),
-    (S, ["--model", "{bad}/empty.pt"], "--model: empty file", "is empty (0 bytes)"),
+    (S, ["--model", "{bad}/empty.pt"], "--model: empty file", "is empty (0 bytes): copy, export or download it again"),
     (S, ["--model", "{bad}/garbage.pt"], "--model: random bytes", "is truncated or corrupt"),
     (S, ["--model", "{bad}/truncated.pt"], "--model: truncated file", "is truncated or corrupt"),
     (S, ["--model", "{bad}/foreign.pt"], "--model: a .pt of something else", "is neither a weights file"),

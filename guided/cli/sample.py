@@ -2,14 +2,16 @@
 
     python sample_guided.py --class 3 --scale 4 --num-samples 100 --out out/
     python sample_guided.py --model uncond --class 7 --scales 0,1,2,4,10 --out sweep/
-    python sample_guided.py --model 256x256_diffusion.pt --adm-flags "$MODEL_FLAGS" \\
-        --classifier 256x256_classifier.pt --classifier-flags "$CLASSIFIER_FLAGS" --class 207 --scale 1
+    python sample_guided.py --model 256x256_diffusion.pt --classifier 256x256_classifier.pt --class 207 --scale 1
 
-With no --model, the digits models shipped in guided/assets/digits are used.
+With no --model, the digits models shipped in guided/assets/digits are used. The nine released
+ADM checkpoints are built from their published flags by file name; other ADM checkpoints take
+--adm-flags / --classifier-flags.
 Runs under `accelerate launch` too: each process draws its share of batches.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -24,8 +26,12 @@ from ..generate import Pipeline, SampleOptions, generate
 from . import Parser, run_cli
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
-SHIPPED_MODELS = ("cond", "uncond", "ncsn")  # guided/assets/digits/<name>.pt
+# guided/assets/digits/<name>.pt -> its sampling defaults. The two cosine-schedule eps models
+# clip x0 again (--clip-guided): without it their guided ddim / dpm++ and their pc / ode samples
+# saturate (README, "Official checkpoints"); every other model samples with the paper's arithmetic.
+SHIPPED_MODELS = {"cond": {"clip_guided": True}, "uncond": {"clip_guided": True}, "ncsn": {}}
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "pc", "ode", "langevin")
+CLIP_GUIDED_SAMPLERS = ("ddim", "dpm++", "pc", "ode")  # the samplers --clip-guided changes
 
 
 def _number(kind, low=None, low_open=False):
@@ -61,12 +67,16 @@ def add_model_args(p):
     src = p.add_argument_group("models")
     src.add_argument("--model", default="cond",
                      help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
-                          "train_diffusion.py, or an official ADM checkpoint with --adm-flags")
+                          "train_diffusion.py, or an official ADM checkpoint (the released file names need no "
+                          "--adm-flags)")
     src.add_argument("--classifier", default=None,
-                     help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one with "
-                          "--classifier-flags, or 'none'; default: the shipped digits classifier for shipped models")
-    src.add_argument("--adm-flags", default=None, help="the published flag string of an official ADM model")
-    src.add_argument("--classifier-flags", default=None, help="the published flag string of an official classifier")
+                     help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one (the "
+                          "released file names need no --classifier-flags), or 'none'; default: the shipped digits "
+                          "classifier for shipped models")
+    src.add_argument("--adm-flags", default=None, help="the published flag string of an official ADM model "
+                     "(default for a released file name: its published flags)")
+    src.add_argument("--classifier-flags", default=None, help="the published flag string of an official classifier "
+                     "(default for a released file name: its published flags)")
     src.add_argument("--class", dest="classes", default=None,
                      help="labels: an index, a comma list, an ImageNet wnid or a class name; default: every class")
 
@@ -79,6 +89,10 @@ def add_sampler_args(p):
     s.add_argument("--steps", default="100", help="respacing: a count (100), section counts (10,15,20) or ddimN")
     s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
     s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
+    s.add_argument("--clip-guided", action=argparse.BooleanOptionalAction, default=None,
+                   help="also clip x0 where the paper's code does not: the guided x0 of ddim and dpm++, the x0 "
+                        "behind the eps of pc and ode (default: on for the shipped cond and uncond models, off "
+                        "for every other model)")
     s.add_argument("--num-samples", type=_number(int, 1), default=100)
     s.add_argument("--batch-size", type=_number(int, 1), default=100)
     s.add_argument("--seed", type=_number(int, 0), default=0)
@@ -109,7 +123,22 @@ def build_parser() -> Parser:
 
 def options(args, scale) -> SampleOptions:
     return SampleOptions(sampler=args.sampler, steps=args.steps, scale=scale, cfg_scale=args.cfg_scale,
-                         eta=args.eta, clip_denoised=not args.no_clip, precision=args.precision)
+                         eta=args.eta, clip_denoised=not args.no_clip, clip_guided=clip_guided(args),
+                         precision=args.precision)
+
+
+def clip_guided(args) -> bool:
+    """--clip-guided as given, else the shipped model's default; off (the paper's arithmetic) for
+    every model not in SHIPPED_MODELS and for the samplers it does not change."""
+    if args.clip_guided is None:
+        default = SHIPPED_MODELS.get(args.model, {}).get("clip_guided", False)
+        return default and args.sampler in CLIP_GUIDED_SAMPLERS and not args.no_clip
+    if args.clip_guided and args.no_clip:
+        raise GuidedError("--clip-guided clips x0 to [-1, 1]; it cannot go with --no-clip")
+    if args.clip_guided and args.sampler not in CLIP_GUIDED_SAMPLERS:
+        raise GuidedError(f"--clip-guided does not change the {args.sampler} sampler; it applies to "
+                          f"{', '.join(CLIP_GUIDED_SAMPLERS)}")
+    return args.clip_guided
 
 
 def processes(args):
@@ -147,15 +176,42 @@ def default_device() -> str:
     return "cpu"
 
 
+def official_flags(path: str, flags, option: str, classifier: bool):
+    """The ADM flag string to build `path` with: `flags` as given, with a warning naming each
+    difference from the published preset when `path` has a released file name; that preset
+    (with a note) when no flags were given and no config of a run sits beside the file; else None."""
+    from ..checkpoints import config_beside
+
+    name = adm.released_name(path)
+    if name is None or flags and adm.is_classifier_name(name) != classifier:
+        return flags
+    if flags:
+        diffs = adm.flag_differences(flags, name)
+        if diffs:
+            print(f"warning: {option} differ from the published flags of {name} (other images than the "
+                  f"paper's): " + "; ".join(diffs), file=sys.stderr)
+        return flags
+    if config_beside(path) is not None:  # a model trained here under a released name
+        return None
+    if adm.is_classifier_name(name) != classifier:
+        what, right = ("classifier", "--classifier") if adm.is_classifier_name(name) else ("score model", "--model")
+        raise GuidedError(f"{path} is the released {what} {name}: pass it as {right}")
+    print(f"note: {path}: no {option} given, using the published flags of the released {name} "
+          f"(guided.adm.PUBLISHED)", file=sys.stderr)
+    return adm.PUBLISHED[name]
+
+
 def load_pipeline(args, device) -> Pipeline:
     from ..checkpoints import load_trained, read_state_dict
     from ..unet import EncoderUNetModel, UNetModel
 
     shipped = args.model in SHIPPED_MODELS
     extra = {}
-    if args.adm_flags:
-        model = adm.load_state_dict_strict(adm.create_model(args.adm_flags), read_state_dict(args.model), args.model)
-        diffusion_cfg, label_map = adm.diffusion_config(args.adm_flags), _imagenet_labels(model.num_classes)
+    model_flags = None if shipped else official_flags(args.model, args.adm_flags, "--adm-flags", classifier=False)
+    if model_flags:
+        weights = read_state_dict(args.model)  # a damaged file is named before a large network is built
+        model = adm.load_state_dict_strict(adm.create_model(model_flags), weights, args.model)
+        diffusion_cfg, label_map = adm.diffusion_config(model_flags), _imagenet_labels(model.num_classes)
     else:
         path = SHIPPED / f"{args.model}.pt" if shipped else Path(args.model)
         model, run_cfg, label_map = load_trained(path)
@@ -170,19 +226,22 @@ def load_pipeline(args, device) -> Pipeline:
     classifier = None
     default = ("ncsn_classifier" if args.model == "ncsn" else "classifier") if shipped else "none"
     spec = args.classifier if args.classifier is not None else default
+    flags = args.classifier_flags
+    if flags and "--image_size" not in flags and model_flags:
+        flags += f" --image_size {model.cfg.image_size}"
+    if spec != "none" and spec not in ("classifier", "ncsn_classifier"):
+        flags = official_flags(spec, flags, "--classifier-flags", classifier=True)
     if spec != "none":
-        if args.classifier_flags:
-            flags = args.classifier_flags
-            if "--image_size" not in flags and args.adm_flags:
-                flags += f" --image_size {model.cfg.image_size}"
-            classifier = adm.load_state_dict_strict(adm.create_classifier(flags), read_state_dict(spec), spec)
+        if flags:
+            weights = read_state_dict(spec)
+            classifier = adm.load_state_dict_strict(adm.create_classifier(flags), weights, spec)
         else:
             path = SHIPPED / f"{spec}.pt" if spec in ("classifier", "ncsn_classifier") else Path(spec)
             classifier, _, clf_labels = load_trained(path)
             if not isinstance(classifier, EncoderUNetModel):
                 raise GuidedError(f"--classifier {spec} holds a score model (U-Net), not a noise-aware classifier")
             label_map = label_map or clf_labels
-    if label_map is None and classifier is not None and args.classifier_flags:
+    if label_map is None and classifier is not None and flags:
         label_map = _imagenet_labels(classifier.cfg.num_classes)
     fast = dict(channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs)
     model = speed_up(model.eval().to(device), **fast)
@@ -259,6 +318,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    options(args, args.scale)  # contradictory sampler options are refused before any loading
     device, rank, world, barrier = processes(args)
     pipeline = load_pipeline(args, device)
     classes = parse_classes(args.classes, pipeline)
