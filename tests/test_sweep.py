@@ -183,3 +183,21 @@ def test_random_class_sampling_is_seeded_and_recorded(tmp_path):
         assert json.loads((out / "settings.json").read_text())["class_sampling"] == "random"
     assert np.array_equal(outs[4][1], plan_labels(list(range(10)), 10, "random", seed=0))
     assert np.array_equal(outs[4][0], outs[10][0]) and np.array_equal(outs[4][1], outs[10][1])
+
+
+def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
+    """One-channel models (the digits models are grey): the reference is built grey, the judge reads it."""
+    from conftest import tiny_config
+    from guided.checkpoints import build_network, export_weights
+    cfg = tiny_config("diffusion", tmp_path / "run", "model.image_size=16", "data.image_size=16",
+                      "model.in_channels=1", "data.channels=1")
+    path = export_weights(tmp_path / "grey.pt", build_network("unet", cfg).state_dict(), kind="unet", cfg=cfg)
+    out = tmp_path / "s"
+    code, stdout, err = run(capsys, "--model", path, "--classifier", "none", "--sweep", "cfg_scale=1,2", "--out", out,
+                            "--num-samples", "10", "--sampler", "ddim", "--steps", "2", "--device", "cpu")
+    assert code == 0, err
+    ref, _ = read_npz(out / "reference_digits_16px_1ch.npz")
+    assert ref.shape == (1000, 16, 16, 1)
+    assert read_npz(out / "cfg_scale_2" / "seed_0" / "samples.npz")[0].shape == (10, 16, 16, 1)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["cfg_scale"] for r in results["summary"]] == [1, 2] and "judge_accuracy" in results["summary"][0]
