@@ -109,7 +109,8 @@ def check_comparable(sweeps: list[dict], labels: list[str]) -> list[str]:
     spaces = {s["features"] for s in sweeps}
     if len(spaces) > 1:
         what = ", ".join(f"{n}: {s['features']}" for s, n in zip(sweeps, labels))
-        raise GuidedError(f"the sweeps were measured in different feature spaces ({what}); their numbers do not compare")
+        raise GuidedError(f"the sweeps were measured in different feature spaces ({what}); "
+                          f"their numbers do not compare")
     warnings = []
     for key, what in (("num_samples", "sample counts"), ("reference", "reference batches")):
         seen = {str(s["settings"].get(key)) for s in sweeps}
@@ -126,16 +127,23 @@ def tradeoff(folders, out: Path, labels=None) -> list[str]:
         raise GuidedError(f"--out {out}: give a .png file name (the data go beside it as .csv and .json)")
     sweeps = [load_sweep(f) for f in folders]
     labels = labels or [Path(f).resolve().name for f in folders]
-    if len(labels) != len(sweeps):
-        raise GuidedError(f"{len(labels)} labels for {len(sweeps)} sweep folders")
+    if len(labels) != len(sweeps) or len(set(labels)) != len(labels):
+        raise GuidedError(f"{len(sweeps)} sweep folders need as many different labels, got {', '.join(labels)} "
+                          f"(--labels)")
     warnings = check_comparable(sweeps, labels)
     rows = tradeoff_rows(sweeps, labels)
     fd = sweeps[0]["fd_key"]
     panels = [("precision", "recall")]
-    if all(f"inception_score_mean" in r and f"{fd}_mean" in r for r in rows):
+    if all("inception_score_mean" in r and f"{fd}_mean" in r for r in rows):
         panels.append(("inception_score", fd))
     else:
         warnings.append(f"no Inception Score in {sweeps[0]['features']} features: only precision against recall")
+    _draw_tradeoff(out, rows, labels, panels, sweeps[0]["features"])
+    _write_data(out, rows, warnings)
+    return warnings
+
+
+def _draw_tradeoff(out: Path, rows: list[dict], labels: list[str], panels, features: str) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     for ax, (xm, ym) in zip(axes[0], panels):
@@ -152,11 +160,9 @@ def tradeoff(folders, out: Path, labels=None) -> list[str]:
         ax.set_title(f"{NAMES[ym]} against {NAMES[xm]}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{sweeps[0]['features']} features; points labelled by the swept value", fontsize=9)
+    fig.suptitle(f"{features} features; points labelled by the swept value", fontsize=9)
     fig.tight_layout()
     _save(fig, out)
-    _write_data(out, rows, warnings)
-    return warnings
 
 
 def _write_data(out: Path, rows: list[dict], warnings: list[str]) -> None:

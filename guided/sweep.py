@@ -28,7 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from .cli import Parser, run_cli
-from .cli.sample import _number, _scales, add_model_args, add_sampler_args, load_pipeline, options, parse_classes, processes
+from .cli.sample import (_number, _scales, add_model_args, add_sampler_args, load_pipeline, options, parse_classes,
+                         processes)
 from .errors import GuidedError
 from .evaluate import METRICS, evaluate
 from .features import FEATURES, get_extractor
@@ -225,8 +226,9 @@ def format_table(results: dict) -> str:
     metrics = [m for m in METRICS if any(m in r for r in rows)]
     cell = lambda s: "-" if s["mean"] is None else (  # noqa: E731
         f"{s['mean']:.4g}" + (f" +- {s['std']:.2g} (min {s['min']:.4g})" if s["std"] is not None else ""))
-    table = [[param, "seeds", "samples", *metrics]] + [[label(r[param]), str(r["seeds"]), str(r["num_samples"]),
-                                                        *(cell(r[m]) if m in r else "-" for m in metrics)] for r in rows]
+    table = [[param, "seeds", "samples", *metrics]]
+    table += [[label(r[param]), str(r["seeds"]), str(r["num_samples"]), *(cell(r[m]) if m in r else "-" for m in metrics)]
+              for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
@@ -263,17 +265,20 @@ def reference_file(args, out: Path, settings: dict) -> Path:
 
 
 def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, rank, world, barrier) -> Path:
-    npz = point / "samples.npz"
+    npz, record = point / "samples.npz", point / "settings.json"
     opts = spec.options(options(args, args.scale), value)
-    if npz.exists():  # sampled before an interruption: it must be this point's
-        record = json.loads((point / "settings.json").read_text())
+    if npz.exists() and record.exists():  # sampled before an interruption: it must be this point's
         expected = {"seed": seed, "num_samples": args.num_samples, "options": dataclasses.asdict(opts)}
-        if any(record.get(k) != json.loads(json.dumps(v)) for k, v in expected.items()):
-            raise GuidedError(f"{npz} was drawn with other settings than this sweep's; delete {point} or use --overwrite")
+        found = json.loads(record.read_text())
+        if any(found.get(k) != json.loads(json.dumps(v)) for k, v in expected.items()):
+            raise GuidedError(f"{npz} was drawn with other settings than this sweep's; delete {point} "
+                              f"or use --overwrite")
         return npz
+    # without settings.json the assembly was cut short: its batches are still in parts/ and are reused
     generate(pipeline, point, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size, seed=seed,
              opts=opts, device=device, rank=rank, world_size=world, barrier=barrier, class_sampling=args.class_sampling,
-             settings={"model": args.model, "classifier": args.classifier, "sweep": str(point.parent.parent)})
+             settings={"model": args.model, "classifier": args.classifier, "sweep": str(point.parent.parent)},
+             overwrite=npz.exists())
     return npz
 
 

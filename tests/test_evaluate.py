@@ -274,8 +274,8 @@ def test_labels_outside_the_judges_classes_warn_instead_of_scoring_zero(npzs, tm
 def test_several_sample_files_give_mean_std_min_max(npzs, tmp_path, digits, capsys):
     images, labels, train, heldout = digits
     _, ref = npzs
-    files = [write_npz(tmp_path / f"s{i}.npz", images[heldout[i * 90:(i + 1) * 90]], labels[heldout[i * 90:(i + 1) * 90]])
-             for i in range(3)]
+    parts = [heldout[i * 90:(i + 1) * 90] for i in range(3)]
+    files = [write_npz(tmp_path / f"s{i}.npz", images[p], labels[p]) for i, p in enumerate(parts)]
     single = [evaluate(f, ref, "digits", progress=False)["fid"] for f in files]
     assert main([*files, ref, "--features", "digits", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out

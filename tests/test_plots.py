@@ -37,7 +37,8 @@ def test_one_sweep_gives_both_panels_and_the_numbers_behind_them(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "fig.csv")))
     assert [float(r["value"]) for r in rows] == [0, 1, 4] and {r["method"] for r in rows} == {"a"}
     four = rows[2]
-    assert float(four["fid_mean"]) == pytest.approx(30.5) and float(four["fid_std"]) == pytest.approx(np.std([30, 31], ddof=1))
+    assert float(four["fid_mean"]) == pytest.approx(30.5)
+    assert float(four["fid_std"]) == pytest.approx(np.std([30, 31], ddof=1))
     assert float(four["precision_mean"]) == pytest.approx(0.605) and four["seeds"] == "2"
     data = json.loads((tmp_path / "fig.json").read_text())
     assert len(data["points"]) == 3 and data["points"][0]["param"] == "scale"
@@ -80,3 +81,6 @@ def test_bad_folders_and_names_are_one_line(tmp_path, capsys):
         tradeoff([tmp_path / "old"], tmp_path / "f.png")
     with pytest.raises(GuidedError, match="give a .png"):
         tradeoff([tmp_path / "old"], tmp_path / "f.pdf")
+    a, b = make_sweep(tmp_path / "x" / "same"), make_sweep(tmp_path / "y" / "same")
+    with pytest.raises(GuidedError, match="need as many different labels, got same, same"):
+        tradeoff([a, b], tmp_path / "f.png")

@@ -201,3 +201,18 @@ def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
     assert read_npz(out / "cfg_scale_2" / "seed_0" / "samples.npz")[0].shape == (10, 16, 16, 1)
     results = json.loads((out / "results.json").read_text())
     assert [r["cfg_scale"] for r in results["summary"]] == [1, 2] and "judge_accuracy" in results["summary"][0]
+
+
+def test_an_interrupted_sweep_evaluates_the_samples_it_has(tmp_path, capsys, monkeypatch):
+    import guided.sweep as sweep_module
+    out = tmp_path / "s"
+    assert run(capsys, *FAST, "--scales", "1", "--out", out)[0] == 0
+    (out / "results.json").unlink()  # killed after sampling, before the row was written
+    monkeypatch.setattr(sweep_module, "generate", lambda *a, **k: pytest.fail("sampled again"))
+    code, stdout, _ = run(capsys, *FAST, "--scales", "1", "--out", out)
+    assert code == 0 and "scale=1 seed=0" in stdout
+    record = json.loads((out / "scale_1" / "seed_0" / "settings.json").read_text())
+    (out / "scale_1" / "seed_0" / "settings.json").write_text(json.dumps(dict(record, seed=5)))
+    (out / "results.json").unlink()
+    code, _, err = run(capsys, *FAST, "--scales", "1", "--out", out)
+    assert code == 2 and "was drawn with other settings than this sweep's" in error_line(err)
