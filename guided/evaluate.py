@@ -1,16 +1,19 @@
 """Evaluate a sample batch against a reference batch: FID, sFID, IS, precision, recall.
 
-    python -m guided.evaluate SAMPLES.npz REFERENCE.npz [--features inception|digits]
-        [--inception-weights PATH] [--batch-size N] [--json OUT]
+    python -m guided.evaluate SAMPLES.npz [SAMPLES2.npz ...] REFERENCE.npz
+        [--features inception|dinov2|digits] [--inception-weights PATH] [--dinov2-weights PATH]
+        [--batch-size N] [--json OUT]
 
-Both files use the ADM paper's layout: `arr_0` uint8 N x H x W x C (C = 3, or 1),
+The files use the ADM paper's layout: `arr_0` uint8 N x H x W x C (C = 3, or 1),
 optional `arr_1` integer labels. The metrics are those of openai/guided-diffusion's
-`evaluations/evaluator.py` (see guided.metrics); reference features and statistics are
-cached next to the reference file as REF.<features>.stats.npz and redone when the
-reference file (size, mtime) or the feature network changes.
+`evaluations/evaluator.py` (see guided.metrics), plus FD-DINOv2; each is printed with the
+sample count behind it, and distances from too few images come with a warning. Several
+sample files (one per seed) also give the mean, std, min and max of every metric.
+Reference features and statistics are cached next to the reference file as
+REF.<features>.stats.npz and redone when the reference file (size, mtime) or the feature
+network changes.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -21,8 +24,9 @@ import numpy as np
 
 from guided.checkpoints import atomic_write
 from guided.errors import GuidedError
-from guided.features import compute_features, get_extractor
-from guided.metrics import feature_stats, frechet_distance, inception_score, precision_recall
+from guided.features import FEATURES, compute_features, get_extractor
+from guided.metrics import (fd_count_warnings, feature_stats, frechet_distance, inception_score, precision_recall,
+                            summarize)
 
 CACHE_VERSION = 1
 LAYOUT = "expected arr_0 = uint8 images N x H x W x C with C = 1 or 3"
@@ -134,7 +138,10 @@ def write_npz(path, images, labels=None):
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
             raise GuidedError(f"write_npz: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
         arrays["arr_1"] = labels.astype(np.int64)
-    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    try:
+        atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    except OSError as e:  # a read-only folder, a full disk: one line, the old file untouched
+        raise GuidedError(f"cannot write {path}: {e.strerror or e}") from None
     return str(path)
 
 
@@ -149,21 +156,31 @@ def _fingerprint(path, extractor):
     return f"v{CACHE_VERSION}|size={st.st_size}|mtime_ns={st.st_mtime_ns}|{extractor.cache_key}"
 
 
+STATS = (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s"))
+
+
+def _stats(feats):
+    """mu, sigma (pool) and mu_s, sigma_s (spatial, where the extractor has it)."""
+    out = {}
+    for key, mu, sigma in STATS:
+        if key in feats:
+            out[mu], out[sigma] = feature_stats(feats[key])
+    return out
+
+
 def reference_features(reference, extractor, batch_size=64, progress=True, use_cache=True):
-    """Pool features and FID/sFID statistics of the reference batch, cached next to it."""
+    """Pool features and FD statistics of the reference batch, cached next to it."""
     cache, key = stats_cache_path(reference.path, extractor), _fingerprint(reference.path, extractor)
     if use_cache and cache.is_file():
         try:
             with np.load(cache) as c:
                 if str(c["fingerprint"]) == key:
-                    return {k: c[k] for k in ("pool", "mu", "sigma", "mu_s", "sigma_s")}
+                    return {k: c[k] for k in c.files if k != "fingerprint"}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable cache: recompute and overwrite
     feats = compute_features(extractor, reference.batches(batch_size), reference.num_batches(batch_size),
                              progress, desc="reference features")
-    mu, sigma = feature_stats(feats["pool"])
-    mu_s, sigma_s = feature_stats(feats["spatial"])
-    out = {"pool": feats["pool"].astype(np.float32), "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+    out = {"pool": feats["pool"].astype(np.float32), **_stats(feats)}
     if use_cache:
         try:  # atomic, so a concurrent reader never sees half a file
             atomic_write(cache, lambda f: np.savez(f, fingerprint=np.array(key), **out))
@@ -180,17 +197,41 @@ def _npz_stats(path):
     return None
 
 
-def evaluate(samples_npz, reference_npz, extractor="inception", *, inception_weights=None,
-             batch_size=64, k=3, progress=True, use_cache=True, device=None):
-    """FID, sFID, Inception Score, precision and recall of samples against a reference batch.
-
-    `extractor`: "inception", "digits" or a `guided.features.FeatureExtractor`. Returns a
-    dict with fid, sfid, inception_score, precision, recall, num_samples, num_reference,
-    features, and judge_accuracy when the extractor is a classifier of the labels in the
-    samples' arr_1 (the digits judge).
-    """
+def _check_batch_size(batch_size):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GuidedError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def _judge_accuracy(probs, labels, result):
+    """Share of samples the judge classifies as their label, over the labels it knows;
+    labels outside its classes (-1 from an unconditional model, an ImageNet class) are
+    left out with a warning instead of counting as wrong."""
+    known = (labels >= 0) & (labels < probs.shape[1])
+    if not known.all():
+        bad = labels[~known]
+        what = f"is over the other {known.sum()}" if known.any() else "is not reported"
+        result["warnings"].append(f"{len(bad)} of {len(labels)} sample labels are outside the judge's "
+                                  f"{probs.shape[1]} classes (e.g. {bad[0]}); judge accuracy {what}")
+    if known.any():
+        result["judge_accuracy"] = float(np.mean(probs[known].argmax(1) == labels[known]))
+        result["num_labelled"] = int(known.sum())
+
+
+def evaluate(samples_npz, reference_npz, extractor="inception", *, inception_weights=None, dinov2_weights=None,
+             batch_size=64, k=3, progress=True, use_cache=True, device=None):
+    """FD (FID in Inception space), sFID, Inception Score, precision and recall of samples
+    against a reference batch.
+
+    `extractor`: "inception", "dinov2", "digits" or a `guided.features.FeatureExtractor`
+    (pass one object to score many batches without reloading the network). Returns a dict
+    with the distance under the extractor's `fd_key` (fid, fd_dinov2), sfid and
+    inception_score where the extractor has spatial features and class probabilities,
+    precision, recall, num_samples, num_reference, features, feature_dim, reference_stats
+    ("batch", or "npz" for the statistics a published reference batch carries), judge_accuracy
+    and num_labelled when the extractor is a classifier of the samples' arr_1 labels (the
+    digits judge), and `warnings`: lines a person should read beside the numbers.
+    """
+    _check_batch_size(batch_size)
     if not isinstance(k, int) or k < 1:
         raise GuidedError(f"k (nearest neighbours for precision/recall) must be a positive integer, got {k!r}")
     samples, reference = NpzImages(samples_npz), NpzImages(reference_npz)
@@ -202,66 +243,124 @@ def evaluate(samples_npz, reference_npz, extractor="inception", *, inception_wei
             raise GuidedError(f"the {name} batch {npz.path} has {len(npz)} images; "
                               f"precision/recall with k={k} needs at least {k + 1}")
     if isinstance(extractor, str):
-        extractor = get_extractor(extractor, samples.shape[1], inception_weights, device)
+        extractor = get_extractor(extractor, samples.shape[1], inception_weights, device, dinov2_weights)
     ref = reference_features(reference, extractor, batch_size, progress, use_cache)
     smp = compute_features(extractor, samples.batches(batch_size), samples.num_batches(batch_size),
                            progress, desc="sample features")
-    s = dict(zip(("mu", "sigma"), feature_stats(smp["pool"])))
-    s.update(zip(("mu_s", "sigma_s"), feature_stats(smp["spatial"])))
-    r = dict(ref)
-    if extractor.uses_npz_stats:  # as the evaluator: statistics stored in an npz take precedence
-        r.update(_npz_stats(reference.path) or {})
+    s, r = _stats(smp), {k_: v for k_, v in ref.items() if k_ != "pool"}
+    stored = _npz_stats(reference.path) if extractor.uses_npz_stats else None
+    if stored:  # as the evaluator: statistics stored in an npz take precedence
+        r.update(stored)
         s.update(_npz_stats(samples.path) or {})
     precision, recall = precision_recall(ref["pool"], smp["pool"], k=k, device=device)
-    result = {
-        "fid": frechet_distance(s["mu"], s["sigma"], r["mu"], r["sigma"]),
-        "sfid": frechet_distance(s["mu_s"], s["sigma_s"], r["mu_s"], r["sigma_s"]),
-        "inception_score": inception_score(smp["probs"]),
-        "precision": precision, "recall": recall,
-        "num_samples": len(samples), "num_reference": len(reference), "features": extractor.name,
-    }
+    result = {"num_samples": len(samples), "num_reference": len(reference), "features": extractor.name,
+              "feature_dim": int(smp["pool"].shape[1]), "reference_stats": "npz" if stored else "batch",
+              "warnings": []}
+    n_ref = None if stored else len(reference)
+    for (key, mu, sigma), name in zip(STATS, (extractor.fd_key, "sfid")):
+        if mu in s:
+            result[name] = frechet_distance(s[mu], s[sigma], r[mu], r[sigma])
+            result["warnings"] += fd_count_warnings(_LABELS.get(name, name), smp[key].shape[1], len(samples), n_ref)
+    if "probs" in smp:
+        result["inception_score"] = inception_score(smp["probs"])
+    result.update(precision=precision, recall=recall)
     labels = samples.labels()
     if labels is not None and hasattr(extractor, "accuracy"):
-        result["judge_accuracy"] = float(np.mean(smp["probs"].argmax(1) == labels))
+        _judge_accuracy(smp["probs"], labels, result)
     return result
+
+
+# -- reporting ---------------------------------------------------------------------------------
+_LABELS = {"inception_score": "Inception Score", "fid": "FID", "fd_dinov2": "FD-DINOv2", "sfid": "sFID",
+           "precision": "Precision", "recall": "Recall", "judge_accuracy": "Judge accuracy"}
+METRICS = tuple(_LABELS)
+
+
+def counts(res, key):
+    """The sample counts behind one metric, in words."""
+    n, m = res["num_samples"], res["num_reference"]
+    if key == "judge_accuracy":
+        return f"{res['num_labelled']} labelled samples"
+    if key == "inception_score":
+        return f"{n} samples"
+    if key in ("precision", "recall"):
+        return f"{n} samples, {m} reference, k=3"
+    ref = "the reference's stored statistics" if res.get("reference_stats") == "npz" else f"{m} reference"
+    return f"{n} samples, {ref}"
+
+
+def format_result(res):
+    """One line per metric, each with its sample count."""
+    return [f"{_LABELS[key]}: {res[key]:.6g}  ({counts(res, key)})" for key in METRICS if key in res]
+
+
+def format_summary(runs, names):
+    """A table of several runs (one per sample file or seed) and their mean, std, min and max."""
+    keys = [k for k in METRICS if any(k in r for r in runs)]
+    width = max(len(n) for n in [*names, "file"])
+    cell = lambda v: f"{v:>15.6g}" if v is not None else f"{'-':>15}"  # noqa: E731
+    lines = [f"{'file':<{width}}  {'samples':>7}  " + "  ".join(f"{_LABELS[k]:>15}" for k in keys)]
+    for name, r in zip(names, runs):
+        lines.append(f"{name:<{width}}  {r['num_samples']:>7}  " + "  ".join(cell(r.get(k)) for k in keys))
+    summary = {k: summarize([r.get(k) for r in runs]) for k in keys}
+    for stat in ("mean", "std", "min", "max"):
+        lines.append(f"{stat:<{width}}  {'':>7}  " + "  ".join(cell(summary[k][stat]) for k in keys))
+    return lines, summary
 
 
 def _parser():
     from guided.cli import Parser  # one-line argparse errors, exit 2
 
     p = Parser(prog="python -m guided.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("samples", help="sample batch .npz (arr_0: uint8 N x H x W x C)")
+    p.add_argument("samples", nargs="+", help="sample batch .npz (arr_0: uint8 N x H x W x C); several files "
+                                              "(one per seed) also give the mean, std, min and max")
     p.add_argument("reference", help="reference batch .npz; statistics are cached next to it")
-    p.add_argument("--features", choices=["inception", "digits"], default="inception",
-                   help="feature network: the paper's Inception-v3, or the digits judge (default: inception)")
+    p.add_argument("--features", choices=FEATURES, default="inception",
+                   help="feature network: the paper's Inception-v3, DINOv2 ViT-L/14 (FD-DINOv2; pip install "
+                        "'.[dinov2]'), or the digits judge (default: inception)")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="weights-inception-2015-12-05-6726825d.pth (else $GUIDED_INCEPTION_WEIGHTS, ~/.cache/guided/)")
+    p.add_argument("--dinov2-weights", metavar="PATH",
+                   help="dinov2_vitl14_pretrain.pth (else $GUIDED_DINOV2_WEIGHTS, ~/.cache/guided/)")
     p.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference statistics cache")
-    p.add_argument("--device", help="torch device for the Inception network (default: cuda if available)")
+    p.add_argument("--device", help="torch device for the feature network (default: cuda if available)")
     return p
 
 
-def main(argv=None):
-    args = _parser().parse_args(argv)
-    try:
-        res = evaluate(args.samples, args.reference, args.features, inception_weights=args.inception_weights,
-                       batch_size=args.batch_size, use_cache=not args.no_cache, device=args.device)
-        if args.json:
-            try:
-                Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-            except OSError as e:
-                raise GuidedError(f"cannot write {args.json}: {e.strerror}") from None
-    except GuidedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    names = [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
-             ("precision", "Precision"), ("recall", "Recall"), ("judge_accuracy", "Judge accuracy")]
-    for key, label in names:
-        if key in res:
-            print(f"{label}: {res[key]}")
+def _run(args):
+    _check_batch_size(args.batch_size)
+    first = NpzImages(args.samples[0])
+    extractor = get_extractor(args.features, first.shape[1], args.inception_weights, args.device,
+                              args.dinov2_weights)
+    runs = [evaluate(f, args.reference, extractor, batch_size=args.batch_size, use_cache=not args.no_cache,
+                     device=args.device) for f in args.samples]
+    if len(runs) == 1:
+        res = runs[0]
+        print(f"{args.samples[0]}: {res['num_samples']} samples against {args.reference}: "
+              f"{res['num_reference']} images, {res['features']} features ({res['feature_dim']}-d)")
+        print("\n".join(format_result(res)))
+    else:
+        lines, summary = format_summary(runs, args.samples)
+        print(f"{len(runs)} sample files against {args.reference} ({runs[0]['features']} features); "
+              f"samples per file: {', '.join(str(r['num_samples']) for r in runs)}")
+        print("\n".join(lines))
+        res = {"runs": [dict(r, file=f) for r, f in zip(runs, args.samples)], "summary": summary}
+    for w in dict.fromkeys(w for r in runs for w in r["warnings"]):
+        print(f"warning: {w}", file=sys.stderr)
+    if args.json:
+        try:
+            atomic_write(Path(args.json), lambda f: f.write((json.dumps(res, indent=2) + "\n").encode()))
+        except OSError as e:
+            raise GuidedError(f"cannot write {args.json}: {e.strerror}") from None
     return 0
+
+
+def main(argv=None):
+    from guided.cli import run_cli
+
+    return run_cli(_run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

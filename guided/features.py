@@ -3,20 +3,25 @@
 A `FeatureExtractor` maps a batch of uint8 N x H x W x C images (C = 3, or 1 for
 grey) to a dict of float numpy arrays:
 
-    "pool"    N x D  pooled features      (FID, precision/recall)
-    "spatial" N x S  spatial features     (sFID)
-    "probs"   N x K  class probabilities  (Inception Score)
+    "pool"    N x D  pooled features      (FID or FD, precision/recall)
+    "spatial" N x S  spatial features     (sFID; optional)
+    "probs"   N x K  class probabilities  (Inception Score; optional)
 
-Two implementations: `InceptionFeatures`, the FID Inception-v3 network the ADM paper
-evaluates with (through torch-fidelity), and the digits judge of `guided.judge`, a
-small independent classifier for the embedded 8x8-digits data set.
+Three implementations: `InceptionFeatures`, the FID Inception-v3 network the ADM paper
+evaluates with (through torch-fidelity); `DINOv2Features`, DINOv2 ViT-L/14 (through
+timm) for FD-DINOv2 as EDM2 reports it; and the digits judge of `guided.judge`, a small
+independent classifier for the embedded 8x8-digits data set. Weights are never
+downloaded: a missing file is one line that says where to put it.
 """
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from guided.errors import GuidedError
@@ -39,6 +44,7 @@ class FeatureExtractor:
     """
 
     name = "base"
+    fd_key = "fid"  # the name of the Frechet distance in this feature space
     # True where a reference npz's own mu/sigma/mu_s/sigma_s (the paper's published
     # reference batches carry them) were made in this feature space and may be used.
     uses_npz_stats = False
@@ -71,35 +77,54 @@ def compute_features(extractor, batches, total=None, progress=True, desc="featur
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
-def find_inception_weights(path=None):
-    """Locate `weights-inception-2015-12-05-6726825d.pth`; never downloads.
+@dataclass(frozen=True)
+class WeightsFile:
+    """A feature network's weights file: looked for locally, never downloaded."""
+    what: str                 # "Inception", "DINOv2 ViT-L/14"
+    names: tuple              # accepted file names; the first is the one to download
+    env: str                  # environment variable that may point at it
+    flag: str                 # the command-line option that may point at it
+    urls: tuple               # where a person can get it (first: the file named first)
+    source: str = ""          # a note on where else the same network is published
 
-    Looks at `path` (a file, or a folder holding it under either published name), then
-    $GUIDED_INCEPTION_WEIGHTS, then ~/.cache/guided/ and torch hub's checkpoint folder
-    (where torch-fidelity itself would have put it). Raises GuidedError saying where
-    to put it.
+
+INCEPTION_WEIGHTS = WeightsFile(
+    "Inception", INCEPTION_NAMES, INCEPTION_ENV, "--inception-weights", INCEPTION_URLS,
+    "torch-fidelity's release; pytorch-fid publishes the same network as " + INCEPTION_URLS[1])
+
+
+def find_weights(spec, path=None):
+    """Locate a weights file; never downloads.
+
+    Looks at `path` (a file, or a folder holding it under an accepted name), then
+    $ENV, then ~/.cache/guided/ and torch hub's checkpoint folder (where torch-fidelity
+    or torch.hub would have put it). Raises GuidedError saying where to put it.
     """
-    given = path or os.environ.get(INCEPTION_ENV)
+    given = path or os.environ.get(spec.env)
     if given:
         p = Path(given).expanduser()
-        found = _weights_in(p) if p.is_dir() else (p if p.is_file() else None)
+        found = _weights_in(p, spec.names) if p.is_dir() else (p if p.is_file() else None)
         if found:
             return str(found)
-        raise GuidedError(
-            f"Inception weights not found at {p}; download {INCEPTION_URLS[0]} (or pytorch-fid's "
-            f"{INCEPTION_URLS[1]}) yourself and pass its path")
+        raise GuidedError(f"{spec.what} weights not found at {p}; download {spec.urls[0]} yourself "
+                          f"and pass its path")
     folders = [Path.home() / ".cache" / "guided", Path(torch.hub.get_dir()) / "checkpoints"]
     for folder in folders:
-        if found := _weights_in(folder):
+        if found := _weights_in(folder, spec.names):
             return str(found)
+    note = f" ({spec.source})" if spec.source else ""
     raise GuidedError(
-        f"Inception weights {INCEPTION_FILENAME} not found; download them from {INCEPTION_URLS[0]} "
-        f"(torch-fidelity's release; pytorch-fid publishes the same network as {INCEPTION_URLS[1]}) "
-        f"and put the file in {folders[0]}/, or pass --inception-weights PATH, or set {INCEPTION_ENV}")
+        f"{spec.what} weights {spec.names[0]} not found; download them from {spec.urls[0]}{note} "
+        f"and put the file in {folders[0]}/, or pass {spec.flag} PATH, or set {spec.env}")
 
 
-def _weights_in(folder):
-    return next((folder / n for n in INCEPTION_NAMES if (folder / n).is_file()), None)
+def find_inception_weights(path=None):
+    """Locate `weights-inception-2015-12-05-6726825d.pth` (see find_weights)."""
+    return find_weights(INCEPTION_WEIGHTS, path)
+
+
+def _weights_in(folder, names):
+    return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 class InceptionFeatures(FeatureExtractor):
@@ -150,11 +175,104 @@ class InceptionFeatures(FeatureExtractor):
                 "probs": torch.softmax(logits.double(), 1).cpu().numpy()}
 
 
-def get_extractor(kind="inception", image_size=None, inception_weights=None, device=None):
-    """Make an extractor by name: "inception", or "digits" (the judge for `image_size`)."""
+DINOV2_WEIGHTS = WeightsFile(
+    "DINOv2 ViT-L/14", ("dinov2_vitl14_pretrain.pth", "vit_large_patch14_dinov2.lvd142m.safetensors"),
+    "GUIDED_DINOV2_WEIGHTS", "--dinov2-weights",
+    ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",),
+    "Meta's release, the file torch.hub.load('facebookresearch/dinov2', 'dinov2_vitl14') fetches; timm's "
+    "vit_large_patch14_dinov2.lvd142m model.safetensors holds the same weights")
+# timm's ViT-L/14 as DINOv2 trained it (LayerScale, a 37 x 37 position grid for 518 px),
+# built for FD-DINOv2's 224 x 224 input.
+DINOV2_VITL14 = {"model_name": "vit_large_patch14_dinov2", "img_size": 224}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dinov2_state_dict(state, net):
+    """A DINOv2 state dict (Meta's release or timm's) made to fit timm's ViT `net`.
+
+    Drops the masked-modelling token and resamples the position grid to the net's input
+    exactly as DINOv2's `interpolate_pos_encoding` does at every forward pass (bicubic,
+    no antialiasing, scale factor (g + 0.1) / G), so the fixed 224 x 224 net computes what
+    the hub model computes on a 224 x 224 image.
+    """
+    state = {k: v for k, v in state.items() if k != "mask_token"}
+    pos, own = state.get("pos_embed"), net.pos_embed
+    if pos is None or pos.shape == own.shape:
+        return state
+    big, small = math.isqrt(pos.shape[1] - 1), math.isqrt(own.shape[1] - 1)
+    if pos.ndim != 3 or big * big != pos.shape[1] - 1:
+        raise GuidedError(f"pos_embed of shape {tuple(pos.shape)} is not a square position grid plus a class token")
+    grid = pos[:, 1:].float().reshape(1, big, big, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((small + 0.1) / big,) * 2, mode="bicubic")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, small * small, -1)
+    state["pos_embed"] = torch.cat([pos[:, :1].float(), grid], 1).to(pos.dtype)
+    return state
+
+
+def _read_weights(path):
+    if not str(path).endswith(".safetensors"):
+        from guided.checkpoints import read_state_dict
+        return read_state_dict(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise GuidedError(f"cannot read {path} as safetensors ({str(e).splitlines()[0]})") from None
+
+
+class DINOv2Features(FeatureExtractor):
+    """DINOv2 ViT-L/14 (Oquab et al. 2023) for FD-DINOv2 (Stein et al. 2023), as EDM2 reports it.
+
+    pool = the class token after the final norm, 1024 dims (the hub model's output). There
+    are no spatial features or class probabilities: no sFID and no Inception Score here.
+    Input as EDM2's detector: grey repeated to RGB, resized to 224 x 224 (bicubic with
+    antialiasing, its 'torch' mode), scaled to [0, 1], normalised by ImageNet's mean and std.
+    `arch`: timm.create_model arguments; ViT-L/14 for real use (tests pass a tiny ViT).
+    """
+
+    name = "dinov2"
+    fd_key = "fd_dinov2"
+
+    def __init__(self, weights_path=None, device=None, arch=DINOV2_VITL14):
+        try:
+            import timm
+        except ImportError:
+            raise GuidedError('FD-DINOv2 needs timm: pip install -e ".[dinov2]" (or pip install timm)') from None
+        from guided.adm import load_state_dict_strict
+
+        path = find_weights(DINOV2_WEIGHTS, weights_path)
+        net = timm.create_model(pretrained=False, num_classes=0, **arch)
+        load_state_dict_strict(net, dinov2_state_dict(_read_weights(path), net), f"DINOv2 weights {path}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.to(self.device).eval()
+        self.size = net.patch_embed.img_size
+        self._key = f"dinov2-{arch['model_name']}-{os.path.getsize(path)}"
+
+    @property
+    def cache_key(self):
+        return self._key
+
+    @torch.inference_mode()
+    def extract(self, images):
+        x = torch.from_numpy(check_images(images)).to(self.device).permute(0, 3, 1, 2).float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=tuple(self.size), mode="bicubic", antialias=True) / 255
+        mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return {"pool": self.net((x - mean) / std).float().cpu().numpy()}
+
+
+FEATURES = ("inception", "dinov2", "digits")
+
+
+def get_extractor(kind="inception", image_size=None, inception_weights=None, device=None, dinov2_weights=None):
+    """Make an extractor by name: "inception", "dinov2", or "digits" (the judge for `image_size`)."""
     if kind == "inception":
         return InceptionFeatures(inception_weights, device=device)
+    if kind == "dinov2":
+        return DINOv2Features(dinov2_weights, device=device)
     if kind == "digits":
         from guided.judge import load_judge
         return load_judge(image_size or 16)
-    raise GuidedError(f"unknown feature extractor {kind!r}; use 'inception' or 'digits'")
+    raise GuidedError(f"unknown feature extractor {kind!r}; use one of {', '.join(FEATURES)}")

@@ -374,16 +374,26 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def plan_labels(classes: list[int], num_samples: int) -> np.ndarray:
-    """Sample i asks for classes[i % K]; an unconditional model gets label -1."""
+CLASS_SAMPLING = ("balanced", "random")
+
+
+def plan_labels(classes: list[int], num_samples: int, sampling: str = "balanced", seed: int = 0) -> np.ndarray:
+    """Sample i asks for classes[i % K] ("balanced"), or for a class drawn uniformly at random
+    with replacement ("random", the paper's sampling scripts; drawn from `seed`, so the plan
+    is the same at any batch size); an unconditional model gets label -1."""
+    if sampling not in CLASS_SAMPLING:
+        raise GuidedError(f"class sampling must be one of {', '.join(CLASS_SAMPLING)}, not {sampling!r}")
     if not classes:
         return np.full(num_samples, -1, dtype=np.int64)
+    if sampling == "random":
+        return np.asarray(classes, dtype=np.int64)[np.random.default_rng(seed).integers(len(classes), size=num_samples)]
     return np.array([classes[i % len(classes)] for i in range(num_samples)], dtype=np.int64)
 
 
 def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batch_size: int, seed: int,
              opts: SampleOptions, device="cpu", overwrite=False, save_pngs=False, init=None,
-             rank: int = 0, world_size: int = 1, barrier=None, settings: Optional[dict] = None) -> Path:
+             rank: int = 0, world_size: int = 1, barrier=None, settings: Optional[dict] = None,
+             class_sampling: str = "balanced") -> Path:
     """Draw `num_samples` into out_dir/samples.npz, grid.png and settings.json.
 
     Batches are saved to out_dir/parts/ as they finish; a rerun with the same
@@ -393,11 +403,11 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
     out = Path(out_dir)
     if num_samples < 1 or batch_size < 1:
         raise GuidedError("--num-samples and --batch-size must be positive")
-    labels = plan_labels(classes, num_samples)
+    labels = plan_labels(classes, num_samples, class_sampling, seed)
     check_labels(p, [y for y in labels if y >= 0], opts)
     check_sampler(p, opts.sampler)
     record = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, classes=classes,
-                  options=asdict(opts))  # parts/ of another batch size do not fit: the plan differs
+                  class_sampling=class_sampling, options=asdict(opts))  # parts/ of another batch size do not fit
     parts = out / "parts"
     if rank == 0:
         _prepare_out(out, record, overwrite)

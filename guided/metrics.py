@@ -167,3 +167,33 @@ def precision_recall(ref_feats, sample_feats, k=3, block=4096, device=None):
             smp_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
             ref_in[i:i + block] |= (d <= r_smp[None, j:j + block]).any(1)
     return float(smp_in.double().mean()), float(ref_in.double().mean())
+
+
+# -- honest counts and spread over seeds ------------------------------------------------------
+MIN_FD_SAMPLES = 1000
+
+
+def fd_count_warnings(metric, dim, n_samples, n_reference=None):
+    """Warnings for a Frechet distance from too few images: below `dim` the covariance
+    estimate is singular, and below 1,000 the distance is biased upwards and noisy
+    (its expectation grows as the count shrinks), so it compares only at equal counts.
+    `n_reference` None: the reference statistics came from elsewhere (a published batch)."""
+    out = []
+    for who, n in (("samples", n_samples), ("reference images", n_reference)):
+        if n is None or n >= max(dim, MIN_FD_SAMPLES):
+            continue
+        why = (f"fewer than its {dim} feature dimensions: the covariance is singular" if n < dim
+               else f"under {MIN_FD_SAMPLES:,}")
+        out.append(f"{metric} from {n} {who} ({why}); it is biased upwards and noisy: "
+                   f"compare it only with runs of the same count")
+    return out
+
+
+def summarize(values):
+    """mean, standard deviation (ddof=1; None for one value), min and max of a metric over
+    seeds, and how many values went in."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}

@@ -1,126 +1,335 @@
-"""Guidance-scale sweeps: sample at each scale, evaluate, tabulate and plot.
+"""Guidance sweeps: sample at each value of a guidance parameter over seeds, evaluate, tabulate, plot.
 
-    python -m guided.sweep --model uncond --scales 0,0.5,1,2,4,10 --num-samples 1000 --out sweeps/uncond
+    python -m guided.sweep --model uncond --scales 0,1,2,4,10 --seeds 3 --num-samples 1000 --out sweeps/uncond
+    python -m guided.sweep --model cond --sweep cfg_scale=1,2,4 --scale 0 --out sweeps/cfg
 
-For each scale the samples go to OUT/scale_<s>/ (samples.npz, grid.png);
-the metrics (FID, sFID, IS, precision, recall, and for digits the share the
-independent judge recognises as the asked class) go to OUT/results.csv and
-OUT/results.json, and their curves against the scale to OUT/sweep.png. A
-sweep that was interrupted resumes: scales already evaluated are kept, and a
-scale whose sampling stopped part-way keeps its finished batches.
+The folder OUT is one experiment. OUT/settings.json records what every row was made with
+(models and their weights' digests, sampler, counts, classes, reference, feature space);
+a rerun with the same settings resumes or extends it (more values, more seeds), one with
+other settings is refused in one line (--overwrite starts afresh), so rows never mix.
+Samples go to OUT/<param>_<value>/seed_<s>/ (samples.npz, grid.png, settings.json); seed
+repetition j draws sample i with seed `seed + j * num_samples + i`, so repetitions share
+no noise and the first is the single-seed sweep. Metrics per run go to OUT/runs.csv; their
+mean, std, min and max over seeds per value to OUT/results.csv and OUT/results.json, and
+their curves to OUT/sweep.png (guided.plots; python -m guided.plots overlays sweeps).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
-import numpy as np
+import torch
 
 from .cli import Parser, run_cli
-from .cli.sample import _scales, add_model_args, add_sampler_args, load_pipeline, options, parse_classes, processes
+from .cli.sample import (_number, _scales, add_model_args, add_sampler_args, load_pipeline, options, parse_classes,
+                         processes)
 from .errors import GuidedError
-from .evaluate import evaluate
-from .generate import generate, write_output
+from .evaluate import METRICS, evaluate
+from .features import FEATURES, get_extractor
+from .generate import SampleOptions, generate, write_output
+from .metrics import summarize
+from .plots import label, plot_sweep
 
-METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "judge_accuracy")
+DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.reference_batch digits
+RESULT_FILES = ("settings.json", "results.json", "results.csv", "runs.csv", "sweep.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweepable:
+    """A sample option a sweep can vary: the SampleOptions field it sets and how a value is read.
+    `apply` replaces the plain field assignment where an option needs more."""
+    field: str
+    parse: Callable[[str], object]
+    help: str
+    apply: Optional[Callable[[SampleOptions, object], SampleOptions]] = None
+
+    def options(self, base: SampleOptions, value) -> SampleOptions:
+        return self.apply(base, value) if self.apply else dataclasses.replace(base, **{self.field: value})
+
+
+def _steps(text: str) -> str:
+    if not text or "," in text:
+        raise TypeError
+    return text
+
+
+SWEEPABLE = {
+    "scale": Sweepable("scale", _number(float, 0.0), "classifier-guidance scale s"),
+    "cfg_scale": Sweepable("cfg_scale", _number(float, 0.0), "classifier-free guidance scale w"),
+    "eta": Sweepable("eta", _number(float, 0.0), "DDIM noise"),
+    "steps": Sweepable("steps", _steps, "respacing, one count or ddimN / quadN per value"),
+}
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """'NAME=V1,V2,...' -> (NAME, [values]) for a parameter in SWEEPABLE."""
+    name, _, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if name not in SWEEPABLE or not values.strip():
+        raise GuidedError(f"--sweep {text!r}: expected NAME=V1,V2,... with NAME one of {', '.join(SWEEPABLE)}")
+    spec = SWEEPABLE[name]
+    try:
+        parsed = [spec.parse(v.strip()) for v in values.split(",") if v.strip()]
+    except TypeError:
+        raise GuidedError(f"--sweep {text!r}: values of {name} must each be a {spec.parse.__name__}") from None
+    return name, list(dict.fromkeys(parsed))
 
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m guided.sweep", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--scales", type=_scales, default=[0, 0.5, 1, 2, 4, 10], help="guidance scales to sample")
+    g = p.add_argument_group("the swept parameter")
+    g.add_argument("--scales", type=_scales, default=None, help="classifier-guidance scales (default: 0,0.5,1,2,4,10)")
+    g.add_argument("--sweep", default=None, metavar="NAME=V1,V2",
+                   help="sweep another sample option instead: " + "; ".join(f"{k} ({s.help})"
+                                                                        for k, s in SWEEPABLE.items()))
+    g.add_argument("--scale", type=_number(float, 0.0), default=0.0,
+                   help="the classifier-guidance scale while another option is swept (default: 0)")
+    g.add_argument("--seeds", type=_number(int, 1), default=1,
+                   help="repetitions per value with disjoint seeds: mean, std, min and max over them (default: 1)")
     add_sampler_args(p)
-    p.add_argument("--reference", default="digits",
-                   help="reference batch (.npz in the paper's layout), or 'digits' for the digits data set")
-    p.add_argument("--features", choices=("digits", "inception"), default=None,
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--reference", default="digits",
+                   help="reference batch (.npz in the paper's layout; python -m guided.reference_batch makes one), or "
+                        "'digits': 1,000 class-balanced training digits built into OUT")
+    e.add_argument("--features", choices=FEATURES, default=None,
                    help="feature network (default: digits for the digits reference, else inception)")
-    p.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
-    p.add_argument("--out", default="sweep", help="sweep folder")
+    e.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
+    e.add_argument("--dinov2-weights", default=None, help="dinov2_vitl14_pretrain.pth (--features dinov2)")
+    p.add_argument("--out", default="sweep", help="sweep folder (default: sweep)")
+    p.add_argument("--overwrite", action="store_true", help="delete the sweep in --out and start afresh")
     return p
 
 
-def digits_reference(path: Path, image_size: int, channels: int) -> Path:
-    """All 1,797 digits at the model's resolution, as a reference batch."""
-    from .evaluate import write_npz
-    from .judge import digits_data
+# -- what a sweep is made with -------------------------------------------------------------------
+def weights_digest(module) -> Optional[str]:
+    """sha256 of a network's weights (values in order, so a compiled copy digests the same)."""
+    if module is None:
+        return None
+    h = hashlib.sha256()
+    for t in module.state_dict().values():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
+    """Everything that changes the numbers of a sweep; not the values, seeds, batch size or device."""
+    opts = dataclasses.asdict(options(args, args.scale))
+    opts.pop(SWEEPABLE[param].field, None)
+    if args.reference == "digits":
+        c, size, _ = pipeline.shape()
+        reference = dict(DIGITS_REFERENCE, image_size=size, channels=c)
+    else:
+        reference = {"file": str(Path(args.reference).resolve()), "sha256": file_digest(Path(args.reference))}
+    return {"sweep": param, "model": args.model, "model_weights": weights_digest(pipeline.model),
+            "classifier": args.classifier, "classifier_weights": weights_digest(pipeline.classifier),
+            "adm_flags": args.adm_flags, "classifier_flags": args.classifier_flags, "classes": classes,
+            "class_sampling": args.class_sampling, "num_samples": args.num_samples, "seed": args.seed,
+            "options": opts, "reference": reference, "features": features}
+
+
+def _flat(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+
+
+def claim(out: Path, settings: dict, overwrite: bool, write: bool) -> None:
+    """Make `out` this sweep's folder: refuse one holding another sweep (or samples), unless
+    `overwrite`, which deletes that sweep first. Only the writing process (`write`) changes files."""
+    settings = json.loads(json.dumps(settings))  # as it reads back
+    f = out / "settings.json"
+    old = json.loads(f.read_text()) if f.is_file() else None
+    if old is not None and "sweep" not in old:
+        raise GuidedError(f"{out} holds samples of sample_guided.py, not a sweep; choose another --out")
+    legacy = old is None and (out / "results.json").is_file()
+    if (legacy or (old is not None and old != settings)) and not overwrite:
+        why = "a sweep from before sweeps recorded their settings" if legacy else \
+            "a sweep with other settings (" + "; ".join(differences(old, settings)) + ")"
+        raise GuidedError(f"{out} holds {why}; pass --overwrite to delete it and start afresh, or choose another --out")
+    if not write:
+        return
+    if overwrite and (legacy or old is not None):
+        param = old["sweep"] if old else "scale"
+        for p in [*(out / n for n in RESULT_FILES), *out.glob(f"{param}_*"), *out.glob("reference_digits_*")]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if not f.is_file() or overwrite:
+        write_output(f, lambda fh: fh.write((json.dumps(settings, indent=1) + "\n").encode()))
+
+
+# -- the results book ----------------------------------------------------------------------------
+def load_runs(out: Path) -> list[dict]:
+    f = out / "results.json"
+    return json.loads(f.read_text())["runs"] if f.is_file() else []
+
+
+def summarize_runs(runs: list[dict], param: str) -> list[dict]:
+    """Per value: how many seeds, and mean / std / min / max of every metric over them."""
+    values = list(dict.fromkeys(r[param] for r in runs))
+    if all(isinstance(v, (int, float)) for v in values):
+        values.sort()
+    rows = []
+    for v in values:
+        mine = [r for r in runs if r[param] == v]
+        row = {param: v, "seeds": len(mine), "num_samples": mine[0]["num_samples"]}
+        row.update({m: summarize([r.get(m) for r in mine]) for m in METRICS if any(m in r for r in mine)})
+        rows.append(row)
+    return rows
+
+
+def save_results(out: Path, settings: dict, runs: list[dict], extractor) -> dict:
+    param = settings["sweep"]
+    results = {"param": param, "features": extractor.name, "fd_key": extractor.fd_key, "settings": settings,
+               "summary": summarize_runs(runs, param), "runs": runs}
+    write_output(out / "results.json", lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
+    flat = [{param: r[param], "seeds": r["seeds"], "num_samples": r["num_samples"],
+             **{f"{m}_{s}": r[m][s] for m in METRICS if m in r for s in ("mean", "std", "min", "max")}}
+            for r in results["summary"]]
+    _write_csv(out / "results.csv", flat)
+    _write_csv(out / "runs.csv", runs)
+    plot_sweep(out / "sweep.png", results)
+    return results
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    write_output(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def format_table(results: dict) -> str:
+    """The summary as text: mean +- std (min) of every metric per value, with the counts."""
+    param, rows = results["param"], results["summary"]
+    metrics = [m for m in METRICS if any(m in r for r in rows)]
+    cell = lambda s: "-" if s["mean"] is None else (  # noqa: E731
+        f"{s['mean']:.4g}" + (f" +- {s['std']:.2g} (min {s['min']:.4g})" if s["std"] is not None else ""))
+    table = [[param, "seeds", "samples", *metrics]]
+    table += [[label(r[param]), str(r["seeds"]), str(r["num_samples"]), *(cell(r[m]) if m in r else "-" for m in metrics)]
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+
+
+# -- the sweep -----------------------------------------------------------------------------------
+def swept(args) -> tuple[str, list]:
+    if args.sweep and args.scales:
+        raise GuidedError("give either --scales or --sweep NAME=V1,V2, not both")
+    if args.sweep:
+        return parse_sweep(args.sweep)
+    return "scale", list(dict.fromkeys(args.scales or [0, 0.5, 1, 2, 4, 10]))
+
+
+def make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, a file in the way, no permission
+        raise GuidedError(f"cannot use {out} as the sweep folder: {e.strerror or e}") from None
+
+
+def reference_file(args, out: Path, settings: dict) -> Path:
+    """The reference batch; for 'digits', built into OUT by guided.reference_batch once."""
+    if args.reference != "digits":
+        return Path(args.reference)
+    from .reference_batch import build_reference, write_reference
+
+    r = settings["reference"]
+    path = out / f"reference_digits_{r['image_size']}px_{r['channels']}ch.npz"
     if not path.exists():
-        images, labels = digits_data(image_size)
-        write_npz(path, np.repeat(images, channels, axis=-1) if channels == 3 else images, labels)
+        images, labels = build_reference("digits", r["image_size"], r["num_samples"], channels=r["channels"],
+                                         seed=r["seed"], progress=False)
+        write_reference(path, images, labels)
     return path
 
 
-def load_results(out: Path) -> dict[str, dict]:
-    f = out / "results.json"
-    return {row["scale"]: row for row in json.loads(f.read_text())} if f.exists() else {}
+def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, rank, world, barrier) -> Path:
+    npz, record = point / "samples.npz", point / "settings.json"
+    opts = spec.options(options(args, args.scale), value)
+    if npz.exists() and record.exists():  # sampled before an interruption: it must be this point's
+        expected = {"seed": seed, "num_samples": args.num_samples, "options": dataclasses.asdict(opts)}
+        found = json.loads(record.read_text())
+        if any(found.get(k) != json.loads(json.dumps(v)) for k, v in expected.items()):
+            raise GuidedError(f"{npz} was drawn with other settings than this sweep's; delete {point} "
+                              f"or use --overwrite")
+        return npz
+    # without settings.json the assembly was cut short: its batches are still in parts/ and are reused
+    generate(pipeline, point, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size, seed=seed,
+             opts=opts, device=device, rank=rank, world_size=world, barrier=barrier, class_sampling=args.class_sampling,
+             settings={"model": args.model, "classifier": args.classifier, "sweep": str(point.parent.parent)},
+             overwrite=npz.exists())
+    return npz
 
 
-def save_results(out: Path, rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: float(r["scale"]))
-    write_output(out / "results.json", lambda f: f.write((json.dumps(rows, indent=1) + "\n").encode()))
-
-    def write_csv(f):
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=["scale", *[m for m in METRICS if m in rows[0]], "num_samples"],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        f.write(text.getvalue().encode())
-    write_output(out / "results.csv", write_csv)
-    plot(out / "sweep.png", rows)
-
-
-def plot(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in METRICS if m in rows[0]]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
-    scales = [float(r["scale"]) for r in rows]
-    for ax, m in zip(np.atleast_1d(axes), metrics):
-        ax.plot(scales, [r[m] for r in rows], "o-")
-        ax.set_xlabel("guidance scale")
-        ax.set_title(m.replace("_", " "))
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    write_output(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-def sweep(args) -> list[dict]:
+def sweep(args) -> dict:
+    param, values = swept(args)
+    spec = SWEEPABLE[param]
+    if not args.reference == "digits" and not Path(args.reference).is_file():
+        raise GuidedError(f"reference batch {args.reference} does not exist")
+    out = Path(args.out)
+    make_folder(out)
     device, rank, world, barrier = processes(args)
     pipeline = load_pipeline(args, device)
     classes = parse_classes(args.classes, pipeline)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    c, size, _ = pipeline.shape()
-    reference = Path(args.reference) if args.reference != "digits" else digits_reference(
-        out / f"reference_digits_{size}.npz", size, c)
-    if not reference.exists():
-        raise GuidedError(f"reference batch {reference} does not exist")
     features = args.features or ("digits" if args.reference == "digits" else "inception")
-    done = load_results(out)
-    for scale in args.scales:
-        key = f"{scale:g}"
-        if key in done:
+    settings = sweep_settings(args, param, pipeline, classes, features)
+    claim(out, settings, args.overwrite, write=rank == 0)
+    if barrier:
+        barrier()
+    extractor, reference = None, None
+    if rank == 0:  # before any sampling: missing weights fail now, not after hours
+        extractor = get_extractor(features, pipeline.shape()[1], args.inception_weights, device, args.dinov2_weights)
+        reference = reference_file(args, out, settings)
+    runs = load_runs(out)
+    done = {(json.dumps(r[param]), r["seed"]) for r in runs}
+    seeds = [args.seed + j * args.num_samples for j in range(args.seeds)]
+    todo = [(v, s) for v in values for s in seeds if (json.dumps(v), s) not in done]
+    warned = set()
+    for value, seed in todo:
+        point = out / f"{param}_{label(value)}" / f"seed_{seed}"
+        npz = run_point(args, pipeline, classes, spec, value, seed, point, device, rank, world, barrier)
+        if rank != 0:
             continue
-        folder = out / f"scale_{key}"
-        npz = folder / "samples.npz"
-        if not npz.exists():
-            generate(pipeline, folder, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size,
-                     seed=args.seed, opts=options(args, scale), device=device, rank=rank, world_size=world,
-                     barrier=barrier, settings={"model": args.model, "classifier": args.classifier})
-        if rank == 0:
-            metrics = evaluate(npz, reference, features, inception_weights=args.inception_weights, device=device)
-            done[key] = {"scale": key, **{m: float(metrics[m]) for m in METRICS if m in metrics},
-                         "num_samples": int(metrics["num_samples"])}
-            save_results(out, list(done.values()))
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in done[key].items()))
-    return sorted(done.values(), key=lambda r: float(r["scale"]))
+        m = evaluate(npz, reference, extractor, batch_size=64, device=device)
+        runs.append({param: value, "seed": seed, **{k: m[k] for k in (*METRICS, "num_samples", "num_reference",
+                                                                      "num_labelled") if k in m}})
+        save_results(out, settings, runs, extractor)
+        print(f"{param}={label(value)} seed={seed}: " + " ".join(
+            f"{k}={m[k]:.4g}" for k in METRICS if k in m) + f" ({m['num_samples']} samples)")
+        for w in m["warnings"]:
+            if w not in warned:
+                print(f"warning: {w}", file=sys.stderr)
+                warned.add(w)
+    if rank != 0:
+        return {}
+    if not runs:
+        raise GuidedError(f"{out}: nothing to evaluate")
+    results = json.loads((out / "results.json").read_text())
+    if not todo:
+        print(f"{out} is complete: {len(values)} values x {len(seeds)} seeds already evaluated; nothing to do")
+    print(format_table(results))
+    return results
 
 
 def main(argv=None) -> int:

@@ -254,9 +254,10 @@ FEW = [("ddpm", "250"), ("ddim", "50"), ("ddim", "quad50"), ("dpm++", "quad50"),
 
 def fewstep(args):
     from guided.evaluate import evaluate
-    from guided.sweep import digits_reference
 
-    ref = digits_reference(OUT / "reference_digits_16.npz", 16, 3)
+    ref = OUT / "reference_digits_16.npz"  # the sweeps' digits reference: 1,000 balanced training digits
+    if not ref.exists():
+        sh(f"python -m guided.reference_batch digits --image-size 16 --num-samples 1000 --out {ref.relative_to(ROOT)}")
     n = args.num_samples
     rows = []
     for sampler, steps in FEW:

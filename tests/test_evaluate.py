@@ -220,3 +220,69 @@ def test_cli_as_a_program_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no such file") and "\n" not in proc.stderr.strip()
+
+
+# ---- honest counts, warnings, several sample files ----------------------------------------
+
+def test_every_metric_is_printed_with_its_sample_count(npzs, capsys):
+    smp, ref = npzs
+    assert main([smp, ref, "--features", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "FID: " in out and "(297 samples, 600 reference)" in out
+    assert "Inception Score: " in out and "(297 samples)" in out
+    assert "Judge accuracy: " in out and "(297 labelled samples)" in out
+    assert "Precision: " in out and "(297 samples, 600 reference, k=3)" in out
+
+
+def test_fid_from_few_samples_warns(npzs, tmp_path, digits, capsys):
+    """As found: FID from 20 samples was printed without a word that it is meaningless."""
+    images, labels, _, heldout = digits
+    _, ref = npzs
+    few = write_npz(tmp_path / "few.npz", images[heldout[:20]], labels[heldout[:20]])
+    res = evaluate(few, ref, "digits", progress=False)
+    # the judge's pool features have 64 dimensions: 20 samples cannot even fill the covariance
+    assert any(w.startswith("FID from 20 samples (fewer than its 64 feature dimensions") for w in res["warnings"])
+    assert any(w.startswith("FID from 600 reference images (under 1,000)") for w in res["warnings"])
+    assert any("sFID from 20 samples (fewer than its 128 feature dimensions" in w for w in res["warnings"])
+    more = write_npz(tmp_path / "more.npz", images[heldout[:200]], labels[heldout[:200]])
+    assert any(w.startswith("FID from 200 samples (under 1,000)")
+               for w in evaluate(more, ref, "digits", progress=False)["warnings"])
+    assert main([few, ref, "--features", "digits"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: FID from 20 samples" in err
+
+
+def test_labels_outside_the_judges_classes_warn_instead_of_scoring_zero(npzs, tmp_path, digits, capsys):
+    """As found: an unconditional model's samples (label -1) were reported with accuracy 0.0."""
+    images, labels, _, heldout = digits
+    _, ref = npzs
+    unlabelled = write_npz(tmp_path / "u.npz", images[heldout[:50]], np.full(50, -1))
+    res = evaluate(unlabelled, ref, "digits", progress=False)
+    assert "judge_accuracy" not in res
+    assert any("50 of 50 sample labels are outside the judge's 10 classes (e.g. -1)" in w for w in res["warnings"])
+    mixed_labels = labels[heldout[:50]].copy()
+    mixed_labels[:10] = 207  # an ImageNet class
+    mixed = write_npz(tmp_path / "m.npz", images[heldout[:50]], mixed_labels)
+    res = evaluate(mixed, ref, "digits", progress=False)
+    assert res["num_labelled"] == 40
+    assert res["judge_accuracy"] == load_judge(16).accuracy(images[heldout[10:50]], labels[heldout[10:50]])
+    assert main([unlabelled, ref, "--features", "digits"]) == 0
+    captured = capsys.readouterr()
+    assert "Judge accuracy" not in captured.out and "outside the judge's 10 classes" in captured.err
+
+
+def test_several_sample_files_give_mean_std_min_max(npzs, tmp_path, digits, capsys):
+    images, labels, train, heldout = digits
+    _, ref = npzs
+    parts = [heldout[i * 90:(i + 1) * 90] for i in range(3)]
+    files = [write_npz(tmp_path / f"s{i}.npz", images[p], labels[p]) for i, p in enumerate(parts)]
+    single = [evaluate(f, ref, "digits", progress=False)["fid"] for f in files]
+    assert main([*files, ref, "--features", "digits", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    import json
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]["fid"]
+    assert summary["mean"] == pytest.approx(np.mean(single)) and summary["min"] == pytest.approx(min(single))
+    assert summary["std"] == pytest.approx(np.std(single, ddof=1)) and summary["n"] == 3
+    rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    assert {"mean", "std", "min", "max"} <= set(rows) and all(f in rows for f in files)
+    assert rows[files[0]][1] == "90"  # the sample count column

@@ -103,3 +103,20 @@ def test_precision_recall_needs_k_plus_one_points():
         precision_recall(x, np.ones((10, 2)), k=3)
     with pytest.raises(GuidedError, match="differ in size"):
         precision_recall(np.ones((10, 2)), np.ones((10, 3)))
+
+
+def test_summarize_over_seeds():
+    from guided.metrics import summarize
+    s = summarize([3.0, 1.0, 2.0])
+    assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert summarize([5.0])["std"] is None and summarize([])["n"] == 0
+
+
+def test_fd_count_warnings_thresholds():
+    from guided.metrics import fd_count_warnings
+    assert fd_count_warnings("FID", 64, 1000, 1000) == []
+    assert fd_count_warnings("FID", 2048, 1500, None)[0].startswith(
+        "FID from 1500 samples (fewer than its 2048 feature dimensions")
+    below = fd_count_warnings("FID", 64, 999, 5000)
+    assert len(below) == 1 and "under 1,000" in below[0]
+    assert len(fd_count_warnings("FID", 64, 10, 10)) == 2  # samples and reference

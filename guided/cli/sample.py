@@ -94,6 +94,9 @@ def add_sampler_args(p):
                         "behind the eps of pc and ode (default: on for the shipped cond and uncond models, off "
                         "for every other model)")
     s.add_argument("--num-samples", type=_number(int, 1), default=100)
+    s.add_argument("--class-sampling", choices=("balanced", "random"), default="balanced",
+                   help="balanced: sample i asks for class i mod K; random: classes drawn uniformly at random, as the "
+                        "paper's sampling scripts (default: balanced)")
     s.add_argument("--batch-size", type=_number(int, 1), default=100)
     s.add_argument("--seed", type=_number(int, 0), default=0)
     s.add_argument("--device", default=None, help="default: cuda if present, else mps, else cpu")
@@ -329,7 +332,7 @@ def _main(args) -> int:
         path = generate(pipeline, out, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size,
                         seed=args.seed, opts=options(args, scale), device=device, overwrite=args.overwrite,
                         save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
-                        settings=settings)
+                        settings=settings, class_sampling=args.class_sampling)
         if rank == 0:
             print(f"wrote {path} and {path.parent / 'grid.png'} (scale {scale:g})")
     return 0
