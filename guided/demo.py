@@ -200,6 +200,7 @@ def build_page(p: Pipeline, args, device):
 
     base = options(args, 0.0)
     names = class_choices(p)
+    start_sampler = "langevin" if p.objective == "ncsn" and args.sampler == "ddpm" else args.sampler
     first = args.classes if args.classes is not None else (names[0] if names else None)
 
     def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
@@ -243,7 +244,7 @@ def build_page(p: Pipeline, args, device):
                     method = gr.Radio(list(METHODS), value=args.method or default_method(p),
                                       label="guidance method", elem_id="method")
                     scale = gr.Number(args.scale, label="guidance scale", elem_id="scale")
-                    sampler = gr.Dropdown(list(SAMPLER_NAMES), value=args.sampler, label="sampler",
+                    sampler = gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler",
                                           elem_id="sampler")
                     steps = gr.Textbox(args.steps, label="steps", elem_id="steps",
                                        info="a count (50), section counts (10,15,20), ddimN or quadN")

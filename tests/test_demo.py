@@ -207,3 +207,27 @@ def test_a_port_it_cannot_serve_on_is_one_line(capsys):
         assert main(["--device", "cpu", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot serve on 127.0.0.1:{port} (") and err.count("\n") == 1, err
+
+
+def test_a_grey_model_on_the_page():
+    """A one-channel model (the digits models are being retrained grey) shows grey grids."""
+    _browser_or_skip()
+    import demo_browser as web
+    from guided.demo import build_page, build_parser
+
+    args = build_parser().parse_args(["--steps", "10", "--num-samples", "3", "--class", "1", "--method", "none"])
+    page, port = build_page(tiny_pipeline(channels=1), args, "cpu"), web.free_port()
+    page.queue().launch(server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    driver = None
+    try:
+        driver = web.chromium()
+        driver.get(f"http://127.0.0.1:{port}/")
+        web.wait_for(driver, lambda d: d.find_elements("id", "generate"))
+        assert web.generate(driver).startswith("3 samples, class 1, none guidance")
+        samples, steps = web.image(driver, "samples"), web.image(driver, "previews")
+        assert (samples.size, samples.mode) == ((3 * 80, 80), "L")
+        assert (steps.size, steps.mode) == (((len(PREVIEW_AT) + 1) * 80, 3 * 80), "L")
+    finally:
+        if driver is not None:
+            driver.quit()
+        page.close()
