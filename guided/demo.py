@@ -32,11 +32,14 @@ from .errors import GuidedError
 from .generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
 from .generate import to_uint8
 
-# The guidance methods the page offers: name -> the SampleOptions fields it sets from the page's scale.
+# The guidance methods of the page: name -> the SampleOptions fields it sets from the page's scale
+# (guided/guidance.py). The page lists those the pipeline has the networks for.
 METHODS = {
     "none": lambda s: {},
     "classifier": lambda s: {"scale": s},  # s grad log p(y | x_t) (Dhariwal & Nichol, Algorithms 1-2)
     "classifier-free": lambda s: {"cfg_scale": s},  # eps_u + s (eps_c - eps_u) (Ho & Salimans 2022)
+    "autoguidance": lambda s: {"autoguide_scale": s},  # eps_w + s (eps - eps_w) (Karras et al. 2024)
+    "x0-classifier": lambda s: {"x0_scale": s},  # s grad log p(y | x0_hat(x_t)), a clean-image classifier
 }
 PREVIEW_AT = (0.1, 0.3, 0.5, 0.7, 0.9)  # shares of the reverse process where the x0 estimate is shown
 MAX_SAMPLES = 100
@@ -60,10 +63,21 @@ def build_parser() -> Parser:
     return p
 
 
+def available_methods(p: Pipeline) -> list[str]:
+    """The methods whose networks the pipeline has: those the library's own check accepts."""
+    names = []
+    for name, sets in METHODS.items():
+        try:
+            check_labels(p, [], replace(SampleOptions(), **sets(2.0)))
+        except GuidedError:
+            continue
+        names.append(name)
+    return names
+
+
 def default_method(p: Pipeline) -> str:
-    if p.classifier is not None:
-        return "classifier"
-    return "classifier-free" if getattr(p.model.cfg, "null_class", False) else "none"
+    methods = available_methods(p)
+    return next((m for m in ("classifier", "classifier-free") if m in methods), methods[0])
 
 
 def class_choices(p: Pipeline) -> list[str]:
@@ -79,8 +93,9 @@ def _whole(value, name, low, high=None) -> int:
     return int(value)
 
 
-def request(p: Pipeline, base: SampleOptions, class_text, method, scale, sampler, steps, num_samples, seed):
-    """The page's fields checked and turned into (labels, seeds, options); a GuidedError names what is wrong."""
+def request(p: Pipeline, args, class_text, method, scale, sampler, steps, num_samples, seed):
+    """The page's fields checked and turned into (labels, seeds, options); a GuidedError names what is wrong.
+    `args`: the demo's command line, whose sampler flags (--eta, --no-clip, ...) the options keep."""
     if method not in METHODS:
         raise GuidedError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
     if scale is None or not math.isfinite(scale) or scale < 0:
@@ -90,8 +105,8 @@ def request(p: Pipeline, base: SampleOptions, class_text, method, scale, sampler
     n = _whole(num_samples, "the number of samples", 1, MAX_SAMPLES)
     seed = _whole(seed, "the seed", 0)
     classes = parse_classes(str(class_text or "").strip() or None, p)  # empty: every class
-    opts = replace(base, sampler=sampler, steps=str(steps).strip(),
-                   **{"scale": 0.0, "cfg_scale": 1.0, **METHODS[method](float(scale))})
+    base = options(argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": str(steps).strip()}), 0.0)
+    opts = replace(base, **{"scale": 0.0, "cfg_scale": 1.0, **METHODS[method](float(scale))})
     labels = plan_labels(classes, n)
     check_sampler(p, sampler)
     check_labels(p, [y for y in labels if y >= 0], opts)
@@ -198,7 +213,6 @@ def build_page(p: Pipeline, args, device):
     """The Gradio Blocks of the two tabs."""
     import gradio as gr
 
-    base = options(args, 0.0)
     names = class_choices(p)
     start_sampler = "langevin" if p.objective == "ncsn" and args.sampler == "ddpm" else args.sampler
     first = args.classes if args.classes is not None else (names[0] if names else None)
@@ -206,7 +220,7 @@ def build_page(p: Pipeline, args, device):
     def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
         start = time.perf_counter()
         try:
-            labels, seeds, opts = request(p, base, class_text, method, scale, sampler, steps, num_samples, seed)
+            labels, seeds, opts = request(p, args, class_text, method, scale, sampler, steps, num_samples, seed)
             shown, percent = 0, 0
             for done, previews, samples in stream(p, labels, seeds, opts, device):
                 progress(done, desc="sampling")
@@ -241,7 +255,7 @@ def build_page(p: Pipeline, args, device):
                                       interactive=bool(names),
                                       info="a name, an index, or a comma list" if names else "this model has no "
                                       "classes")
-                    method = gr.Radio(list(METHODS), value=args.method or default_method(p),
+                    method = gr.Radio(available_methods(p), value=args.method or default_method(p),
                                       label="guidance method", elem_id="method")
                     scale = gr.Number(args.scale, label="guidance scale", elem_id="scale")
                     sampler = gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler",
@@ -288,6 +302,8 @@ def _main(args) -> int:
     check_device(args.device)
     device = args.device or default_device()
     pipeline = load_pipeline(args, device)
+    if args.method is not None and args.method not in available_methods(pipeline):
+        raise GuidedError(f"--method {args.method}: this model offers {', '.join(available_methods(pipeline))}")
     page = build_page(pipeline, args, device)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: no font downloads

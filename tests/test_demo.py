@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
-from guided.demo import METHODS, PREVIEW_AT, grid, read_sweep, request, stream, trajectory
+from guided.demo import (METHODS, PREVIEW_AT, available_methods, build_parser, grid, read_sweep, request, stream,
+                         trajectory)
 from guided.errors import GuidedError
-from guided.generate import Pipeline, SampleOptions, sample_batch, to_uint8
+from guided.generate import Pipeline, sample_batch, to_uint8
 from guided.unet import EncoderUNetModel, UNetModel
 
 
-def tiny_pipeline(channels=3, null_class=False):
+def tiny_pipeline(channels=3, null_class=False, **extra):
     torch.manual_seed(0)
     arch = dict(image_size=8, model_channels=32, num_res_blocks=1, channel_mult=[1, 2], attention_resolutions=[4],
                 in_channels=channels)
@@ -26,23 +27,32 @@ def tiny_pipeline(channels=3, null_class=False):
         for net in (m, c):
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-    return Pipeline(m.eval(), node(DiffusionConfig, dict(variance="learned_range", noise_schedule="cosine")), c.eval())
+    diffusion = node(DiffusionConfig, dict(variance="learned_range", noise_schedule="cosine"))
+    return Pipeline(m.eval(), diffusion, c.eval(), **extra)
 
 
-BASE = SampleOptions()
+ARGS = build_parser().parse_args([])
 
 
-def ask(p, **kw):
+def ask(p, args=ARGS, **kw):
     page = dict(class_text="1", method="classifier", scale=4, sampler="ddim", steps="10", num_samples=3, seed=5)
-    return request(p, BASE, **{**page, **kw})
+    return request(p, args, **{**page, **kw})
 
 
 def test_each_method_sets_its_sample_options():
-    p = tiny_pipeline(null_class=True)
+    weak = tiny_pipeline(null_class=True).model
+    p = tiny_pipeline(null_class=True, weak_model=weak, x0_classifier=tiny_pipeline().classifier)
+    assert available_methods(p) == list(METHODS)
     seen = {name: ask(p, method=name, scale=2.5)[2] for name in METHODS}
-    assert (seen["none"].scale, seen["none"].cfg_scale) == (0.0, 1.0)
-    assert (seen["classifier"].scale, seen["classifier"].cfg_scale) == (2.5, 1.0)
-    assert (seen["classifier-free"].scale, seen["classifier-free"].cfg_scale) == (0.0, 2.5)
+    fields = ("scale", "cfg_scale", "autoguide_scale", "x0_scale")
+    assert {name: tuple(getattr(o, f) for f in fields) for name, o in seen.items()} == {
+        "none": (0.0, 1.0, 1.0, 0.0), "classifier": (2.5, 1.0, 1.0, 0.0), "classifier-free": (0.0, 2.5, 1.0, 0.0),
+        "autoguidance": (0.0, 1.0, 2.5, 0.0), "x0-classifier": (0.0, 1.0, 1.0, 2.5)}
+    assert available_methods(tiny_pipeline()) == ["none", "classifier"]
+    # the command line's sampler flags are kept; the page's sampler and steps replace its own
+    args = build_parser().parse_args(["--eta", "0.5", "--no-clip", "--sampler", "pc", "--steps", "77"])
+    opts = ask(p, args)[2]
+    assert (opts.eta, opts.clip_denoised, opts.sampler, opts.steps) == (0.5, False, "ddim", "10")
     labels, seeds, opts = ask(p, class_text="0, 2", num_samples=4, seed=7)
     assert labels.tolist() == [0, 2, 0, 2] and seeds.tolist() == [7, 8, 9, 10]
     assert (opts.sampler, opts.steps) == ("ddim", "10")
@@ -61,7 +71,8 @@ def test_each_method_sets_its_sample_options():
     (dict(method="magic"), r"unknown guidance method 'magic'"),
     (dict(sampler="euler"), r"unknown sampler 'euler'"),
     (dict(sampler="langevin"), r"needs an NCSN model"),
-    (dict(method="classifier-free"), r"needs a model trained with label dropout"),
+    (dict(method="classifier-free"), r"needs a class-conditional model trained with label dropout"),
+    (dict(method="autoguidance"), r"needs a weaker model"),
 ])
 def test_bad_requests_get_one_line(kw, message):
     with pytest.raises(GuidedError, match=message):
@@ -81,13 +92,15 @@ def test_stream_shows_x0_along_the_way_and_the_same_samples(channels, sampler, s
     # the preview hook leaves the samples untouched: bit-identical to a run without it
     assert np.array_equal(samples, to_uint8(sample_batch(p, labels, seeds, opts)))
     assert [round(d, 6) >= m for (d, _), m in zip(previews, PREVIEW_AT)] == [True] * len(PREVIEW_AT)
-    assert all(x0.shape == (3, 8, 8, channels) and x0.dtype == np.uint8 for _, x0 in previews)
+    assert all(x0.shape == (3, 8, 8, 3) and x0.dtype == np.uint8 for _, x0 in previews)
+    if channels == 1:  # a grey model's images are grey in three equal channels
+        assert all((a == a[..., :1]).all() for a in [samples] + [x0 for _, x0 in previews])
     # the x0 estimate sharpens towards the sample: the last one is closer than the first
     gap = [np.abs(x0.astype(int) - samples.astype(int)).mean() for _, x0 in previews]
     assert gap[-1] < gap[0]
     # a 3-sample grid of 8-pixel images, 8x zoom, 1-pixel borders: 3 * 10 * 8 wide, one row
     g = grid(samples, labels)
-    assert g.size == (3 * 10 * 8, 10 * 8) and g.mode == ("L" if channels == 1 else "RGB")
+    assert g.size == (3 * 10 * 8, 10 * 8) and g.mode == "RGB"
     t = trajectory(previews, samples)
     assert t.size == ((len(PREVIEW_AT) + 1) * 80, 3 * 80)
 
@@ -225,8 +238,10 @@ def test_a_grey_model_on_the_page():
         web.wait_for(driver, lambda d: d.find_elements("id", "generate"))
         assert web.generate(driver).startswith("3 samples, class 1, none guidance")
         samples, steps = web.image(driver, "samples"), web.image(driver, "previews")
-        assert (samples.size, samples.mode) == ((3 * 80, 80), "L")
-        assert (steps.size, steps.mode) == (((len(PREVIEW_AT) + 1) * 80, 3 * 80), "L")
+        assert samples.size == (3 * 80, 80) and steps.size == ((len(PREVIEW_AT) + 1) * 80, 3 * 80)
+        for im in (samples, steps):  # grey: every pixel's channels are equal
+            a = np.asarray(im.convert("RGB"))
+            assert (a == a[..., :1]).all() and a.std() > 10
     finally:
         if driver is not None:
             driver.quit()
