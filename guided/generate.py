@@ -183,19 +183,25 @@ def check_sampler(p: Pipeline, sampler: str) -> None:
 
 
 def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
-                 init: Optional[dict] = None, x_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 init: Optional[dict] = None, x_T: Optional[torch.Tensor] = None, preview=None) -> torch.Tensor:
     """Draw len(labels) samples in [-1, 1]; sample i uses the generator seeded with seeds[i].
     `init` (SDEdit) holds `image` [C,H,W] in [-1, 1], `t0` in (0, 1] and an optional `mask` [1,H,W]
-    (1 = may change). `x_T`: start from this noise instead of drawing it (e.g. a reference run's)."""
+    (1 = may change). `x_T`: start from this noise instead of drawing it (e.g. a reference run's).
+    `preview(done, x0)`, if given, is called along the way with the share of the reverse process
+    done, in (0, 1], and the current denoised prediction (the x0 estimate)."""
     check_sampler(p, opts.sampler)
     if opts.sampler in SCORE_FAMILY:
-        return sample_score_family(p, labels, seeds, opts, device=device, progress=progress, init=init, x_T=x_T)
+        return sample_score_family(p, labels, seeds, opts, device=device, progress=progress, init=init, x_T=x_T,
+                                   preview=preview)
     device = torch.device(device)
     noise = SampleNoise(seeds, device)
     x = noise.randn(p.shape()) if x_T is None else x_T.to(device)
     diffusion, model_fn, kw = discrete_sampler(p, labels, opts, noise, progress=progress)
     if init is not None:
         x = _sdedit_start(diffusion, init, x, noise, kw)
+    if preview is not None:
+        n = kw.get("start_index", diffusion.num_timesteps - 1) + 1
+        kw["callback"] = lambda i, x_i, x0: preview((n - i) / n, x0)
     with _autocast(device, opts.precision):
         out = SAMPLERS[opts.sampler](diffusion, model_fn, x, **kw)
     return out.float()
@@ -254,7 +260,7 @@ def clipped_eps(model_fn, sde, x, t, clip: bool):
 
 
 def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
-                        init=None, x_T=None) -> torch.Tensor:
+                        init=None, x_T=None, preview=None) -> torch.Tensor:
     """The score-SDE samplers (Song et al. 2021; Song & Ermon 2019) over the pipeline's score;
     SDEdit (Meng et al. 2022) runs the reverse SDE from t0 with the pc sampler."""
     from . import score_sampling as ss
@@ -263,6 +269,8 @@ def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, devi
     y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
     noise = SampleNoise(seeds, device)
     score, sde = score_function(p, y, opts)
+    if preview is not None:
+        score = previewing(score, sde, preview)
     extra = dict(opts.extra)
     steps = int(opts.steps) if str(opts.steps).isdigit() else None
     if init is not None:
@@ -284,6 +292,19 @@ def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, devi
             x = ss.annealed_langevin(score, sde, x_T, sigmas=p.ncsn_sigmas, generator=noise, progress=progress,
                                      **extra)
     return x.float().clamp(-1, 1)
+
+
+def previewing(score, sde, preview):
+    """The score, also reporting at each evaluation the share of [T, eps] done and Tweedie's
+    denoised estimate E[x0 | x_t] = (x_t + sigma_t^2 s(x_t, t)) / alpha_t (Efron 2011)."""
+    from .sde import expand_as
+
+    def score_fn(x, t):
+        s = score(x, t)
+        alpha, sigma = (expand_as(v, x) for v in sde.marginal(t))
+        preview(float((sde.T - t[0]) / (sde.T - sde.eps)), (x + sigma**2 * s) / alpha)
+        return s
+    return score_fn
 
 
 def _sdedit_start(diffusion, init, x_T, noise, kw):
@@ -325,7 +346,13 @@ def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int = 10, min_cell: int = 64) -> None:
-    """One row per class (up to `columns` samples each), upscaled so small images stay visible."""
+    """grid_image written as a PNG."""
+    pil = grid_image(images, labels, columns, min_cell)
+    write_output(Path(path), lambda f: pil.save(f, format="PNG"))
+
+
+def grid_image(images: np.ndarray, labels: np.ndarray, columns: int = 10, min_cell: int = 64):
+    """One row per class (up to `columns` samples each), upscaled so small images stay visible (a PIL image)."""
     from PIL import Image
 
     rows = [images[labels == c][:columns] for c in np.unique(labels)] if len(labels) else [images[:columns]]
@@ -336,8 +363,7 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int =
         for c, img in enumerate(row):
             grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img
     pil = Image.fromarray(grid[..., 0] if ch == 1 else grid)
-    pil = pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
-    write_output(Path(path), lambda f: pil.save(f, format="PNG"))
+    return pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
 
 
 class OutputLock:

@@ -97,21 +97,24 @@ def ddim_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, no
 
 
 def run_loop(step, diffusion: GaussianDiffusion, model_fn, x_T, *, start_index=None, after_step=None,
-             progress=False, **kw):
+             progress=False, callback=None, **kw):
     """Apply `step` from respaced index `start_index` (default: the last) down to 0.
-    `after_step(i, x)` may replace x after each step (SDEdit's mask re-noising)."""
+    `after_step(i, x)` may replace x after each step (SDEdit's mask re-noising);
+    `callback(i, x, pred_xstart)` then sees it and the x0 prediction of the step (read only)."""
     start = diffusion.num_timesteps - 1 if start_index is None else start_index
     x = x_T
     for i in tqdm(range(start, -1, -1), disable=not progress, desc="reverse steps", leave=False):
         with torch.no_grad():
-            x, _ = step(diffusion, model_fn, x, i, **kw)
+            x, out = step(diffusion, model_fn, x, i, **kw)
         if after_step is not None:
             x = after_step(i, x)
+        if callback is not None:
+            callback(i, x, out["pred_xstart"])
     return x
 
 
 def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, start_index=None, after_step=None,
-             progress=False, clip_guided=False, **_):
+             progress=False, clip_guided=False, callback=None, **_):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), a second-order multistep solver of the
     probability-flow ODE in data prediction, over the respaced steps. Guidance corrects eps
     as in DDIM (Algorithm 2 of Dhariwal & Nichol) before x0 is predicted. With one step it is DDIM."""
@@ -136,6 +139,8 @@ def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, star
             prev_x0, prev_h = x0, h
         if after_step is not None:
             x = after_step(i, x)
+        if callback is not None:
+            callback(i, x, x0)
     return x
 
 

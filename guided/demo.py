@@ -1,0 +1,340 @@
+"""guided-demo: a local web page to pick a class, a guidance method and its scale, and watch samples form.
+
+    guided-demo                                   # the shipped digits models, http://127.0.0.1:7860
+    guided-demo --model uncond --class 7 --scale 10
+    python -m guided.demo --model runs/imagenet64 --classifier runs/imagenet64_clf --sweep sweeps/in64
+
+The model flags are sample_guided.py's (any model it accepts); the sampler flags set the page's
+starting values. The page has two tabs: "Generate" draws a grid and shows the denoised
+prediction (the x0 estimate) at a few points along the way; "Sweep" shows a sweep folder's
+results.csv and its PNG plots. Needs the demo extra: pip install -e ".[demo]" (Gradio).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .cli import Parser, run_cli
+from .cli.sample import (SAMPLER_NAMES, _number, add_model_args, add_sampler_args, check_device, default_device,
+                         load_pipeline, options, parse_classes)
+from .errors import GuidedError
+from .generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
+from .generate import to_uint8
+
+# The guidance methods of the page: name -> the SampleOptions fields it sets from the page's scale
+# (guided/guidance.py). The page lists those the pipeline has the networks for.
+METHODS = {
+    "none": lambda s: {},
+    "classifier": lambda s: {"scale": s},  # s grad log p(y | x_t) (Dhariwal & Nichol, Algorithms 1-2)
+    "classifier-free": lambda s: {"cfg_scale": s},  # eps_u + s (eps_c - eps_u) (Ho & Salimans 2022)
+    "autoguidance": lambda s: {"autoguide_scale": s},  # eps_w + s (eps - eps_w) (Karras et al. 2024)
+    "x0-classifier": lambda s: {"x0_scale": s},  # s grad log p(y | x0_hat(x_t)), a clean-image classifier
+}
+PREVIEW_AT = (0.1, 0.3, 0.5, 0.7, 0.9)  # shares of the reverse process where the x0 estimate is shown
+MAX_SAMPLES = 100
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="guided-demo", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--method", choices=tuple(METHODS), default=None,
+                   help="the page's starting guidance method (default: classifier if there is one)")
+    p.add_argument("--scale", type=_number(float, 0.0), default=4.0, help="the page's starting guidance scale")
+    add_sampler_args(p)
+    for action in p._actions:  # sample_guided.py's flags the page sets itself
+        if action.dest in ("cfg_scale", "batch_size"):
+            action.help = argparse.SUPPRESS
+    p.set_defaults(num_samples=10, steps="50")
+    w = p.add_argument_group("server")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    w.add_argument("--port", type=_number(int, 1), default=7860)
+    w.add_argument("--sweep", default="sweep", help="the sweep folder the Sweep tab opens with")
+    return p
+
+
+def available_methods(p: Pipeline) -> list[str]:
+    """The methods whose networks the pipeline has: those the library's own check accepts."""
+    names = []
+    for name, sets in METHODS.items():
+        try:
+            check_labels(p, [], replace(SampleOptions(), **sets(2.0)))
+        except GuidedError:
+            continue
+        names.append(name)
+    return names
+
+
+def default_method(p: Pipeline) -> str:
+    methods = available_methods(p)
+    return next((m for m in ("classifier", "classifier-free") if m in methods), methods[0])
+
+
+def class_choices(p: Pipeline) -> list[str]:
+    if p.num_classes is None:
+        return []
+    return list(p.label_map.names) if p.label_map is not None else [str(i) for i in range(p.num_classes)]
+
+
+def _whole(value, name, low, high=None) -> int:
+    if value is None or not math.isfinite(value) or value != int(value) or value < low or (high and value > high):
+        span = f"from {low} to {high}" if high else f"of {low} or more"
+        raise GuidedError(f"{name} must be a whole number {span}, got {value}")
+    return int(value)
+
+
+def request(p: Pipeline, args, class_text, method, scale, sampler, steps, num_samples, seed):
+    """The page's fields checked and turned into (labels, seeds, options); a GuidedError names what is wrong.
+    `args`: the demo's command line, whose sampler flags (--eta, --no-clip, ...) the options keep."""
+    if method not in METHODS:
+        raise GuidedError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
+    if scale is None or not math.isfinite(scale) or scale < 0:
+        raise GuidedError(f"the guidance scale must be a number of 0 or more, got {scale}")
+    if sampler not in SAMPLER_NAMES:
+        raise GuidedError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    n = _whole(num_samples, "the number of samples", 1, MAX_SAMPLES)
+    seed = _whole(seed, "the seed", 0)
+    classes = parse_classes(str(class_text or "").strip() or None, p)  # empty: every class
+    base = options(argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": str(steps).strip()}), 0.0)
+    opts = replace(base, **{"scale": 0.0, "cfg_scale": 1.0, **METHODS[method](float(scale))})
+    labels = plan_labels(classes, n)
+    check_sampler(p, sampler)
+    check_labels(p, [y for y in labels if y >= 0], opts)
+    return labels, seed + np.arange(n), opts
+
+
+class _Stopped(Exception):
+    """The page went away or the server is stopping: the sampling thread stops at its next step."""
+
+
+_RUNNING = set()  # (stop event, thread) of each sampling run under way
+
+
+def stop_runs() -> None:
+    """End every sampling run at its next step and wait for it (a server that stops)."""
+    for stop, thread in list(_RUNNING):
+        stop.set()
+        thread.join()
+        _RUNNING.discard((stop, thread))
+
+
+def stream(p: Pipeline, labels, seeds, opts, device, marks=PREVIEW_AT):
+    """Sample in a thread and yield (done, previews, samples) as it goes: after each step the
+    share done, with the x0 estimates at `marks` so far (uint8 NHWC arrays, as (done, images)),
+    and last the samples (uint8 NHWC). A GuidedError of the sampler is raised here."""
+    events, stop, previews, passed = queue.Queue(), threading.Event(), [], [0]
+
+    def preview(done, x0):  # in the sampling thread
+        if stop.is_set():
+            raise _Stopped
+        due = passed[0] < len(marks) and done >= marks[passed[0]]
+        while passed[0] < len(marks) and done >= marks[passed[0]]:
+            passed[0] += 1
+        events.put((done, to_uint8(x0.float().clamp(-1, 1)) if due else None, None))
+
+    def work():
+        try:
+            x = sample_batch(p, np.maximum(labels, 0), seeds, opts, device=device, preview=preview)
+            events.put((1.0, None, to_uint8(x)))
+        except BaseException as e:  # handed to the page's thread
+            events.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    _RUNNING.add((stop, thread))
+    thread.start()
+    try:
+        while True:
+            e = events.get()
+            if isinstance(e, _Stopped):  # the server is stopping
+                return
+            if isinstance(e, BaseException):
+                raise e
+            done, x0, samples = e
+            if x0 is not None:
+                previews.append((done, x0))
+            yield done, list(previews), samples
+            if samples is not None:
+                return
+    finally:  # the page went away, or the samples are in: the thread ends within a step
+        stop.set()
+        thread.join()
+        _RUNNING.discard((stop, thread))
+
+
+def grid(images: np.ndarray, labels: np.ndarray):
+    """One row per class, as many columns as the largest class has samples (at most 10)."""
+    columns = min(10, max(np.unique(labels, return_counts=True)[1]))
+    return grid_image(images, labels, columns=columns)
+
+
+def trajectory(previews, samples=None, rows=4):
+    """The first `rows` samples, one per row: their x0 estimates left to right, then the sample."""
+    frames = [x0[:rows] for _, x0 in previews] + ([samples[:rows]] if samples is not None else [])
+    k = len(frames[0])
+    images = np.stack(frames, axis=1).reshape(-1, *frames[0].shape[1:])  # sample-major
+    return grid_image(images, np.repeat(np.arange(k), len(frames)), columns=len(frames))
+
+
+def read_sweep(folder):
+    """(header, rows, [(PIL image, caption)]) of a sweep folder: results.csv, its PNG plots and the grids."""
+    from PIL import Image
+
+    folder = Path(str(folder).strip()).expanduser()
+    if not folder.is_dir():
+        raise GuidedError(f"{folder} is not a folder; give a sweep folder (python -m guided.sweep --out FOLDER)")
+    table = folder / "results.csv"
+    if not table.is_file():
+        raise GuidedError(f"{folder} holds no results.csv; write one with python -m guided.sweep --out {folder}")
+    with open(table, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise GuidedError(f"{table} is empty")
+    plots = []
+    for png in sorted(folder.glob("*.png")) + sorted(folder.glob("*/grid.png")):
+        try:
+            with Image.open(png) as im:
+                plots.append((im.convert("RGB"), str(png.relative_to(folder))))
+        except OSError:
+            plots.append((None, f"{png.name}: not a readable image"))
+    return rows[0], rows[1:], [(im, cap) for im, cap in plots if im is not None]
+
+
+def build_page(p: Pipeline, args, device):
+    """The Gradio Blocks of the two tabs."""
+    import gradio as gr
+
+    names = class_choices(p)
+    start_sampler = "langevin" if p.objective == "ncsn" and args.sampler == "ddpm" else args.sampler
+    first = args.classes if args.classes is not None else (names[0] if names else None)
+
+    def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
+        start = time.perf_counter()
+        try:
+            labels, seeds, opts = request(p, args, class_text, method, scale, sampler, steps, num_samples, seed)
+            shown, percent = 0, 0
+            for done, previews, samples in stream(p, labels, seeds, opts, device):
+                progress(done, desc="sampling")
+                if samples is not None:
+                    what = f"class {class_text}" if p.num_classes is not None else "unconditional"
+                    yield (grid(samples, labels), trajectory(previews, samples),
+                           f"{len(labels)} samples, {what}, {method} guidance at scale {scale:g}, {sampler} "
+                           f"{steps} steps, seed {seeds[0]}: {time.perf_counter() - start:.1f} s")
+                elif len(previews) > shown:  # the grid shows the newest x0 estimate until the samples come
+                    shown, percent = len(previews), int(100 * done)
+                    yield grid(previews[-1][1], labels), trajectory(previews), f"sampling: {percent}%"
+                elif int(100 * done) >= percent + 5:
+                    percent = int(100 * done)
+                    yield gr.skip(), gr.skip(), f"sampling: {percent}%"
+        except GuidedError as e:
+            yield None, None, f"**Error:** {e}"
+
+    def on_sweep(folder):
+        try:
+            header, rows, plots = read_sweep(folder)
+        except GuidedError as e:
+            return gr.update(value=None), [], f"**Error:** {e}"
+        return gr.update(value=rows, headers=header), plots, f"{len(rows)} rows from {folder}/results.csv"
+
+    with gr.Blocks(title="guided demo", analytics_enabled=False) as page:
+        gr.Markdown(f"## guided: {p.name}  \nPick a class, a guidance method and its scale, and watch the "
+                    "samples form.")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    cls = gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
+                                      interactive=bool(names),
+                                      info="a name, an index, or a comma list" if names else "this model has no "
+                                      "classes")
+                    method = gr.Radio(available_methods(p), value=args.method or default_method(p),
+                                      label="guidance method", elem_id="method")
+                    scale = gr.Number(args.scale, label="guidance scale", elem_id="scale")
+                    sampler = gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler",
+                                          elem_id="sampler")
+                    steps = gr.Textbox(args.steps, label="steps", elem_id="steps",
+                                       info="a count (50), section counts (10,15,20), ddimN or quadN")
+                    num = gr.Number(args.num_samples, label="samples", precision=0, elem_id="num-samples")
+                    seed = gr.Number(args.seed, label="seed", precision=0, elem_id="seed")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    status = gr.Markdown(elem_id="status")
+                    gr.Markdown("**Samples** (one row per class; while sampling, the newest x0 estimate)")
+                    samples = gr.Image(format="png", interactive=False, show_label=False, elem_id="samples")
+                    gr.Markdown("**Denoised prediction (x0 estimate) along the way**: one row per sample, its "
+                                f"estimate at {', '.join(f'{m:.0%}' for m in PREVIEW_AT)} of the reverse "
+                                "process, then the sample")
+                    previews = gr.Image(format="png", interactive=False, show_label=False, elem_id="previews")
+            go.click(on_generate, [cls, method, scale, sampler, steps, num, seed], [samples, previews, status])
+        with gr.Tab("Sweep"):
+            with gr.Row():
+                folder = gr.Textbox(args.sweep, label="sweep folder", elem_id="sweep-folder", scale=4)
+                load = gr.Button("Show", elem_id="sweep-load", scale=1)
+            sweep_status = gr.Markdown(elem_id="sweep-status")
+            table = gr.Dataframe(label="results.csv", interactive=False, elem_id="sweep-table")
+            plots = gr.Gallery(label="plots", columns=2, height="auto", elem_id="sweep-plots")
+            load.click(on_sweep, folder, [table, plots, sweep_status])
+            folder.submit(on_sweep, folder, [table, plots, sweep_status])
+    return page
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(_main, args)
+
+
+def _main(args) -> int:
+    if args.port > 65535:
+        raise GuidedError(f"--port must be a TCP port from 1 to 65535, got {args.port}")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local page
+    try:
+        import gradio as gr
+    except ImportError:
+        raise GuidedError('the demo needs Gradio: pip install -e ".[demo]"') from None
+    check_device(args.device)
+    device = args.device or default_device()
+    pipeline = load_pipeline(args, device)
+    if args.method is not None and args.method not in available_methods(pipeline):
+        raise GuidedError(f"--method {args.method}: this model offers {', '.join(available_methods(pipeline))}")
+    page = build_page(pipeline, args, device)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # system fonts: no font downloads
+    try:
+        page.queue(default_concurrency_limit=1).launch(
+            server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+            theme=theme, footer_links=[])
+    except OSError as e:
+        raise GuidedError(f"cannot serve on {args.host}:{args.port} ({str(e).split('. ')[0]}): "
+                          "is it in use? choose another --port") from None
+    print(f"guided-demo: serving {pipeline.name} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    try:
+        wait_for_stop()
+    finally:
+        stop_runs()
+        page.close()
+    print("guided-demo: stopped", flush=True)
+    return 0
+
+
+def wait_for_stop() -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM, then put the previous handlers back."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
