@@ -97,6 +97,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_rates: List[float] = field(default_factory=lambda: [0.9999])
+    ema_warmup: bool = False  # rate_k = min(rate, (1 + k) / (10 + k)) at step k: the initial weights wash out early
     steps: int = 10000
     schedule_sampler: str = "uniform"  # uniform | loss-second-moment
     label_dropout: float = 0.0  # > 0 trains a null class for classifier-free guidance

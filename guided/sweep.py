@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from .cli import Parser, run_cli
-from .cli.sample import (_number, _scales, add_model_args, add_sampler_args, load_pipeline, options, parse_classes,
-                         processes)
+from .cli.sample import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
+                         interval, load_pipeline, options, parse_classes, processes)
 from .errors import GuidedError
 from .evaluate import METRICS, evaluate
 from .features import FEATURES, get_extractor
@@ -65,6 +65,12 @@ SWEEPABLE = {
     "cfg_scale": Sweepable("cfg_scale", _number(float, 0.0), "classifier-free guidance scale w"),
     "eta": Sweepable("eta", _number(float, 0.0), "DDIM noise"),
     "steps": Sweepable("steps", _steps, "respacing, one count or ddimN / quadN per value"),
+    "interval": Sweepable("interval", interval, "the classifier's sigma interval, LO:HI per value"),
+    "cfg_interval": Sweepable("cfg_interval", interval, "classifier-free guidance's sigma interval, LO:HI"),
+    "autoguide_scale": Sweepable("autoguide_scale", _number(float, 0.0), "autoguidance w"),
+    "autoguide_interval": Sweepable("autoguide_interval", interval, "autoguidance's sigma interval, LO:HI"),
+    "x0_scale": Sweepable("x0_scale", _number(float, 0.0), "x0-classifier guidance scale"),
+    "x0_temperature": Sweepable("x0_temperature", _number(float, 0.0, low_open=True), "x0 classifier temperature"),
 }
 
 
@@ -90,10 +96,9 @@ def build_parser() -> Parser:
     g.add_argument("--sweep", default=None, metavar="NAME=V1,V2",
                    help="sweep another sample option instead: " + "; ".join(f"{k} ({s.help})"
                                                                         for k, s in SWEEPABLE.items()))
-    g.add_argument("--scale", type=_number(float, 0.0), default=0.0,
-                   help="the classifier-guidance scale while another option is swept (default: 0)")
     g.add_argument("--seeds", type=_number(int, 1), default=1,
                    help="repetitions per value with disjoint seeds: mean, std, min and max over them (default: 1)")
+    add_guidance_args(p, scale_default=0.0)  # --scale: the classifier's while another option is swept
     add_sampler_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--reference", default="digits",
@@ -140,6 +145,8 @@ def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
             "classifier": args.classifier, "classifier_weights": weights_digest(pipeline.classifier),
             "adm_flags": args.adm_flags, "classifier_flags": args.classifier_flags, "classes": classes,
             "class_sampling": args.class_sampling, "num_samples": args.num_samples, "seed": args.seed,
+            **guide_settings(args), "autoguide_weights": weights_digest(pipeline.weak_model),
+            "x0_classifier_weights": weights_digest(pipeline.x0_classifier),
             "options": opts, "reference": reference, "features": features}
 
 

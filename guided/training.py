@@ -240,10 +240,13 @@ class Trainer:
 
     @torch.no_grad()
     def update_ema(self):
-        """ema <- rate * ema + (1 - rate) * params, for every rate (the reference's update_ema)."""
+        """ema <- rate * ema + (1 - rate) * params, for every rate (the reference's update_ema); with
+        train.ema_warmup the rate is at most (1 + k) / (10 + k) at step k, so a short run's EMA does
+        not keep a share rate^k of the random initial weights."""
         src = [p.detach().float() for p in self.params]
+        cap = (1 + self.step) / (10 + self.step) if self.cfg.train.ema_warmup else 1.0
         for rate, ema in zip(self.ema_rates, self.ema.values()):
-            torch._foreach_lerp_(ema, src, 1.0 - rate)
+            torch._foreach_lerp_(ema, src, 1.0 - min(rate, cap))
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> str:

@@ -26,10 +26,16 @@ from ..generate import Pipeline, SampleOptions, generate
 from . import Parser, run_cli
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
-# guided/assets/digits/<name>.pt -> its sampling defaults. The two cosine-schedule eps models
-# clip x0 again (--clip-guided): without it their guided ddim / dpm++ and their pc / ode samples
-# saturate (README, "Official checkpoints"); every other model samples with the paper's arithmetic.
-SHIPPED_MODELS = {"cond": {"clip_guided": True}, "uncond": {"clip_guided": True}, "ncsn": {}}
+# The shipped digits models (guided/assets/digits/<file>.pt) and their sampling defaults.
+# `uncond` is the null class of the label-dropout `cond` network (README "Digits models" measures it
+# against a separate unconditional model). The cosine-schedule eps models clip x0 again
+# (--clip-guided): without it their guided ddim / dpm++ and their pc / ode samples saturate
+# (README, "Official checkpoints"); every other model samples with the paper's arithmetic.
+_DIGITS = {"file": "cond", "clip_guided": True, "classifier": "classifier", "autoguide": "weak",
+           "x0_classifier": "clean_classifier"}
+SHIPPED_MODELS = {"cond": _DIGITS, "uncond": {**_DIGITS, "unconditional": True},
+                  "ncsn": {"file": "ncsn", "classifier": "ncsn_classifier"}}
+SHIPPED_NETWORKS = ("classifier", "ncsn_classifier", "clean_classifier", "weak", "early")  # by name, as --classifier etc.
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++", "pc", "ode", "langevin")
 CLIP_GUIDED_SAMPLERS = ("ddim", "dpm++", "pc", "ode")  # the samplers --clip-guided changes
 
@@ -106,11 +112,59 @@ def add_sampler_args(p):
     s.add_argument("--cuda-graphs", action="store_true", help="speed: compile and replay each step as a CUDA graph")
 
 
+def interval(text):
+    """'LO,HI' or 'LO:HI' (HI may be inf) -> (lo, hi): a term's active range of noise levels sigma."""
+    parts = text.replace(":", ",").split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise TypeError from None
+    if not (0 <= lo <= hi) or math.isnan(hi):
+        raise TypeError
+    return lo, hi
+
+
+interval.__name__ = "noise-level interval LO,HI (0 <= LO <= HI, HI may be inf)"
+
+
+def add_guidance_args(p, scale_default=1.0):
+    """The guidance layer's terms (guided/guidance.py): every one with a scale and an active sigma interval."""
+    from ..guidance import SCHEDULES
+
+    g = p.add_argument_group("guidance (terms compose: their corrections add up; README 'Guidance')")
+    g.add_argument("--scale", type=_number(float, 0.0), default=scale_default,
+                   help="noise-aware classifier guidance scale s (0 = none)")
+    g.add_argument("--interval", type=interval, default=None,
+                   help="sigma range where the classifier guides, e.g. 0.3,5 (default: every level); "
+                        "sigma = sqrt((1 - abar) / abar) for VP models")
+    g.add_argument("--schedule", choices=tuple(SCHEDULES), default="constant",
+                   help="the classifier's weight over sigma (default: constant)")
+    g.add_argument("--no-calibration", action="store_true",
+                   help="ignore the classifier's fitted temperatures (default: use them when it has them)")
+    g.add_argument("--ddpm-form", choices=("mean", "score"), default="mean",
+                   help="DDPM: the paper's mean shift (Algorithm 1) or the score correction (default: mean)")
+    g.add_argument("--cfg-interval", type=interval, default=None, help="sigma range of classifier-free guidance")
+    g.add_argument("--autoguide", default=None,
+                   help="autoguidance's weaker model: 'weak' / 'early' (shipped) or a run dir or checkpoint with "
+                        "the main model's conditioning (default for shipped models: weak)")
+    g.add_argument("--autoguide-scale", type=_number(float, 0.0), default=1.0,
+                   help="autoguidance w: D_weak + w (D_main - D_weak) (1 = off)")
+    g.add_argument("--autoguide-interval", type=interval, default=None, help="sigma range of autoguidance")
+    g.add_argument("--x0-classifier", default=None,
+                   help="a classifier of clean images for guidance on the denoised x0 (default for shipped models: "
+                        "clean_classifier)")
+    g.add_argument("--x0-scale", type=_number(float, 0.0), default=0.0, help="x0-classifier guidance scale (0 = none)")
+    g.add_argument("--x0-temperature", type=_number(float, 0.0, low_open=True), default=1.0,
+                   help="the x0 classifier's logits are divided by this")
+    g.add_argument("--x0-interval", type=interval, default=None, help="sigma range of x0-classifier guidance")
+    g.add_argument("--x0-schedule", choices=tuple(SCHEDULES), default="constant")
+    return g
+
+
 def build_parser() -> Parser:
     p = Parser(prog="sample_guided.py", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    g = p.add_argument_group("guidance")
-    g.add_argument("--scale", type=_number(float, 0.0), default=1.0, help="classifier guidance scale (0 = none)")
+    g = add_guidance_args(p)
     g.add_argument("--scales", type=_scales, default=None, help="a sweep, e.g. 0,1,2,4,10: one folder per scale")
     add_sampler_args(p)
     e = p.add_argument_group("SDEdit")
@@ -127,7 +181,11 @@ def build_parser() -> Parser:
 def options(args, scale) -> SampleOptions:
     return SampleOptions(sampler=args.sampler, steps=args.steps, scale=scale, cfg_scale=args.cfg_scale,
                          eta=args.eta, clip_denoised=not args.no_clip, clip_guided=clip_guided(args),
-                         precision=args.precision)
+                         precision=args.precision, interval=args.interval, schedule=args.schedule,
+                         calibration=not args.no_calibration, ddpm_form=args.ddpm_form, cfg_interval=args.cfg_interval,
+                         autoguide_scale=args.autoguide_scale, autoguide_interval=args.autoguide_interval,
+                         x0_scale=args.x0_scale, x0_temperature=args.x0_temperature, x0_interval=args.x0_interval,
+                         x0_schedule=args.x0_schedule)
 
 
 def clip_guided(args) -> bool:
@@ -135,10 +193,12 @@ def clip_guided(args) -> bool:
     every model not in SHIPPED_MODELS and for the samplers it does not change."""
     if args.clip_guided is None:
         default = SHIPPED_MODELS.get(args.model, {}).get("clip_guided", False)
-        return default and args.sampler in CLIP_GUIDED_SAMPLERS and not args.no_clip
+        score_ddpm = args.sampler == "ddpm" and getattr(args, "ddpm_form", "mean") == "score"
+        return default and (args.sampler in CLIP_GUIDED_SAMPLERS or score_ddpm) and not args.no_clip
     if args.clip_guided and args.no_clip:
         raise GuidedError("--clip-guided clips x0 to [-1, 1]; it cannot go with --no-clip")
-    if args.clip_guided and args.sampler not in CLIP_GUIDED_SAMPLERS:
+    if args.clip_guided and args.sampler not in CLIP_GUIDED_SAMPLERS and not (
+            args.sampler == "ddpm" and args.ddpm_form == "score"):
         raise GuidedError(f"--clip-guided does not change the {args.sampler} sampler; it applies to "
                           f"{', '.join(CLIP_GUIDED_SAMPLERS)}")
     return args.clip_guided
@@ -216,7 +276,7 @@ def load_pipeline(args, device) -> Pipeline:
         model = adm.load_state_dict_strict(adm.create_model(model_flags), weights, args.model)
         diffusion_cfg, label_map = adm.diffusion_config(model_flags), _imagenet_labels(model.num_classes)
     else:
-        path = SHIPPED / f"{args.model}.pt" if shipped else Path(args.model)
+        path = SHIPPED / f"{SHIPPED_MODELS[args.model]['file']}.pt" if shipped else Path(args.model)
         model, run_cfg, label_map = load_trained(path)
         if not isinstance(model, UNetModel):
             raise GuidedError(f"--model {args.model} holds a noise-aware classifier, not a score model "
@@ -227,30 +287,57 @@ def load_pipeline(args, device) -> Pipeline:
             from ..score_sampling import geometric_sigmas
             extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
     classifier = None
-    default = ("ncsn_classifier" if args.model == "ncsn" else "classifier") if shipped else "none"
-    spec = args.classifier if args.classifier is not None else default
+    defaults = SHIPPED_MODELS.get(args.model, {})
+    spec = args.classifier if args.classifier is not None else defaults.get("classifier", "none")
     flags = args.classifier_flags
     if flags and "--image_size" not in flags and model_flags:
         flags += f" --image_size {model.cfg.image_size}"
-    if spec != "none" and spec not in ("classifier", "ncsn_classifier"):
+    if spec != "none" and spec not in SHIPPED_NETWORKS:
         flags = official_flags(spec, flags, "--classifier-flags", classifier=True)
     if spec != "none":
         if flags:
             weights = read_state_dict(spec)
             classifier = adm.load_state_dict_strict(adm.create_classifier(flags), weights, spec)
         else:
-            path = SHIPPED / f"{spec}.pt" if spec in ("classifier", "ncsn_classifier") else Path(spec)
-            classifier, _, clf_labels = load_trained(path)
+            classifier, _, clf_labels = load_trained(shipped_path(spec))
             if not isinstance(classifier, EncoderUNetModel):
                 raise GuidedError(f"--classifier {spec} holds a score model (U-Net), not a noise-aware classifier")
             label_map = label_map or clf_labels
     if label_map is None and classifier is not None and flags:
         label_map = _imagenet_labels(classifier.cfg.num_classes)
+    weak = guide_network(args, "autoguide", defaults, UNetModel, "a score model") if args.autoguide_scale != 1 else None
+    clean = guide_network(args, "x0_classifier", defaults, EncoderUNetModel, "a classifier") if args.x0_scale else None
     fast = dict(channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs)
-    model = speed_up(model.eval().to(device), **fast)
-    if classifier is not None:
-        classifier = speed_up(classifier.eval().to(device), **fast)
-    return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model), **extra)
+    model, classifier, weak, clean = (None if net is None else speed_up(net.eval().to(device), **fast)
+                                      for net in (model, classifier, weak, clean))
+    return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model), weak_model=weak,
+                    x0_classifier=clean, unconditional=defaults.get("unconditional", False), **extra)
+
+
+def guide_settings(args) -> dict:
+    """The autoguidance and x0-classifier networks used, for settings.json."""
+    defaults = SHIPPED_MODELS.get(args.model, {})
+    return {"autoguide": (args.autoguide or defaults.get("autoguide")) if args.autoguide_scale != 1 else None,
+            "x0_classifier": (args.x0_classifier or defaults.get("x0_classifier")) if args.x0_scale else None}
+
+
+def shipped_path(spec: str) -> Path:
+    """A shipped network's file for its name (SHIPPED_NETWORKS), else the path as given."""
+    return SHIPPED / f"{spec}.pt" if spec in SHIPPED_NETWORKS else Path(spec)
+
+
+def guide_network(args, option: str, defaults: dict, kind, what: str):
+    """The network of --autoguide / --x0-classifier: as given, else the shipped model's default."""
+    from ..checkpoints import load_trained
+
+    spec = getattr(args, option) or defaults.get(option)
+    flag = "--" + option.replace("_", "-")
+    if spec is None:
+        raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")
+    net, _, _ = load_trained(shipped_path(spec))
+    if not isinstance(net, kind):
+        raise GuidedError(f"{flag} {spec} does not hold {what}")
+    return net
 
 
 def _imagenet_labels(num_classes):
@@ -328,7 +415,7 @@ def _main(args) -> int:
     init = sdedit_init(args, pipeline)
     for scale in args.scales or [args.scale]:
         out = Path(args.out) / f"scale_{scale:g}" if args.scales else Path(args.out)
-        settings = {"model": args.model, "classifier": args.classifier, "device": device}
+        settings = {"model": args.model, "classifier": args.classifier, "device": device, **guide_settings(args)}
         path = generate(pipeline, out, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size,
                         seed=args.seed, opts=options(args, scale), device=device, overwrite=args.overwrite,
                         save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
