@@ -92,17 +92,17 @@ def condition_score(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, grad
 
 # -- noise levels ---------------------------------------------------------------------------------
 def vp_sigma(alphas_cumprod) -> Callable[[torch.Tensor], torch.Tensor]:
-    """sigma(t) = sqrt((1 - abar_t) / abar_t) of a VP model at (possibly fractional) original timesteps."""
-    table = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    sig = ((1 - table) / table).sqrt().float()
+    """sigma(t) = sqrt((1 - abar_t) / abar_t) of a VP model at (possibly fractional) original timesteps,
+    log abar interpolated linearly between steps as guided.sde.DiscreteVPSDE does."""
+    log_abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).log().float()
     cache = {}
 
     def sigma_of(t):
-        s = cache.setdefault(t.device, sig.to(t.device))
-        tf = t.float().clamp(0, len(s) - 1)
+        table = cache.setdefault(t.device, log_abar.to(t.device))
+        tf = t.float().clamp(0, len(table) - 1)
         lo = tf.floor().long()
-        hi = (lo + 1).clamp(max=len(s) - 1)
-        return torch.lerp(s[lo], s[hi], tf - lo)
+        hi = (lo + 1).clamp(max=len(table) - 1)
+        return torch.expm1(-torch.lerp(table[lo], table[hi], tf - lo)).clamp(min=0).sqrt()
     return sigma_of
 
 

@@ -137,8 +137,9 @@ class ClassifierTrainer(Trainer):
 
         if not self.accel.is_main_process:
             return
-        T, K = self.noise.num_timesteps, self.cfg.train.calibration_bands
-        edges = torch.linspace(0, T, K + 1)
+        T = self.noise.num_timesteps
+        edges = torch.linspace(0, T, min(self.cfg.train.calibration_bands, T) + 1).round().unique()  # whole steps
+        K = len(edges) - 1
         logits, labels, ts = [], [], []
         self.net.eval()
         for i in range(0, len(order), self.local_batch):
@@ -146,7 +147,7 @@ class ClassifierTrainer(Trainer):
             x0 = torch.stack([x for x, _ in items]).to(self.device)
             y = torch.tensor([label for _, label in items])
             for k in range(K * draws):
-                lo, hi = int(edges[k // draws]), max(int(edges[k // draws + 1]), int(edges[k // draws]) + 1)
+                lo, hi = int(edges[k // draws]), int(edges[k // draws + 1])
                 t = torch.randint(lo, hi, (len(y),), generator=gen)
                 x = self.noise.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
                 logits.append(self.net(x, self.noise.model_t(t.to(self.device))).float().cpu())
