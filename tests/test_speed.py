@@ -7,7 +7,7 @@ import torch
 from guided import adm
 from guided.conformance import rel_error
 from guided.guidance import classifier_grad
-from guided.speed import adamw, speed_up
+from guided.speed import DeviceCopies, adamw, speed_up
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance"
 
@@ -55,6 +55,28 @@ def test_compiled_network_matches_eager():
     with torch.no_grad():
         assert rel_error(compiled(x, t), model(x, t)) < 1e-4
     assert compiled._orig_mod is model
+
+
+def test_schedule_tables_are_copied_to_a_device_once():
+    """What a sampling step indexes (the schedule's tables, the timestep map) is copied to the device on
+    first use and reused, so no step copies from the host (on CUDA such a copy waits for the device).
+    The meta device stands in for an accelerator here."""
+    from guided.config import DiffusionConfig, node
+    from guided.diffusion import create_diffusion
+    from guided.sde import DiscreteVPSDE
+
+    d = create_diffusion(node(DiffusionConfig, {}), "10")
+    t = torch.tensor([9, 3], device="meta")
+    first = d.on_device(d.alphas_cumprod, t.device)
+    assert first.device.type == "meta" and d.on_device(d.alphas_cumprod, t.device) is first
+    assert d.extract(d.alphas_cumprod, t, torch.zeros(2, 3, 4, 4, device="meta")).shape == (2, 1, 1, 1)
+    assert d.on_device(d.alphas_cumprod, torch.device("cpu")) is d.alphas_cumprod  # on its own device: as is
+    sde = DiscreteVPSDE(d.alphas_cumprod)
+    sde.beta(torch.tensor([0.5], device="meta"))
+    assert sde.on_device(sde.slopes, torch.device("meta")) is sde.on_device(sde.slopes, torch.device("meta"))
+    copies, table = DeviceCopies(), torch.ones(3)
+    assert copies(table, torch.device("meta")) is copies(table, torch.device("meta"))
+    assert copies(torch.ones(3), torch.device("meta")) is not copies(table, torch.device("meta"))
 
 
 def test_fused_adamw_only_where_supported():
