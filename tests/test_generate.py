@@ -166,6 +166,33 @@ def test_noise_is_drawn_per_sample_on_the_sampling_device(device):
     assert (whole - parts).abs().max() < 1e-4  # float32 rounding of other batch sizes; another seed is O(1) away
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_on_cuda_a_guided_sampling_loop_never_waits_for_the_device(sampler):
+    """CUDA's sync debug mode raises at any synchronisation inside the loop (after a warm-up run: the
+    first use of the schedule's tables copies them over once)."""
+    from guided.diffusion import create_diffusion
+    from guided.guidance import classifier_cond_fn
+    from guided.sampling import SAMPLERS
+
+    p = tiny_pipeline()
+    model, clf = p.model.cuda(), p.classifier.cuda()
+    d = create_diffusion(p.diffusion_cfg, "6")
+    cond_fn = classifier_cond_fn(clf, torch.tensor([0, 1, 2], device="cuda"), 1.0)
+
+    def run():
+        noise = SampleNoise([1, 2, 3], "cuda")
+        return SAMPLERS[sampler](d, lambda x, t: model(x, t), noise.randn((3, 8, 8)), noise=noise, cond_fn=cond_fn)
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.isfinite().all()
+
+
 def test_a_sampler_the_model_cannot_serve_is_refused():
     p = tiny_pipeline()
     with pytest.raises(GuidedError, match="needs an NCSN model"):
