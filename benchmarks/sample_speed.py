@@ -83,7 +83,7 @@ def measure(args, count_flops: bool = True) -> dict:
     model, classifier = (m.to(device, memory_format=fmt).eval() for m in (model, classifier))
     size, conditional = model.cfg.image_size, model.num_classes is not None
     y = torch.randint(0, classifier.cfg.num_classes, (batch,), device=device)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, model.cfg.in_channels, size, size, device=device).contiguous(memory_format=fmt)
     if args.compile:
         model, classifier = torch.compile(model), torch.compile(classifier)
     diffusion = create_diffusion(diff_cfg, "250")
