@@ -26,7 +26,7 @@ from guided import adm  # noqa: E402
 from guided.config import load_config  # noqa: E402
 from guided.diffusion import create_diffusion  # noqa: E402
 from guided.guidance import classifier_cond_fn  # noqa: E402
-from guided.sampling import ddpm_step  # noqa: E402
+from guided.sampling import SampleNoise, ddpm, ddpm_step  # noqa: E402
 from guided.unet import EncoderUNetModel, UNetModel  # noqa: E402
 from train_speed import device_of, peak_flops  # noqa: E402
 
@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--loop", type=int, default=0, metavar="STEPS",
+                   help="also time one whole guided DDPM run of STEPS steps (images/s), e.g. 250")
     return p.parse_args(argv)
 
 
@@ -57,7 +59,7 @@ def build(preset: str):
     return model, classifier, adm.diffusion_config(adm.PUBLISHED[f"{preset}_diffusion.pt"])
 
 
-def count_flops(model_fn, classifier, x, y, guided) -> int:
+def count_flops_of(model_fn, classifier, x, y, guided) -> int:
     """FLOPs of one step: the model forward, plus the classifier forward and backward to x.
     (FlopCounterMode cannot watch autograd.grad, so the gradient is taken with backward here.)"""
     t = torch.full((len(x),), 100, device=x.device)
@@ -70,8 +72,9 @@ def count_flops(model_fn, classifier, x, y, guided) -> int:
     return counter.get_total_flops()
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def measure(args, count_flops: bool = True) -> dict:
+    """Time args.steps reverse steps, unguided and guided, after args.warmup (and with args.loop one
+    whole guided run); the figures as a dict (see main for the units)."""
     cuda, device = device_of(args)
     preset = args.preset or ("64x64" if cuda else "digits")
     batch = args.batch_size or (64 if cuda else 16)
@@ -80,7 +83,7 @@ def main(argv=None):
     model, classifier = (m.to(device, memory_format=fmt).eval() for m in (model, classifier))
     size, conditional = model.cfg.image_size, model.num_classes is not None
     y = torch.randint(0, classifier.cfg.num_classes, (batch,), device=device)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, model.cfg.in_channels, size, size, device=device).contiguous(memory_format=fmt)
     if args.compile:
         model, classifier = torch.compile(model), torch.compile(classifier)
     diffusion = create_diffusion(diff_cfg, "250")
@@ -88,7 +91,9 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]) \
         if args.precision != "no" else nullcontext()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    results = {}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = dict(preset=preset, batch=batch, device=torch.cuda.get_device_name() if cuda else "CPU")
     for name, cond in (("unguided", None), ("guided", classifier_cond_fn(classifier, y, 1.0))):
         def step():
             with torch.no_grad(), autocast:
@@ -100,16 +105,36 @@ def main(argv=None):
         for _ in range(args.steps):
             step()
         sync()
-        results[name] = ((time.perf_counter() - t0) / args.steps, count_flops(model_fn, classifier, x, y, cond))
-    peak, source = peak_flops(device, args)
-    where = torch.cuda.get_device_name() if cuda else "CPU (no GPU here: the digits architecture, not ImageNet)"
-    print(f"{preset} model + classifier, batch {batch}, precision {args.precision}, compile {args.compile}, "
+        out[f"{name}_ms"] = (time.perf_counter() - t0) / args.steps * 1000
+        out[f"{name}_flops"] = count_flops and count_flops_of(model_fn, classifier, x, y, cond)
+    if args.loop:
+        loop = create_diffusion(diff_cfg, str(args.loop))
+        noise = SampleNoise(range(batch), device)
+        sync()
+        t0 = time.perf_counter()
+        with autocast:
+            ddpm(loop, model_fn, noise.randn(x.shape[1:]), cond_fn=classifier_cond_fn(classifier, y, 1.0), noise=noise)
+        sync()
+        out["loop_images_per_s"] = batch / (time.perf_counter() - t0)
+    out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    r = measure(args)
+    peak, source = peak_flops(device_of(args)[1], args)
+    where = r["device"] if r["device"] != "CPU" else "CPU (no GPU here: the digits architecture, not ImageNet)"
+    print(f"{r['preset']} model + classifier, batch {r['batch']}, precision {args.precision}, compile {args.compile}, "
           f"channels_last {args.channels_last}, device {where}")
-    for name, (seconds, flops) in results.items():
-        share = f"{flops / seconds / peak:.1%} of peak ({source})" if peak else source
-        print(f"  {name:>9}: {seconds * 1000:8.1f} ms/step, {flops / 1e9:8.1f} GFLOP, {share}")
-    if cuda:
-        print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    for name in ("unguided", "guided"):
+        ms, flops = r[f"{name}_ms"], r[f"{name}_flops"]
+        share = f"{flops / ms * 1000 / peak:.1%} of peak ({source})" if peak else source
+        print(f"  {name:>9}: {ms:8.1f} ms/step, {flops / 1e9:8.1f} GFLOP, {share}")
+    if args.loop:
+        print(f"  a whole {args.loop}-step guided DDPM run: {r['loop_images_per_s']:.2f} images/s")
+    if r["peak_gib"] is not None:
+        print(f"  peak memory {r['peak_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":

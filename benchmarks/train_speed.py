@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided.config import load_config  # noqa: E402
 from guided.diffusion import create_diffusion  # noqa: E402
 from guided.losses import training_losses  # noqa: E402
+from guided.speed import adamw  # noqa: E402
 from guided.unet import EncoderUNetModel, UNetModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def build(cfg, classifier: bool, device, args):
     net = (EncoderUNetModel(node) if classifier else UNetModel(node)).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=cfg.train.weight_decay)
+    opt = adamw(net.parameters(), lr=1e-4, weight_decay=cfg.train.weight_decay, device=device)  # the trainer's
     ema = [p.detach().clone() for p in net.parameters()]
     return net, (torch.compile(net) if args.compile else net), opt, ema, node
 
@@ -135,8 +136,8 @@ def device_of(args) -> tuple[bool, torch.device]:
     return cuda, torch.device("cuda" if cuda else "cpu")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def measure(args, count_flops: bool = True) -> dict:
+    """Time args.steps training steps after args.warmup; the figures as a dict (see main for the units)."""
     cuda, device = device_of(args)
     path, cfg, classifier, batch = pick_config(args, cuda)
     net, model, opt, ema, node = build(cfg, classifier, device, args)
@@ -144,9 +145,11 @@ def main(argv=None):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops()
+    flops = None
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -155,21 +158,27 @@ def main(argv=None):
         step()
     sync()
     seconds = (time.perf_counter() - t0) / args.steps
-    peak, source = peak_flops(device, args)
-    what = "classifier" if classifier else "score model"
-    params = sum(p.numel() for p in net.parameters()) / 1e6
     shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
-    print(f"{what} of {shown}: {params:.1f}M parameters, batch {batch}, "
-          f"{node.image_size}x{node.image_size}, precision {args.precision}, compile {args.compile}, "
-          f"channels_last {args.channels_last}, device {torch.cuda.get_device_name() if cuda else 'CPU'}")
-    print(f"  {batch / seconds:.1f} images/s ({seconds * 1000:.1f} ms/step over {args.steps} steps)")
-    if cuda:
-        print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (torch allocator)")
-    else:
-        print(f"  peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)")
-    achieved = flops / seconds
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(what="classifier" if classifier else "score model", config=str(shown), batch=batch,
+                params_m=sum(p.numel() for p in net.parameters()) / 1e6, size=node.image_size, seconds=seconds,
+                images_per_s=batch / seconds, peak_gib=peak / 2**30,
+                peak_kind="torch allocator" if cuda else "process RSS", flops=flops,
+                device=torch.cuda.get_device_name() if cuda else "CPU")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    r = measure(args)
+    print(f"{r['what']} of {r['config']}: {r['params_m']:.1f}M parameters, batch {r['batch']}, "
+          f"{r['size']}x{r['size']}, precision {args.precision}, compile {args.compile}, "
+          f"channels_last {args.channels_last}, device {r['device']}")
+    print(f"  {r['images_per_s']:.1f} images/s ({r['seconds'] * 1000:.1f} ms/step over {args.steps} steps)")
+    print(f"  peak memory {r['peak_gib']:.2f} GiB ({r['peak_kind']})")
+    peak, source = peak_flops(device_of(args)[1], args)
+    achieved = r["flops"] / r["seconds"]
     share = f"{achieved / peak:.1%} of {peak / 1e12:.1f} TFLOP/s ({source})" if peak else source
-    print(f"  {flops / 1e9:.1f} GFLOP/step, {achieved / 1e12:.3f} TFLOP/s = {share}")
+    print(f"  {r['flops'] / 1e9:.1f} GFLOP/step, {achieved / 1e12:.3f} TFLOP/s = {share}")
 
 
 if __name__ == "__main__":

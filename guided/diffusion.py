@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import GuidedError
+from .speed import DeviceCopies
 
 VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
 LOSSES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
@@ -131,6 +132,7 @@ class GaussianDiffusion:
         )
         for name, value in arrays.items():
             object.__setattr__(self, name, _t(value))
+        object.__setattr__(self, "on_device", DeviceCopies())
 
     @property
     def num_timesteps(self) -> int:
@@ -139,12 +141,16 @@ class GaussianDiffusion:
     # -- indexing -----------------------------------------------------------------------
     def extract(self, arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """arr[t] broadcast to `like`'s shape, in its dtype."""
-        out = arr.to(t.device)[t].to(like.dtype if like.is_floating_point() else torch.float32)
+        out = self.on_device(arr, t.device)[t].to(like.dtype if like.is_floating_point() else torch.float32)
         return out.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def original_t(self, t: torch.Tensor) -> torch.Tensor:
+        """The original timestep of respaced index t."""
+        return self.on_device(self.timestep_map, t.device)[t]
 
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep a network (score model or classifier) receives for respaced index t."""
-        orig = self.timestep_map.to(t.device)[t]
+        orig = self.original_t(t)
         if self.rescale_timesteps:
             return orig.float() * (1000.0 / self.num_original_steps)
         return orig

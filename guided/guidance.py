@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GuidedError
+from .speed import DeviceCopies
 
 CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIXING, GRADIENT = ("cfg", "autoguide"), ("classifier", "x0_classifier")
@@ -94,11 +95,10 @@ def condition_score(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, grad
 def vp_sigma(alphas_cumprod) -> Callable[[torch.Tensor], torch.Tensor]:
     """sigma(t) = sqrt((1 - abar_t) / abar_t) of a VP model at (possibly fractional) original timesteps,
     log abar interpolated linearly between steps as guided.sde.DiscreteVPSDE does."""
-    log_abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).log().float()
-    cache = {}
+    log_abar, on_device = torch.as_tensor(alphas_cumprod, dtype=torch.float64).log().float(), DeviceCopies()
 
     def sigma_of(t):
-        table = cache.setdefault(t.device, log_abar.to(t.device))
+        table = on_device(log_abar, t.device)  # copied over once, not in every step
         tf = t.float().clamp(0, len(table) - 1)
         lo = tf.floor().long()
         hi = (lo + 1).clamp(max=len(table) - 1)
@@ -108,8 +108,8 @@ def vp_sigma(alphas_cumprod) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def ladder_sigma(sigmas) -> Callable[[torch.Tensor], torch.Tensor]:
     """sigma of an NCSN ladder index (the index the networks see)."""
-    ladder = torch.as_tensor(sigmas, dtype=torch.float32)
-    return lambda t: ladder.to(t.device)[t.long()]
+    ladder, on_device = torch.as_tensor(sigmas, dtype=torch.float32), DeviceCopies()
+    return lambda t: on_device(ladder, t.device)[t.long()]
 
 
 def vp_denoiser(model_fn, alphas_cumprod):

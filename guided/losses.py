@@ -92,7 +92,7 @@ class UniformSampler:
         p = w / w.sum()
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (len(p) * p[t])
-        return t.to(device), weights.float().to(device)
+        return t.to(device, non_blocking=True), weights.float().to(device, non_blocking=True)
 
     def update_with_all_losses(self, ts, losses):
         pass

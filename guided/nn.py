@@ -46,21 +46,30 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def conv1x1(conv: nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 Conv1d applied to token-major [B, T, C_in] input, giving [B, T, C_out]: the
+    same weights as the checkpoint's conv, run as one matrix product."""
+    return F.linear(tokens, conv.weight[..., 0], conv.bias)
+
+
 def attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tensor:
-    """Multi-head self-attention over a packed [B, 3*H*C, T] qkv tensor.
+    """Multi-head self-attention over a token-major packed [B, T, 3*H*C] qkv tensor -> [B, T, H*C].
 
     `new_order` splits q, k, v first and then heads (the reference's
     `QKVAttention`); otherwise heads first, then q, k, v (`QKVAttentionLegacy`,
     the layout of the released checkpoints). Scale 1/sqrt(C) as in both.
+    q, k and v are [B, H, T, C] views whose last dimension is contiguous, the
+    layout the fused kernels take (flash on the CPU; flash and memory-efficient
+    on CUDA); channel-major views would send SDPA down its slow math path.
     """
-    b, width, length = qkv.shape
+    b, length, width = qkv.shape
     ch = width // (3 * heads)
     if new_order:
-        q, k, v = (t.reshape(b, heads, ch, length) for t in qkv.chunk(3, dim=1))
+        q, k, v = qkv.reshape(b, length, 3, heads, ch).permute(2, 0, 3, 1, 4)
     else:
-        q, k, v = qkv.reshape(b, heads, 3 * ch, length).split(ch, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(b, heads * ch, length)
+        q, k, v = qkv.reshape(b, length, heads, 3, ch).permute(3, 0, 2, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, C]
+    return out.transpose(1, 2).reshape(b, length, heads * ch)
 
 
 class TimestepBlock(nn.Module):
@@ -175,8 +184,9 @@ class AttentionBlock(nn.Module):
     def _forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = attention(self.qkv(self.norm(x)), self.num_heads, self.new_order)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        tokens = self.norm(x).transpose(1, 2)  # [B, T, C]
+        h = attention(conv1x1(self.qkv, tokens), self.num_heads, self.new_order)
+        return (x + conv1x1(self.proj_out, h).transpose(1, 2)).reshape(b, c, *spatial)
 
 
 class AttentionPool2d(nn.Module):
@@ -194,6 +204,6 @@ class AttentionPool2d(nn.Module):
         b, c, *_ = x.shape
         x = x.reshape(b, c, -1)
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
-        x = x + self.positional_embedding[None].to(x.dtype)
-        x = attention(self.qkv_proj(x), self.num_heads, new_order=True)
-        return self.c_proj(x)[:, :, 0]
+        x = (x + self.positional_embedding[None].to(x.dtype)).transpose(1, 2)  # [B, T + 1, C]
+        x = attention(conv1x1(self.qkv_proj, x), self.num_heads, new_order=True)
+        return conv1x1(self.c_proj, x[:, 0])

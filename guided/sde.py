@@ -19,6 +19,7 @@ import math
 import torch
 
 from guided.errors import GuidedError
+from guided.speed import DeviceCopies
 
 
 def expand_as(v, x):
@@ -164,19 +165,20 @@ class DiscreteVPSDE(VPSDE):
         self.slopes = torch.diff(self.log_alpha_grid) / torch.diff(self.t_grid)
         self.schedule, self.T = "discrete", 1.0
         self.eps = self.likelihood_eps = 1.0 / self.N  # below t_0 sigma_t collapses to 0
+        self.on_device = DeviceCopies()
 
     def _segment(self, t):
-        i = torch.searchsorted(self.t_grid.to(t.device), t.double(), right=True) - 1
+        i = torch.searchsorted(self.on_device(self.t_grid, t.device), t.double(), right=True) - 1
         return i.clamp(0, self.N - 2)
 
     def log_alpha(self, t):
         i = self._segment(t)
-        grid, la, k = (v.to(t.device) for v in (self.t_grid, self.log_alpha_grid, self.slopes))
+        grid, la, k = (self.on_device(v, t.device) for v in (self.t_grid, self.log_alpha_grid, self.slopes))
         out = la[i] + k[i] * (t.double() - grid[i])
         return out.clamp(max=0).to(t.dtype)
 
     def beta(self, t):
-        return (-2 * self.slopes.to(t.device)[self._segment(t)]).to(t.dtype)
+        return (-2 * self.on_device(self.slopes, t.device)[self._segment(t)]).to(t.dtype)
 
     def model_time(self, t):
         return (t - 1.0 / self.N) * self.N

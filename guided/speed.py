@@ -24,6 +24,24 @@ def speed_up(net: torch.nn.Module, *, channels_last: bool = False, compile: bool
     return net
 
 
+class DeviceCopies:
+    """Host tensors (a schedule's tables) copied to a device once, on first use. A copy from the
+    host in every step would make the host wait for the device each time (CUDA synchronises a
+    blocking host-to-device copy), so a sampling loop or training step could never run ahead."""
+
+    def __init__(self):
+        self._copies: dict = {}
+
+    def __call__(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if tensor.device == device:
+            return tensor
+        key = (id(tensor), device)
+        hit = self._copies.get(key)
+        if hit is None or hit[0] is not tensor:  # the source is kept, so its id is never reused
+            hit = self._copies[key] = (tensor, tensor.to(device))
+        return hit[1]
+
+
 def adamw(params, *, lr: float, weight_decay: float, device: torch.device, fused: bool = True):
     """AdamW, fused into one kernel where the device supports it."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused and device.type == "cuda")

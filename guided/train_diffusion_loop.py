@@ -55,7 +55,7 @@ class DiffusionTrainer(Trainer):
         if self.cfg.model.num_classes is not None:
             if tc.label_dropout > 0:  # the null label for classifier-free guidance
                 drop = torch.rand(n, generator=self.gen) < tc.label_dropout
-                y = torch.where(drop.to(y.device), torch.full_like(y, self.cfg.model.num_classes), y)
+                y = torch.where(drop.to(y.device, non_blocking=True), torch.full_like(y, self.cfg.model.num_classes), y)
             batch["y"] = y
         if tc.objective == "eps":
             batch["noise"] = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
@@ -110,9 +110,10 @@ class DiffusionTrainer(Trainer):
             self.print(f"step {self.step}: probe " + " ".join(f"{k[6:]} {v:.4g}" for k, v in stats.items()))
         self.accel.wait_for_everyone()
 
-    def after_step(self, t, values):
-        if hasattr(self.sampler, "loss_history") and self.cfg.train.objective == "eps":
-            # loss-aware sampling sees the losses of every process (the reference's all-gather)
+    def after_step(self, t, values, took):
+        if hasattr(self.sampler, "loss_history") and self.cfg.train.objective == "eps" and took.item():
+            # loss-aware sampling sees the losses of every process (the reference's all-gather); its
+            # history lives on the host, so this sampler reads the losses every step
             ts, ls = self.accel.gather(t), self.accel.gather(values["loss"].detach())
             self.sampler.update_with_all_losses(ts.tolist(), ls.tolist())
 

@@ -28,13 +28,17 @@ class QuarterMeter:
         self.sums: dict[str, torch.Tensor] = {}  # name -> [q0, q1, q2, q3, no t] sums ...
         self.counts: dict[str, torch.Tensor] = {}  # ... and counts
 
-    def add(self, t_orig: torch.Tensor | None, values: dict[str, torch.Tensor]):
+    def add(self, t_orig: torch.Tensor | None, values: dict[str, torch.Tensor], keep: torch.Tensor | None = None):
+        """Count the values; `keep` (a 0-dim flag on the device) False counts nothing (a skipped step)."""
         for k, v in values.items():
             if t_orig is None or k in self.WHOLE_ONLY:
                 q = torch.full((len(v),), 4, device=self.device)
             else:
                 q = (t_orig.to(self.device) * 4 // self.num_steps).clamp(0, 3)
-            for table, x in ((self.sums, v.detach()), (self.counts, torch.ones_like(v))):
+            ones = torch.ones_like(v)
+            if keep is not None:  # where(), not a product: a skipped step's values may be NaN
+                v, ones = torch.where(keep, v.detach(), 0), ones * keep
+            for table, x in ((self.sums, v.detach()), (self.counts, ones)):
                 acc = table.setdefault(k, torch.zeros(5, device=self.device, dtype=torch.float64))
                 acc.index_add_(0, q, x.to(self.device, torch.float64))
 
@@ -48,7 +52,9 @@ class QuarterMeter:
         rows = stacked.tolist()  # the one host sync per log interval
         out = {}
         for k, s, c in zip(names, rows[:len(names)], rows[len(names):]):
-            out[k] = sum(s) / max(sum(c), 1)
+            if not sum(c):  # every step of the interval was skipped
+                continue
+            out[k] = sum(s) / sum(c)
             out.update({f"{k}_q{i}": s[i] / c[i] for i in range(4) if c[i]})
         self.reset()
         return out

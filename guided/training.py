@@ -7,6 +7,10 @@ non-finite check, per-quarter loss logging accumulated on the device, atomic
 checkpoints, resuming, and SIGTERM. A subclass builds its network and computes
 per-example losses (train_diffusion_loop.py, train_classifier_loop.py).
 
+A step never waits for the device (with a fused AdamW: the CUDA default): a non-finite
+step is skipped there, and the host reads the flags, counts the skipped steps and
+stops a run of them at the log reads, every train.log_every steps.
+
 Determinism: every random draw of the loop comes from generators saved in the
 checkpoint -- `self.gen` (CPU: timesteps, label dropout), `self.noise_gen` (on the
 device: the diffusion noise), torch's global RNG (dropout layers) -- and the batch
@@ -110,6 +114,7 @@ class Trainer:
         self.ema = {str(r): [p.detach().float().clone() for p in self.params] for r in self.ema_rates}
         self.seed_rngs(tc.seed)
         self.step, self.bad_total, self.bad_in_row, self.last_ckpt = 0, 0, 0, None
+        self.unread_flags: list[torch.Tensor] = []  # per step since the last read: took the step?
         self.meter = QuarterMeter(self.num_noise_levels(), self.device)
         self._stop = None
         data_state = self.resume_or_check(resume)
@@ -206,9 +211,11 @@ class Trainer:
         size = n if size <= 0 else size
         return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
-    def train_step(self, x0, y) -> tuple[bool, dict, torch.Tensor]:
-        """Forward/backward over microbatches, clip, check, step. Returns (took_step, logs, t)."""
-        batch = self.prepare_batch(x0.to(self.device), y.to(self.device))
+    def train_step(self, x0, y) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """Forward/backward over microbatches, clip, check, step. Returns (took, logs, t), `took` a
+        flag on the device: nothing here waits for the device (the flags are read every log_every
+        steps, see read_bad_steps), so the host can queue the next step while this one runs."""
+        batch = self.prepare_batch(x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
         parts, n = self.microbatches(batch), len(batch["x"])
         self.opt.zero_grad(set_to_none=True)
         total, logs = 0.0, []
@@ -220,33 +227,45 @@ class Trainer:
             total, logs = total + loss.detach() * (len(part["x"]) / n), logs + [values]
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         norm = self.accel.clip_grad_norm_(self.model.parameters(), clip)
-        flags = torch.stack([~torch.isfinite(total), ~torch.isfinite(norm.to(total.device)),
-                             torch.tensor(self._stop is not None, device=total.device)]).float()
+        bad = ~torch.isfinite(total) | ~torch.isfinite(norm.to(total.device))
         if self.world > 1:  # the same decision in every process
-            flags = self.accel.reduce(flags, reduction="sum")
-        bad_loss, bad_grad, stop = (f > 0 for f in flags.tolist())  # one host sync per step
-        if stop and self._stop is None:
-            self._stop = "a stop request in another process"
-        took = False
-        if not (bad_loss or bad_grad) or self.accel.scaler is not None:
-            self.opt.step()  # fp16: the scaler skips a non-finite step itself and backs off its scale
-            took = not (bad_loss or bad_grad) and not self.accel.optimizer_step_was_skipped
+            bad = self.accel.reduce(bad.float(), reduction="sum") > 0
+        took = self.optimizer_step(bad)
         self.opt.zero_grad(set_to_none=True)
         values = {k: torch.cat([v[k] for v in logs]) for k in logs[0]}
-        if took:
-            self.update_ema()
-            values["grad_norm"] = norm.detach().float().expand(n)
+        values["grad_norm"] = norm.detach().float().expand(n)
+        self.update_ema(took)
         return took, values, batch.get("t")
 
+    def optimizer_step(self, bad: torch.Tensor) -> torch.Tensor:
+        """The optimizer step unless `bad` (a non-finite loss or gradient); returns `took` on the device.
+        A fused AdamW skips it on the device through its found_inf input (the GradScaler's way: neither
+        weights, moments nor step count move); fp16's scaler skips a non-finite step itself and backs
+        off its scale; any other optimizer needs `bad` on the host: free on the CPU, a wait on a GPU."""
+        inner = self.opt.optimizer  # under Accelerate's wrapper
+        if self.accel.scaler is not None:
+            self.opt.step()
+            return ~bad & (not self.accel.optimizer_step_was_skipped)
+        if inner.defaults.get("fused"):
+            inner.found_inf = bad.float()
+            try:
+                self.opt.step()
+            finally:
+                del inner.found_inf
+        elif not bad.item():
+            self.opt.step()
+        return ~bad
+
     @torch.no_grad()
-    def update_ema(self):
-        """ema <- rate * ema + (1 - rate) * params, for every rate (the reference's update_ema); with
+    def update_ema(self, took: torch.Tensor):
+        """ema <- rate * ema + (1 - rate) * params, for every rate (the reference's update_ema), after a
+        step that was taken (`took`, a 0-dim flag on the device: 0 leaves the EMA as it was); with
         train.ema_warmup the rate is at most (1 + k) / (10 + k) at step k, so a short run's EMA does
         not keep a share rate^k of the random initial weights."""
-        src = [p.detach().float() for p in self.params]
+        src, took = [p.detach().float() for p in self.params], took.to(torch.float32)
         cap = (1 + self.step) / (10 + self.step) if self.cfg.train.ema_warmup else 1.0
-        for rate, ema in zip(self.ema_rates, self.ema.values()):
-            torch._foreach_lerp_(ema, src, 1.0 - min(rate, cap))
+        for rate, ema in zip(self.ema_rates, self.ema.values()):  # a list of weights: one tensor weight
+            torch._foreach_lerp_(ema, src, [(1.0 - min(rate, cap)) * took] * len(ema))  # is read back as a number
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> str:
@@ -268,11 +287,11 @@ class Trainer:
                 took, values, t = self.train_step(x0, y)
                 self.step, done_here, window[1] = self.step + 1, done_here + 1, window[1] + len(x0) * self.world
                 bar.update(1)
-                self.count_bad(took)
-                if took:
-                    self.meter.add(None if t is None else self.diffusion.timestep_map.to(t.device)[t], values)
-                    self.after_step(t, values)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                self.unread_flags.append(took)
+                self.meter.add(None if t is None else self.diffusion.original_t(t), values, took)
+                self.after_step(t, values, took)
+                read = self.step % tc.log_every == 0 or self.step == tc.steps
+                if read:
                     self.log(bar, window)
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     self.evaluate()
@@ -280,7 +299,7 @@ class Trainer:
                     self.probe()
                 if self.step in tc.snapshot_steps:
                     self.export_snapshot()
-                if self._stop or (stop_after and done_here >= stop_after):
+                if self.stop_requested(read) or (stop_after and done_here >= stop_after):
                     self.save()
                     self.print(f"stopped at step {self.step} ({self._stop or 'stop_after'}); "
                                f"checkpoint {self.last_ckpt}; continue with --resume")
@@ -298,21 +317,44 @@ class Trainer:
                 signal.signal(signal.SIGTERM, old)
             self.accel.end_training()
 
-    def after_step(self, t, values):
+    def after_step(self, t, values, took):
         pass
 
-    def count_bad(self, took: bool):
+    def read_bad_steps(self):
+        """Read the took-flags of the steps since the last read (one host read per log interval) and
+        count the skipped ones, step by step, as they happened."""
+        if not self.unread_flags:
+            return
+        flags, first = torch.stack(self.unread_flags).tolist(), self.step - len(self.unread_flags) + 1
+        self.unread_flags = []
+        for i, took in enumerate(flags):
+            self.count_bad(first + i, took)
+
+    def count_bad(self, step: int, took: bool):
         if took:
             self.bad_in_row = 0
             return
         self.bad_total, self.bad_in_row = self.bad_total + 1, self.bad_in_row + 1
-        self.print(f"step {self.step}: non-finite loss or gradient, step skipped "
+        self.print(f"step {step}: non-finite loss or gradient, step skipped "
                    f"({self.bad_in_row} in a row, {self.bad_total} in all)")
         if self.bad_in_row >= self.cfg.train.max_bad_steps:
-            raise GuidedError(f"stopping at step {self.step}: {self.bad_in_row} non-finite steps in a row "
+            raise GuidedError(f"stopping at step {step}: {self.bad_in_row} non-finite steps in a row "
                               f"(train.max_bad_steps); last good checkpoint: {self.last_ckpt or 'none saved yet'}")
 
+    def stop_requested(self, read: bool) -> bool:
+        """A stop request (SIGTERM): in one process as soon as it comes; with several, all must stop at
+        the same step, so they agree on it at the reads of the log interval."""
+        if self.world == 1:
+            return self._stop is not None
+        if not read:
+            return False
+        flag = self.accel.reduce(torch.tensor(float(self._stop is not None), device=self.device), reduction="sum")
+        if flag.item() > 0 and self._stop is None:
+            self._stop = "a stop request in another process"
+        return self._stop is not None
+
     def log(self, bar, window):
+        self.read_bad_steps()
         stats = self.meter.flush(self.accel)
         now = time.time()
         stats["images_per_s"] = window[1] / max(now - window[0], 1e-9)
@@ -375,6 +417,7 @@ class Trainer:
         return cal.to_dict() if cal is not None else None
 
     def save(self):
+        self.read_bad_steps()  # bad_total goes into the checkpoint
         state = self.state()
         if self.accel.is_main_process:
             try:

@@ -1,5 +1,6 @@
 """The networks on odd configurations, attention against a plain oracle, guidance."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -74,8 +75,37 @@ def reference_attention(qkv, heads, new_order):
 
 @pytest.mark.parametrize("new_order", [False, True])
 def test_attention_matches_the_reference_formula(new_order):
+    """Ours takes and gives token-major [B, T, C] tensors, the reference channel-major [B, C, T]."""
     qkv = torch.randn(2, 3 * 4 * 8, 10, dtype=torch.float64)
-    assert torch.allclose(attention(qkv, 4, new_order), reference_attention(qkv, 4, new_order), atol=1e-12)
+    ours = attention(qkv.transpose(1, 2), 4, new_order).transpose(1, 2)
+    assert torch.allclose(ours, reference_attention(qkv, 4, new_order), atol=1e-12)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device on this machine"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("new_order", [False, True])
+def test_attention_runs_on_the_fused_kernels_alone(device, new_order):
+    """With SDPA's math kernel switched off (flash and memory-efficient only; on the CPU flash is the
+    fused kernel), the U-Net's attention blocks and the classifier's attention pool run forward and
+    backward: what they hand to SDPA is a layout the fused kernels take. The channel-major views of
+    before are refused in the same setting, so the check can fail."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    net = unet(num_head_channels=16, use_new_attention_order=new_order, attention_resolutions=[16, 8]).to(device)
+    clf = classifier(pool="attention").to(device)
+    x = torch.randn(2, 3, 16, 16, device=device, requires_grad=True)
+    t = torch.tensor([5, 700], device=device)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        (net(x, t).square().sum() + clf(x, t).logsumexp(-1).sum()).backward()
+        assert x.grad.isfinite().all() and x.grad.abs().sum() > 0
+        q = torch.randn(2, 2, 16, 64, device=device).transpose(-1, -2)  # [B, H, T, C] views of [B, H, C, T]
+        with pytest.raises(RuntimeError, match="No available kernel"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SDPA's warnings explain the refusal ("... last dimension ...")
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
 
 def test_gradient_checkpointing_keeps_gradients():

@@ -7,7 +7,7 @@ import torch
 from guided import adm
 from guided.conformance import rel_error
 from guided.guidance import classifier_grad
-from guided.speed import adamw, speed_up
+from guided.speed import DeviceCopies, adamw, speed_up
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance"
 
@@ -55,6 +55,28 @@ def test_compiled_network_matches_eager():
     with torch.no_grad():
         assert rel_error(compiled(x, t), model(x, t)) < 1e-4
     assert compiled._orig_mod is model
+
+
+def test_schedule_tables_are_copied_to_a_device_once():
+    """What a sampling step indexes (the schedule's tables, the timestep map) is copied to the device on
+    first use and reused, so no step copies from the host (on CUDA such a copy waits for the device).
+    The meta device stands in for an accelerator here."""
+    from guided.config import DiffusionConfig, node
+    from guided.diffusion import create_diffusion
+    from guided.sde import DiscreteVPSDE
+
+    d = create_diffusion(node(DiffusionConfig, {}), "10")
+    t = torch.tensor([9, 3], device="meta")
+    first = d.on_device(d.alphas_cumprod, t.device)
+    assert first.device.type == "meta" and d.on_device(d.alphas_cumprod, t.device) is first
+    assert d.extract(d.alphas_cumprod, t, torch.zeros(2, 3, 4, 4, device="meta")).shape == (2, 1, 1, 1)
+    assert d.on_device(d.alphas_cumprod, torch.device("cpu")) is d.alphas_cumprod  # on its own device: as is
+    sde = DiscreteVPSDE(d.alphas_cumprod)
+    sde.beta(torch.tensor([0.5], device="meta"))
+    assert sde.on_device(sde.slopes, torch.device("meta")) is sde.on_device(sde.slopes, torch.device("meta"))
+    copies, table = DeviceCopies(), torch.ones(3)
+    assert copies(table, torch.device("meta")) is copies(table, torch.device("meta"))
+    assert copies(torch.ones(3), torch.device("meta")) is not copies(table, torch.device("meta"))
 
 
 def test_fused_adamw_only_where_supported():
@@ -107,3 +129,65 @@ def test_bf16_guided_samples_match_fp32():
         sampler="ddim", steps="10", scale=4.0, precision=precision))
     # measured 0.045 (10 guided steps compound bf16 rounding); another seed is 0.94 away
     assert rel_error(run("bf16"), run("fp32")) < 0.1
+
+
+# -- benchmarks/gpu_suite.sh: the script that fills the README's performance table on a GPU ---------------
+REPO = Path(__file__).resolve().parents[1]
+SUITE_ROWS = ["ImageNet-64 training, batch 64: images/s", "ImageNet-64 training, batch 64: peak GiB",
+              "ImageNet-256 training, batch 16: images/s", "ImageNet-256 training, batch 16: peak GiB",
+              "digits training, batch 64: steps/s", "ImageNet-64 reverse step, batch 64: unguided ms",
+              "ImageNet-64 reverse step, batch 64: guided ms",
+              "ImageNet-64 reverse step, batch 64: 250-step guided run, images/s",
+              "ImageNet-256 reverse step, batch 16: unguided ms", "ImageNet-256 reverse step, batch 16: guided ms"]
+
+
+def table_rows(stdout: str) -> dict:
+    rows = [line.strip("| ").split(" | ") for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["figure", "standard", "fastest"], stdout
+    return {r[0]: r[1:] for r in rows[2:]}
+
+
+def test_gpu_suite_dry_run_prints_every_row_of_the_table():
+    """The whole script, as a user runs it, on tiny stand-ins (one step each): every row of the
+    performance table comes out with a figure in both columns, so the script cannot rot unseen."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("DRY RUN"), done.stdout
+    rows = table_rows(done.stdout)
+    assert list(rows) == SUITE_ROWS
+    assert all(float(cell) > 0 for cells in rows.values() for cell in cells), done.stdout
+    if not torch.cuda.is_available():  # without --dry-run it wants a GPU, and says so in one line
+        refused = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=REPO, env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            "error: no CUDA device here; --dry-run runs the tiny stand-ins on the CPU"]
+
+
+def test_gpu_suite_goes_on_past_a_failed_cell_and_names_the_rows_past_its_budget(monkeypatch, capsys):
+    import itertools
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import suite
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+    def out_of_memory(args, count_flops=True):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    monkeypatch.setattr(suite.train_speed, "measure", out_of_memory)
+    monkeypatch.setattr(suite, "ROWS", suite.ROWS[:1] + suite.ROWS[3:])
+    clock = itertools.chain([0.0, 1.0], itertools.repeat(1000.0))  # the second row would start past the budget
+    monkeypatch.setattr(suite, "clock", lambda: next(clock))
+    assert suite.main(["--dry-run", "--budget", "5"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    oom = "error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows["ImageNet-64 training, batch 64: images/s"] == [oom, oom]
+    assert "ImageNet-64 reverse step, batch 64: left out (time budget)" in rows
+    assert "ImageNet-256 reverse step, batch 16: left out (time budget)" in rows

@@ -81,14 +81,114 @@ def test_label_dropout_uses_the_null_class(tiny):
     assert (batch["y"] == 10).all()
 
 
-def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tiny):
-    trainer = DiffusionTrainer(tiny("diffusion", "train.max_bad_steps=2", "train.steps=3"))
+@pytest.mark.parametrize("log_every", [2, 3])
+def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tiny, log_every):
+    """The flags are read every log_every steps: the error names the step where the run of bad steps
+    reached train.max_bad_steps, and comes at the read that finds it (step 3 when reading every 3)."""
+    trainer = DiffusionTrainer(tiny("diffusion", "train.max_bad_steps=2", "train.steps=5",
+                                    f"train.log_every={log_every}", "train.save_every=10"))
     before = {k: v.clone() for k, v in trainer.net.state_dict().items()}
     losses = trainer.losses
     trainer.losses = lambda b: (lambda loss, v: (loss * float("nan"), v))(*losses(b))
     with pytest.raises(GuidedError, match="step 2: 2 non-finite steps in a row.*none saved yet"):
         trainer.run()
-    assert trainer.bad_total == 2 and all(torch.equal(before[k], v) for k, v in trainer.net.state_dict().items())
+    assert trainer.step == log_every and trainer.bad_total == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.net.state_dict().items())
+
+
+def with_fused_adamw(monkeypatch):
+    """The trainers with a fused AdamW on the CPU: the optimizer they get on CUDA by default."""
+    import guided.training as training
+
+    monkeypatch.setattr(training, "adamw", lambda params, *, lr, weight_decay, device, fused=True:
+                        torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True))
+
+
+def test_a_fused_adamw_skips_a_nonfinite_step_on_the_device(tiny, monkeypatch, capsys):
+    """NaN loss at step 2, an infinite gradient at step 4, flags read once at step 5: neither bad step
+    moves the weights, the EMA or the optimizer's moments and step count; both are counted and logged
+    with their own step numbers."""
+    from test_faults import InfGrad
+
+    with_fused_adamw(monkeypatch)
+    trainer = DiffusionTrainer(tiny("diffusion", "train.steps=5", "train.log_every=5", "train.save_every=10"))
+    assert trainer.opt.optimizer.defaults["fused"]
+    losses, seen = trainer.losses, {}
+
+    def faulty(b):
+        loss, values = losses(b)
+        opt = [t.clone() for st in trainer.opt.optimizer.state.values() for t in st.values()]
+        seen[trainer.step + 1] = [p.detach().clone() for p in trainer.params + trainer.ema["0.9"]] + opt
+        return {2: loss * float("nan"), 4: InfGrad.apply(loss)}.get(trainer.step + 1, loss), values
+    trainer.losses = faulty
+    trainer.run()
+    same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))  # noqa: E731
+    assert same(seen[2], seen[3]) and same(seen[4], seen[5]) and not same(seen[3], seen[4])
+    assert trainer.bad_total == 2 and {int(st["step"]) for st in trainer.opt.optimizer.state.values()} == {3}
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, step skipped (1 in a row, 1 in all)" in out
+    assert "step 4: non-finite loss or gradient, step skipped (1 in a row, 2 in all)" in out
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tiny, monkeypatch):
+    """No value leaves the device in a step (with a fused AdamW): no item(), bool() or float() of a
+    tensor (aten._local_scalar_dense, what a GPU would wait for) and no tolist() or numpy(); a bad step
+    too. The reads happen every log_every steps instead (Trainer.read_bad_steps, QuarterMeter.flush)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads, watching = [], []
+
+    class HostReads(TorchDispatchMode):
+        def __enter__(self):
+            watching.append(True)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            watching.pop()
+            return super().__exit__(*exc)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+    for name in ("tolist", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, real=real, name=name, **k:
+                            (watching and reads.append(name)) or real(self, *a, **k))
+    with_fused_adamw(monkeypatch)
+    trainer = DiffusionTrainer(tiny("diffusion"))
+    losses = trainer.losses
+    trainer.losses = lambda b: (lambda loss, v: (loss * float("nan") if trainer.step == 1 else loss, v))(*losses(b))
+    took = []
+    for _ in range(3):  # a good step, a bad one, a good one
+        x0, y = next(trainer.batches)
+        with HostReads():
+            took.append(trainer.train_step(x0, y)[0])
+            trainer.meter.add(None, {"x": torch.ones(2)}, took[-1])
+        trainer.step += 1
+    assert reads == []
+    with HostReads():  # the check can see a read
+        assert torch.stack(took).tolist() == [True, False, True] and bool(took[0])
+    assert reads == ["tolist", torch.ops.aten._local_scalar_dense.default]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_on_cuda_a_training_step_never_waits_for_the_device(tiny):
+    """CUDA's sync debug mode raises at any synchronisation inside the steps (after two warm-up steps:
+    the first use of the schedule's tables copies them over once)."""
+    trainer = DiffusionTrainer(tiny("diffusion"))
+    batches = [next(trainer.batches) for _ in range(4)]
+    for x0, y in batches[:2]:
+        trainer.train_step(x0, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x0, y in batches[2:]:
+            took, values, t = trainer.train_step(x0, y)
+            trainer.meter.add(trainer.diffusion.original_t(t), values, took)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert bool(took)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tiny):
