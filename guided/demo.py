@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import Parser, run_cli
-from .cli.sample import (SAMPLER_NAMES, _number, add_model_args, add_sampler_args, check_device, default_device,
-                         load_pipeline, options, parse_classes)
+from .cli.sample import (SAMPLER_NAMES, _number, add_guidance_args, add_model_args, add_sampler_args, check_device,
+                         default_device, load_pipeline, options, parse_classes)
 from .errors import GuidedError
 from .generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
 from .generate import to_uint8
@@ -50,8 +50,9 @@ def build_parser() -> Parser:
     add_model_args(p)
     p.add_argument("--method", choices=tuple(METHODS), default=None,
                    help="the page's starting guidance method (default: classifier if there is one)")
-    p.add_argument("--scale", type=_number(float, 0.0), default=4.0, help="the page's starting guidance scale")
+    add_guidance_args(p, scale_default=4.0)  # --scale: the page's starting scale; intervals etc. as sample_guided.py
     add_sampler_args(p)
+    p.set_defaults(load_guides=True)  # load the weak model and clean classifier, so every method is offered
     for action in p._actions:  # sample_guided.py's flags the page sets itself
         if action.dest in ("cfg_scale", "batch_size"):
             action.help = argparse.SUPPRESS
