@@ -22,6 +22,7 @@ def test_readme_command_on_the_shipped_models(tmp_path, capsys):
         images = f["arr_0"]
     assert (tmp_path / "grid.png").exists() and (tmp_path / "settings.json").exists()
     assert load_judge(16).accuracy(images, np.full(20, 3)) >= 0.8  # they are threes
+    assert (images == images[..., :1]).all()  # grey: the one-channel model's samples have equal channels, no tint
 
 
 def test_classifier_guidance_steers_the_unconditional_model(tmp_path, capsys):
