@@ -506,7 +506,7 @@ def checked_images(x: torch.Tensor, start: int, out: Path, opts: SampleOptions, 
     if not torch.isfinite(x).all():
         kept = len(list((out / "parts").glob("batch-*.npz")))
         raise GuidedError(f"{where} came out NaN or infinite: the sampler diverged{why}; "
-                          + (f"the {kept} finished batches are kept in {out / 'parts'}" if kept else
+                          + (f"the finished batches are kept in {out / 'parts'} ({kept})" if kept else
                              "no batch had finished"))
     images = to_uint8(x)
     extreme = float(np.mean((images == 0) | (images == 255)))

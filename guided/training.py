@@ -4,8 +4,9 @@
 trackers), seeding, AdamW with optional linear annealing, EMA weights at several
 rates, one optimisation step over microbatches with gradient clipping and the
 non-finite check, per-quarter loss logging accumulated on the device, atomic
-checkpoints, resuming, the run folder's lock, and SIGTERM / SIGINT. A subclass builds its network and computes
-per-example losses (train_diffusion_loop.py, train_classifier_loop.py).
+checkpoints, resuming, the run folder's lock, and SIGTERM / SIGINT. A subclass
+builds its network and computes per-example losses (train_diffusion_loop.py,
+train_classifier_loop.py).
 
 A step never waits for the device (with a fused AdamW: the CUDA default): a non-finite
 step is skipped there, and the host reads the flags, counts the skipped steps and
@@ -287,8 +288,15 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> str:
-        """Train to train.steps. Returns "done", or "stopped" after SIGTERM (or `stop_after`
-        steps of this call), in both cases with a checkpoint saved."""
+        """Train to train.steps. Returns "done", or "stopped" after SIGTERM or Ctrl-C (or
+        `stop_after` steps of this call), in both cases with a checkpoint saved. The run
+        folder's lock is released however it ends."""
+        try:
+            return self._run(stop_after)
+        finally:
+            self.release()
+
+    def _run(self, stop_after: int | None) -> str:
         tc = self.cfg.train
         if self.accel.is_main_process:
             ck.write_run_files(self.out_dir, self.cfg, self.label_map)
@@ -337,7 +345,6 @@ class Trainer:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             self.accel.end_training()
-            self.release()
 
     def after_step(self, t, values, took):
         pass

@@ -522,7 +522,7 @@ def test_sigterm_stops_sampling_with_a_message_and_frees_its_lock(tmp_path):
     assert rerun.wait(120) == 0 and f"| {2 * kept}/40 [" in rerun.output()
     assert _samples(out / "samples.npz")[0].shape[0] == 40
     record_fault("sigterm_sampling", "SIGTERM to sample_guided.py", "SIGTERM once a batch had finished", 1,
-                 f"one line `{line}`, exit 143, lock removed, the {kept} finished batches kept; the rerun drew "
+                 f"one line `{line}`, exit 143, lock removed, the finished batches kept ({kept}); the rerun drew "
                  "only the rest")
 
 
@@ -543,7 +543,7 @@ def test_non_finite_samples_are_an_error_that_keeps_the_finished_batches(tmp_pat
         code = sample_main(argv)
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and line == ("error: batch 2 (samples 2..3) came out NaN or infinite: the sampler diverged "
-                                  f"(is --scale 2 too large?); the 1 finished batches are kept in {out / 'parts'}")
+                                  f"(is --scale 2 too large?); the finished batches are kept in {out / 'parts'} (1)")
     assert sorted(p.name for p in (out / "parts").glob("*.npz")) == ["batch-00000000.npz"]
     assert not (out / ".lock").exists() and not (out / "samples.npz").exists()
     assert sample_main(argv) == 0
