@@ -73,21 +73,22 @@ def files(tmp_path_factory):
     return d
 
 
-CLF3_FLAGS = ("--image_size 16 --classifier_width 32 --classifier_depth 1 --channel_mult 1,2 "
-              "--classifier_attention_resolutions 8 --num_classes 3")
-
-
 def _damaged_weights(d: Path) -> None:
     """The shipped models with one NaN / inf weight, and a 3-class classifier for the 10-class digits."""
-    from guided import adm
+    from guided import checkpoints as ck
     from guided.cli.sample import SHIPPED
+    from guided.config import load_config
+    from guided.unet import EncoderUNetModel
 
-    for name, out, value in (("uncond", "nan_model.pt", float("nan")), ("classifier", "inf_classifier.pt",
-                                                                        float("inf"))):
+    for name, out, value in (("cond", "nan_model.pt", float("nan")), ("classifier", "inf_classifier.pt",
+                                                                      float("inf"))):
         w = torch.load(SHIPPED / f"{name}.pt", weights_only=True)
         w["state_dict"]["input_blocks.1.0.in_layers.2.weight"][0, 0, 0, 0] = value
         torch.save(w, d / out)
-    torch.save(adm.create_classifier(CLF3_FLAGS).state_dict(), d / "clf3.pt")
+    m = ck.load_trained(SHIPPED / "cond.pt")[1].model  # the shipped model's image size and channels
+    cfg = load_config(None, TINY_CLASSIFIER + [f"classifier.image_size={m.image_size}",
+                                               f"classifier.in_channels={m.in_channels}", "classifier.num_classes=3"])
+    ck.export_weights(d / "clf3.pt", EncoderUNetModel(cfg.classifier).state_dict(), kind="classifier", cfg=cfg)
 
 
 def P(files, name):
@@ -140,7 +141,7 @@ SAMPLE = [
      "tensor input_blocks.1.0.in_layers.2.weight holds NaN"),
     (S, ["--classifier", "{bad}/inf_classifier.pt"], "--classifier: weights holding an inf",
      "tensor input_blocks.1.0.in_layers.2.weight holds inf"),
-    (S, ["--classifier", "{bad}/clf3.pt", "--classifier-flags", CLF3_FLAGS, "--class", "7"],
+    (S, ["--classifier", "{bad}/clf3.pt", "--class", "7"],
      "--class 7 guided by a 3-class classifier (10-class model)", "class 7 is outside the classifier's 3 classes"),
 ]
 T, C = "train_diffusion.py", "train_classifier.py"

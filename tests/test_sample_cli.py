@@ -156,7 +156,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("classifier guidance scale (0 = none) (default: 1.0)", "(default: 100; the ode and langevin",
+    for shown in ("guidance scale s (0 = none) (default: 1.0)", "(default: 100; the ode and langevin",
                   "(default: out)", "how many samples to draw (default: 100)", "(default: ddpm)"):
         assert shown in text, shown
 

@@ -21,7 +21,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each option's default (where it has one) and keeps the description's lines."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "(default" in (action.help or ""):  # none to show, or the help says it already
             return action.help
         return super()._get_help_string(action)
 
