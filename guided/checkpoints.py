@@ -18,9 +18,11 @@ map, so it is self-contained; a `<stem>.yaml` or `config.yaml` beside it wins.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -80,7 +82,18 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: _torch_save(obj, f, Path(path)))
+
+
+def _torch_save(obj, f, path: Path) -> None:
+    """torch.save, whose write failures become OSError. Its zip writer reports a failed write
+    (ENOSPC on a full disk) as RuntimeError "... unexpected pos ...", not as the OSError it was."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        if shutil.disk_usage(path.parent).free < 1 << 20:  # under 1 MiB left: the disk filled up
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
+        raise OSError(errno.EIO, f"torch.save failed: {(str(e).strip().splitlines() or ['?'])[-1][:200]}") from e
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -286,8 +299,21 @@ def _unpack(obj, which: str | None, path: Path) -> dict:
 
 def read_state_dict(path: str | Path, which: str | None = None) -> dict:
     """The state dict in a bare .pt (e.g. the paper's released 256x256_diffusion.pt), a weights
-    file or a checkpoint, with torch.compile / DDP prefixes removed."""
-    return clean_state_dict(_unpack(read_file(path, "weights file"), which, Path(path))["state_dict"])
+    file or a checkpoint, with torch.compile / DDP prefixes removed; non-finite weights are refused."""
+    return check_finite(clean_state_dict(_unpack(read_file(path, "weights file"), which, Path(path))["state_dict"]),
+                        path)
+
+
+def check_finite(state_dict: dict, where) -> dict:
+    """Refuse weights that hold NaN or inf (a diverged or damaged run), naming the first such tensor:
+    a model with them draws black images that would still be scored."""
+    for name, v in state_dict.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).sum())
+            kind = "NaN" if torch.isnan(v).any() else "inf"
+            raise GuidedError(f"weights {where}: tensor {name} holds {kind} ({bad} of {v.numel()} values are not "
+                              f"finite); the run diverged or the file is damaged: use an earlier checkpoint")
+    return state_dict
 
 
 def resolve_trained(path_or_dir, which: str | None = None) -> tuple[dict, object, object, Path]:
@@ -331,6 +357,7 @@ def load_trained(path_or_dir, which: str | None = None, device="cpu"):
     with (cfg.model for a U-Net, cfg.classifier for a classifier); label_map may be None.
     """
     w, cfg, label_map, path = resolve_trained(path_or_dir, which)
+    check_finite(w["state_dict"], path)
     model = build_network(w["kind"], cfg)
     load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in w["state_dict"].items()},
                            what=f"weights {path}")

@@ -158,9 +158,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
         if not path.is_file():
             raise GuidedError(f"config file {path} does not exist (see configs/ for the shipped ones)")
         try:
-            cfg = merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
         except (OmegaConfBaseException, yaml.YAMLError) as e:  # YAML syntax
             raise GuidedError(f"cannot read config {path}: {_one_line(e)}") from None
+        if not loaded:  # an empty file would silently train the structured defaults
+            raise GuidedError(f"config {path} is empty: start from one of the shipped configs (e.g. digits.yaml)")
+        cfg = merge(cfg, loaded)
     for item in overrides:
         if "=" not in item:
             raise GuidedError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=32)")
@@ -171,6 +174,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
             raise
         except OmegaConfBaseException as e:
             raise GuidedError(f"bad override: {_one_line(e)}") from None
+    if cfg.get("train") is not None and cfg.train.mixed_precision == "False":
+        cfg.train.mixed_precision = "no"  # YAML reads `no` (and off, false) as a boolean
     return cfg
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import Parser, run_cli
-from .cli.sample import (SAMPLER_NAMES, _number, add_guidance_args, add_model_args, add_sampler_args, check_device,
-                         default_device, load_pipeline, options, parse_classes)
+from .cli.sample import (ADAPTIVE, SAMPLER_NAMES, _number, add_guidance_args, add_model_args, add_sampler_args,
+                         check_device, default_device, load_pipeline, options, parse_classes)
 from .errors import GuidedError
 from .generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
 from .generate import to_uint8
@@ -106,7 +106,8 @@ def request(p: Pipeline, args, class_text, method, scale, sampler, steps, num_sa
     n = _whole(num_samples, "the number of samples", 1, MAX_SAMPLES)
     seed = _whole(seed, "the seed", 0)
     classes = parse_classes(str(class_text or "").strip() or None, p)  # empty: every class
-    base = options(argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": str(steps).strip()}), 0.0)
+    steps = None if sampler in ADAPTIVE else str(steps).strip()  # ode and langevin choose their own
+    base = options(argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": steps}), 0.0)
     opts = replace(base, **{"scale": 0.0, "cfg_scale": 1.0, **METHODS[method](float(scale))})
     labels = plan_labels(classes, n)
     check_sampler(p, sampler)
@@ -216,7 +217,7 @@ def build_page(p: Pipeline, args, device):
 
     names = class_choices(p)
     start_sampler = "langevin" if p.objective == "ncsn" and args.sampler == "ddpm" else args.sampler
-    first = args.classes if args.classes is not None else (names[0] if names else None)
+    first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
 
     def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
         start = time.perf_counter()

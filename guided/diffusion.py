@@ -31,6 +31,9 @@ def betas_for_alpha_bar(n: int, alpha_bar, max_beta: float = 0.999) -> np.ndarra
 def named_beta_schedule(name: str, n: int) -> np.ndarray:
     if name == "linear":  # Ho et al., rescaled so any step count spans the same range
         scale = 1000 / n
+        if scale * 0.02 >= 1:  # beta_T >= 1: alpha-bar reaches 0 and every coefficient after it is NaN
+            raise GuidedError(f"the linear noise schedule needs more than 20 diffusion steps (its last beta is "
+                              f"0.02 * 1000 / steps), got {n}: use more steps or the cosine schedule")
         return np.linspace(scale * 0.0001, scale * 0.02, n, dtype=np.float64)
     if name == "cosine":  # alpha_bar(t) = cos^2(((t + s) / (1 + s)) pi / 2), s = 0.008
         return betas_for_alpha_bar(n, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
@@ -219,10 +222,13 @@ def create_diffusion(cfg, timestep_respacing: str | None = None) -> GaussianDiff
     chosen timesteps and recomputes betas so that the kept alpha-bars are
     unchanged: beta'_i = 1 - abar_{s_i} / abar_{s_{i-1}} (Nichol & Dhariwal sec. 4)."""
     respacing = cfg.timestep_respacing if timestep_respacing is None else timestep_respacing
-    if cfg.steps < 1:
-        raise GuidedError(f"diffusion steps must be positive, got {cfg.steps}")
+    if cfg.steps < 2:  # the posterior variance at t = 0 is clipped to the one at t = 1 (Ho et al.)
+        raise GuidedError(f"diffusion.steps must be at least 2, got {cfg.steps}")
     base = named_beta_schedule(cfg.noise_schedule, cfg.steps)
     kept = space_timesteps(cfg.steps, respacing)
+    if len(kept) < 2:  # one step would keep only t = 0, a denoiser of almost clean images
+        raise GuidedError(f"respacing {respacing!r} keeps a single step (timestep {kept[0]}), which cannot "
+                          f"denoise from pure noise: use at least 2 steps (--steps 2)")
     abar = np.cumprod(1.0 - base)
     last, betas = 1.0, []
     for i in kept:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import shutil
+import sys
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ from .checkpoints import atomic_write
 from .diffusion import create_diffusion
 from .errors import GuidedError
 from .guidance import Guidance, Term, ladder_sigma, vp_denoiser, vp_sigma
+from .locks import first_rank, lock_folder
 from .sampling import SAMPLERS, SampleNoise
 
 
@@ -120,6 +123,10 @@ def check_labels(p: Pipeline, labels, opts: SampleOptions):
         raise GuidedError(f"class {max(labels)} is outside the model's {n} classes (0..{n - 1})")
     if opts.scale and p.classifier is None:
         raise GuidedError("--scale needs a noise-aware classifier (--classifier)")
+    k = p.classifier.cfg.num_classes if opts.scale else None
+    if k is not None and any(not 0 <= int(y) < k for y in labels):
+        raise GuidedError(f"class {max(labels)} is outside the classifier's {k} classes (0..{k - 1}): guide with a "
+                          f"classifier of the model's classes")
     if opts.cfg_scale != 1.0 and not (getattr(p.model.cfg, "null_class", False) and p.conditional):
         raise GuidedError("--cfg-scale needs a class-conditional model trained with label dropout (model.null_class)")
     if opts.autoguide_scale != 1.0 and p.weak_model is None:
@@ -272,20 +279,20 @@ def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, devi
     if preview is not None:
         score = previewing(score, sde, preview)
     extra = dict(opts.extra)
-    steps = int(opts.steps) if str(opts.steps).isdigit() else None
+    steps = score_steps(opts, init)
     if init is not None:
         if not 0 < float(init["t0"]) <= 1:
             raise GuidedError(f"--t0 must be in (0, 1], got {init['t0']}")
         guide = init["image"].to(device).expand(len(y), *init["image"].shape)
         mask = init.get("mask")
-        return ss.sdedit(score, sde, guide, steps=steps or 500, t0=float(init["t0"]),
+        return ss.sdedit(score, sde, guide, steps=steps, t0=float(init["t0"]),
                          mask=None if mask is None else mask.to(device), generator=noise, progress=progress).float()
     if x_T is None:  # the prior: N(0, I), or N(0, sigma_max^2 I) for VE
         x_T = noise.randn(p.shape()) * getattr(sde, "sigma_max", 1.0)
     x_T = x_T.to(device)
     with _autocast(device, opts.precision):
         if opts.sampler == "pc":
-            x = ss.pc_sampler(score, sde, x_T, steps=steps or 1000, generator=noise, progress=progress, **extra)
+            x = ss.pc_sampler(score, sde, x_T, steps=steps, generator=noise, progress=progress, **extra)
         elif opts.sampler == "ode":
             x = ss.ode_sampler(score, sde, x_T, generator=noise, progress=progress, **extra)
         else:
@@ -305,6 +312,15 @@ def previewing(score, sde, preview):
         preview(float((sde.T - t[0]) / (sde.T - sde.eps)), (x + sigma**2 * s) / alpha)
         return s
     return score_fn
+
+
+def score_steps(opts: SampleOptions, init=None) -> Optional[int]:
+    """The step count of the pc sampler and of SDEdit (None for ode and langevin, which choose their own)."""
+    if opts.sampler in ("ode", "langevin") and init is None:
+        return None
+    if not str(opts.steps).isdigit() or int(opts.steps) < 1:  # "quad25" and the like are respacings
+        raise GuidedError(f"--sampler {opts.sampler} takes a plain step count (e.g. --steps 1000), not {opts.steps!r}")
+    return int(opts.steps)
 
 
 def _sdedit_start(diffusion, init, x_T, noise, kw):
@@ -345,6 +361,9 @@ def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     write_output(Path(path), lambda f: np.savez(f, images, labels))
 
 
+GRID_WIDTH = 20  # a grid wraps a class's samples into rows of at most this many
+
+
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int = 10, min_cell: int = 64) -> None:
     """grid_image written as a PNG."""
     pil = grid_image(images, labels, columns, min_cell)
@@ -352,13 +371,16 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, columns: int =
 
 
 def grid_image(images: np.ndarray, labels: np.ndarray, columns: int = 10, min_cell: int = 64):
-    """One row per class (up to `columns` samples each), upscaled so small images stay visible (a PIL image)."""
+    """Up to `columns` samples of each class, each class on rows of its own (wrapped at GRID_WIDTH),
+    upscaled so small images stay visible (a PIL image)."""
     from PIL import Image
 
-    rows = [images[labels == c][:columns] for c in np.unique(labels)] if len(labels) else [images[:columns]]
+    groups = [images[labels == c][:columns] for c in np.unique(labels)] if len(labels) else [images[:columns]]
+    width = min(columns, GRID_WIDTH)
+    rows = [g[i:i + width] for g in groups for i in range(0, max(len(g), 1), width)]
     h, w, ch = images.shape[1:]
     zoom = max(1, min_cell // max(h, w))
-    grid = np.full((len(rows) * (h + 2), columns * (w + 2), ch), 255, dtype=np.uint8)
+    grid = np.full((len(rows) * (h + 2), width * (w + 2), ch), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img
@@ -366,100 +388,145 @@ def grid_image(images: np.ndarray, labels: np.ndarray, columns: int = 10, min_ce
     return pil.resize((pil.width * zoom, pil.height * zoom), Image.NEAREST)
 
 
-class OutputLock:
-    """An exclusive lock file in the output folder: two runs cannot write one folder at once."""
-
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / ".lock"
-
-    def __enter__(self):
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = self.path.read_text().strip() if self.path.exists() else "?"
-            if pid.isdigit() and not _alive(int(pid)):
-                self.path.unlink(missing_ok=True)
-                return self.__enter__()
-            raise GuidedError(f"{self.path.parent} is in use by another run (pid {pid}); wait for it or "
-                              f"choose another --out") from None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return self
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 CLASS_SAMPLING = ("balanced", "random")
 
 
-def plan_labels(classes: list[int], num_samples: int, sampling: str = "balanced", seed: int = 0) -> np.ndarray:
-    """Sample i asks for classes[i % K] ("balanced"), or for a class drawn uniformly at random
-    with replacement ("random", the paper's sampling scripts; drawn from `seed`, so the plan
-    is the same at any batch size); an unconditional model gets label -1."""
+LABEL_CHUNK = 4096  # random class sampling draws the labels of samples in chunks of this many
+
+
+def labels_of(classes: list[int], idx, sampling: str = "balanced", seed: int = 0) -> np.ndarray:
+    """The labels samples `idx` ask for: classes[i % K] ("balanced"), or a class drawn uniformly at
+    random with replacement ("random", the paper's sampling scripts), drawn per chunk of LABEL_CHUNK
+    samples from (seed, chunk), so any sample's label is found without planning the others and
+    the plan is the same at any batch size; an unconditional model gets label -1."""
     if sampling not in CLASS_SAMPLING:
         raise GuidedError(f"class sampling must be one of {', '.join(CLASS_SAMPLING)}, not {sampling!r}")
+    idx = np.asarray(idx, dtype=np.int64)
     if not classes:
-        return np.full(num_samples, -1, dtype=np.int64)
-    if sampling == "random":
-        return np.asarray(classes, dtype=np.int64)[np.random.default_rng(seed).integers(len(classes), size=num_samples)]
-    return np.array([classes[i % len(classes)] for i in range(num_samples)], dtype=np.int64)
+        return np.full(len(idx), -1, dtype=np.int64)
+    if sampling == "balanced":
+        return np.asarray(classes, dtype=np.int64)[idx % len(classes)]
+    chunks = {c: np.random.default_rng([seed, c]).integers(len(classes), size=LABEL_CHUNK)
+              for c in np.unique(idx // LABEL_CHUNK).tolist()}
+    return np.asarray(classes, dtype=np.int64)[[chunks[i // LABEL_CHUNK][i % LABEL_CHUNK] for i in idx.tolist()]]
+
+
+def plan_labels(classes: list[int], num_samples: int, sampling: str = "balanced", seed: int = 0) -> np.ndarray:
+    return labels_of(classes, np.arange(num_samples), sampling, seed)
+
+
+def say(message: str) -> None:
+    """A note or warning on stderr, on a line of its own under a progress bar."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batch_size: int, seed: int,
              opts: SampleOptions, device="cpu", overwrite=False, save_pngs=False, init=None,
              rank: int = 0, world_size: int = 1, barrier=None, settings: Optional[dict] = None,
-             class_sampling: str = "balanced") -> Path:
-    """Draw `num_samples` into out_dir/samples.npz, grid.png and settings.json.
+             grid: int = 10, class_sampling: str = "balanced") -> Path:
+    """Draw `num_samples` into out_dir/samples.npz, grid.png (`grid` samples per class) and settings.json.
 
     Batches are saved to out_dir/parts/ as they finish; a rerun with the same
     settings keeps them and draws only what is missing. Rank r of `world_size`
-    draws batches r, r + world_size, ...; rank 0 assembles the output.
+    draws batches r, r + world_size, ...; rank 0 holds the folder's lock and
+    assembles the output. Labels and seeds are computed per batch, and the
+    output is written batch by batch, so memory does not grow with num_samples.
     """
     out = Path(out_dir)
     if num_samples < 1 or batch_size < 1:
         raise GuidedError("--num-samples and --batch-size must be positive")
-    labels = plan_labels(classes, num_samples, class_sampling, seed)
-    check_labels(p, [y for y in labels if y >= 0], opts)
+    if not 0 <= seed <= 2**63 - num_samples:  # sample i is seeded with seed + i, a 64-bit integer
+        raise GuidedError(f"--seed {seed} is out of range: sample i uses seed + i, which must stay below 2**63 "
+                          f"(at most {2**63 - num_samples} for {num_samples} samples)")
+    labels_of(classes, [], class_sampling)  # an unknown class sampling is refused here
+    check_labels(p, classes, opts)
     check_sampler(p, opts.sampler)
+    if opts.sampler in SAMPLERS:  # bad steps are refused before any file is written
+        create_diffusion(p.diffusion_cfg, str(opts.steps))
+    else:
+        score_steps(opts, init)
+    enforced = bool(classes) and (p.conditional or bool(opts.scale) or bool(opts.x0_scale))
+    if classes and not enforced and rank == 0:
+        say(f"note: the labels are requests that nothing enforces: {p.name} samples without labels and no "
+            f"classifier guides it (--scale 0), so the samples are random draws recorded with the classes asked")
     record = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, classes=classes,
-                  class_sampling=class_sampling, options=asdict(opts))  # parts/ of another batch size do not fit
-    parts = out / "parts"
-    if rank == 0:
-        _prepare_out(out, record, overwrite)
-    if barrier:
-        barrier()
-    starts = list(range(0, num_samples, batch_size))[rank::world_size]
-    lock = OutputLock(out) if world_size == 1 else contextlib.nullcontext()
-    with lock:
-        todo = [s for s in starts if not (parts / f"batch-{s:08d}.npz").exists()]
-        size = lambda s: min(batch_size, num_samples - s)  # noqa: E731
-        bar = tqdm(total=sum(map(size, starts)), initial=sum(size(s) for s in starts if s not in todo),
-                   desc="samples", unit="img", disable=rank != 0)
-        try:
-            for s in todo:
-                idx = np.arange(s, min(s + batch_size, num_samples))
-                x = sample_batch(p, np.maximum(labels[idx], 0), seed + idx, opts, device=device, init=init,
-                                 progress=rank == 0)
-                save_npz(parts / f"batch-{s:08d}.npz", to_uint8(x), labels[idx])
-                bar.update(len(idx))
-        finally:  # an error message then starts on a line of its own
-            bar.close()
+                  class_sampling=class_sampling, labels_enforced=enforced,
+                  options=asdict(opts))  # parts/ of another batch size do not fit
+    per_sample = int(np.prod(p.shape()))  # bytes of one uint8 image
+    lock = first_rank(lambda: _claim(out, record, overwrite, num_samples * per_sample), rank, world_size)
+    try:
+        if barrier:  # the other ranks start once rank 0 has prepared the folder
+            barrier()
+        label_fn = lambda idx: labels_of(classes, idx, class_sampling, seed)  # noqa: E731
+        _draw(p, out, label_fn, num_samples, batch_size, seed, opts, device, init, rank, world_size)
         if barrier:
             barrier()
         if rank == 0:
-            _assemble(out, num_samples, batch_size, record, save_pngs)
+            _assemble(out, num_samples, batch_size, record, save_pngs, grid)
+    finally:
+        if lock is not None:
+            lock.release()
     return out / "samples.npz"
+
+
+def _part(out: Path, start: int) -> Path:
+    return out / "parts" / f"batch-{start:08d}.npz"
+
+
+def _draw(p, out, label_fn, num_samples, batch_size, seed, opts, device, init, rank, world_size) -> None:
+    """This rank's batches that parts/ does not hold yet, each saved as it finishes."""
+    starts = range(0, num_samples, batch_size)[rank::world_size]
+    done = {int(f.name[6:14]) for f in (out / "parts").glob("batch-*.npz")}
+    size = lambda s: min(batch_size, num_samples - s)  # noqa: E731
+    total = len(starts) * batch_size - (batch_size - size(starts[-1]) if starts else 0)  # no loop over the plan
+    bar = tqdm(total=total, initial=sum(size(s) for s in done if s in starts), desc="samples", unit="img",
+               disable=rank != 0)
+    saturated = []
+    try:
+        for s in starts:
+            if s in done or _part(out, s).exists():
+                continue
+            idx = np.arange(s, s + size(s))
+            labels = label_fn(idx)
+            x = sample_batch(p, np.maximum(labels, 0), seed + idx, opts, device=device, init=init, progress=rank == 0)
+            images = checked_images(x, s, out, opts, saturated)
+            save_npz(_part(out, s), images, labels)
+            bar.update(len(idx))
+    finally:  # an error message then starts on a line of its own
+        bar.close()
+    if len(saturated) > 1:
+        say(f"warning: {len(saturated)} batches of this run were saturated (batches {saturated[0]}..{saturated[-1]})")
+
+
+def checked_images(x: torch.Tensor, start: int, out: Path, opts: SampleOptions, saturated: list) -> np.ndarray:
+    """uint8 images of a finished batch; non-finite samples are an error (the finished batches
+    stay in parts/), a batch with most pixels at 0 or 255 a warning (the first one of a run)."""
+    where = f"batch {start} (samples {start}..{start + len(x) - 1})"
+    why = f" (is --scale {opts.scale:g} too large?)" if opts.scale else ""
+    if not torch.isfinite(x).all():
+        kept = len(list((out / "parts").glob("batch-*.npz")))
+        raise GuidedError(f"{where} came out NaN or infinite: the sampler diverged{why}; "
+                          + (f"the finished batches are kept in {out / 'parts'} ({kept})" if kept else
+                             "no batch had finished"))
+    images = to_uint8(x)
+    extreme = float(np.mean((images == 0) | (images == 255)))
+    if extreme > 0.5:
+        saturated.append(start)
+        if len(saturated) == 1:
+            say(f"warning: {where} is saturated: {extreme:.0%} of its pixels are at 0 or 255{why}")
+    return images
+
+
+def _claim(out: Path, record: dict, overwrite: bool, output_bytes: int):
+    """Rank 0: check the disk, take the folder's lock, then check and prepare it; the lock is returned."""
+    check_room(out, output_bytes)
+    lock = lock_folder(out)
+    try:
+        _prepare_out(out, record, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
@@ -477,21 +544,63 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
     write_output(plan, lambda f: f.write(text.encode()))
 
 
-def _assemble(out: Path, num_samples: int, batch_size: int, record: dict, save_pngs: bool) -> None:
-    images, labels = [], []
-    for s in range(0, num_samples, batch_size):
-        with np.load(out / "parts" / f"batch-{s:08d}.npz") as part:
-            images.append(part["arr_0"])
-            labels.append(part["arr_1"])
-    images, labels = np.concatenate(images), np.concatenate(labels)
-    save_npz(out / "samples.npz", images, labels)
-    save_grid(out / "grid.png", images, labels)
-    if save_pngs:
-        from PIL import Image
-        (out / "images").mkdir(exist_ok=True)
-        for i, (img, y) in enumerate(zip(images, labels)):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / "images" / f"{i:06d}_class{y}.png")
+def check_room(out: Path, output_bytes: int) -> None:
+    """Refuse a run whose batches plus samples.npz cannot fit on the disk of `out`."""
+    kept = sum(f.stat().st_size for f in (out / "parts").glob("batch-*.npz"))
+    disk = next(d for d in (out, *out.absolute().parents) if d.is_dir())  # out may not exist yet
+    need, free = 2 * output_bytes - kept, shutil.disk_usage(disk).free
+    if need > free:
+        raise GuidedError(f"the samples need about {_size(need)} on disk (the batches in parts/, then samples.npz) "
+                          f"but {out} has {_size(free)} free: lower --num-samples or choose another --out")
+
+
+def _size(n: int) -> str:
+    return next(f"{n / 1024**k:.1f} {u}" for k, u in ((4, "TB"), (3, "GB"), (2, "MB"), (0, "bytes"))
+                if n >= 1024**k or k == 0)
+
+
+def _assemble(out: Path, num_samples: int, batch_size: int, record: dict, save_pngs: bool, grid: int) -> None:
+    """samples.npz, grid.png, the PNGs and settings.json from parts/, one batch in memory at a time."""
+    starts = range(0, num_samples, batch_size)
+    write_output(out / "samples.npz", lambda f: _stream_npz(f, out, starts, num_samples))
+    shown: dict[int, list] = {}
+    for s in starts:
+        with np.load(_part(out, s)) as part:
+            images, labels = part["arr_0"], part["arr_1"]
+        for img, y in zip(images, labels):
+            if len(shown.setdefault(int(y), [])) < grid:
+                shown[int(y)].append(img)
+        if save_pngs:
+            _save_pngs(out / "images", s, images, labels)
+    if grid > 0:
+        ys = sorted(shown)
+        save_grid(out / "grid.png", np.stack([i for y in ys for i in shown[y]]),
+                  np.array([y for y in ys for _ in shown[y]]), columns=grid)
     write_output(out / "settings.json", lambda f: f.write((json.dumps(record, indent=1, default=str) + "\n").encode()))
     for f in (out / "parts").glob("*"):
         f.unlink()
     (out / "parts").rmdir()
+
+
+def _stream_npz(f, out: Path, starts: range, n: int) -> None:
+    """The paper's npz layout (as np.savez writes it: arr_0 images, arr_1 labels) written one
+    batch file at a time, where np.savez would need every sample in memory at once."""
+    with np.load(_part(out, 0)) as first:
+        shapes = {key: first[key].shape[1:] for key in ("arr_0", "arr_1")}
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for key, dtype in (("arr_0", np.uint8), ("arr_1", np.int64)):
+            with z.open(f"{key}.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                          "shape": (n, *shapes[key])}
+                np.lib.format.write_array_header_1_0(member, header)
+                for s in starts:
+                    with np.load(_part(out, s)) as part:
+                        member.write(np.ascontiguousarray(part[key], dtype=dtype).tobytes())
+
+
+def _save_pngs(folder: Path, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for i, (img, y) in enumerate(zip(images, labels), start):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}_class{y}.png")

@@ -13,6 +13,8 @@ scored once in each quarter of the timestep range: top-1 and top-5 per quarter.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -73,6 +75,9 @@ class ClassifierTrainer(Trainer):
         if d["kind"] == "digits":
             d["split"] = "heldout"
         elif d.get("val_root"):
+            if not Path(d["val_root"]).expanduser().is_dir():
+                raise GuidedError(f"held-out folder {d['val_root']} does not exist or is not a folder; set "
+                                  f"data.val_root (class folders of held-out images), or null for no evaluation")
             d["root"] = d["val_root"]
         else:
             self.print("note: no held-out images (set data.val_root): no evaluation")

@@ -4,8 +4,9 @@
 trackers), seeding, AdamW with optional linear annealing, EMA weights at several
 rates, one optimisation step over microbatches with gradient clipping and the
 non-finite check, per-quarter loss logging accumulated on the device, atomic
-checkpoints, resuming, and SIGTERM. A subclass builds its network and computes
-per-example losses (train_diffusion_loop.py, train_classifier_loop.py).
+checkpoints, resuming, the run folder's lock, and SIGTERM / SIGINT. A subclass
+builds its network and computes per-example losses (train_diffusion_loop.py,
+train_classifier_loop.py).
 
 A step never waits for the device (with a fused AdamW: the CUDA default): a non-finite
 step is skipped there, and the host reads the flags, counts the skipped steps and
@@ -41,6 +42,7 @@ from .config import to_yaml
 from .data import build_dataset, infinite_batches
 from .diffusion import create_diffusion
 from .errors import GuidedError
+from .locks import check_world_size, first_rank, lock_folder
 from .speed import adamw, speed_up
 from .train_utils import QuarterMeter, derive_seed, flat_hparams
 
@@ -60,6 +62,7 @@ def check_train_config(tc) -> None:
              ("label_dropout", 0 <= tc.label_dropout <= 1, "in [0, 1]"),
              ("num_threads", tc.num_threads >= 0, "0 (default) or more"),
              ("ema_rates", all(0 <= r <= 1 for r in tc.ema_rates), "a list of rates in [0, 1]"),
+             ("seed", 0 <= tc.seed < 2**63, "in 0 .. 2**63 - 1"),
              ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16")]
     for key, ok, want in rules:
         if not ok:
@@ -94,6 +97,9 @@ class Trainer:
             torch.set_num_threads(tc.num_threads)
         self.rank, self.world, self.device = self.accel.process_index, self.accel.num_processes, self.accel.device
         self.out_dir = Path(tc.out_dir)
+        self.print(f"{self.kind} training: {self.world} process{'es' if self.world > 1 else ''}, device {self.device}; "
+                   f"run folder {self.out_dir} (train.out_dir)")
+        check_world_size(self.world, self.device)
         if tc.batch_size % self.world:
             raise GuidedError(f"train.batch_size={tc.batch_size} does not split evenly over {self.world} processes")
         self.local_batch = tc.batch_size // self.world
@@ -116,11 +122,24 @@ class Trainer:
         self.step, self.bad_total, self.bad_in_row, self.last_ckpt = 0, 0, 0, None
         self.unread_flags: list[torch.Tensor] = []  # per step since the last read: took the step?
         self.meter = QuarterMeter(self.num_noise_levels(), self.device)
-        self._stop = None
-        data_state = self.resume_or_check(resume)
-        self.stream = infinite_batches(self.dataset, self.local_batch, self.rank, self.world, tc.seed,
-                                       cfg.data.num_workers, data_state)
-        self.batches = iter(self.stream)
+        self._stop = self.stopped_by = None
+        # rank 0 holds the run folder's lock from here to the end of run(): no second run may
+        # write (or --resume from and clean up) this folder meanwhile
+        self.lock = first_rank(lambda: lock_folder(self.out_dir, "train.out_dir"), self.rank, self.world)
+        try:
+            data_state = self.resume_or_check(resume)
+            self.stream = infinite_batches(self.dataset, self.local_batch, self.rank, self.world, tc.seed,
+                                           cfg.data.num_workers, data_state)
+            self.batches = iter(self.stream)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self):
+        """Give up the run folder's lock (rank 0)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- hooks --------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -269,14 +288,23 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> str:
-        """Train to train.steps. Returns "done", or "stopped" after SIGTERM (or `stop_after`
-        steps of this call), in both cases with a checkpoint saved."""
+        """Train to train.steps. Returns "done", or "stopped" after SIGTERM or Ctrl-C (or
+        `stop_after` steps of this call), in both cases with a checkpoint saved. The run
+        folder's lock is released however it ends."""
+        try:
+            return self._run(stop_after)
+        finally:
+            self.release()
+
+    def _run(self, stop_after: int | None) -> str:
         tc = self.cfg.train
         if self.accel.is_main_process:
             ck.write_run_files(self.out_dir, self.cfg, self.label_map)
+            self.print(f"writing config.yaml, label_map.json, metrics.jsonl and every {tc.save_every} steps "
+                       f"(train.save_every) ckpt-*.pt, model.pt and ema.pt into {self.out_dir}")
         if self.accel.log_with:
             self.accel.init_trackers("tb", config=flat_hparams(self.cfg))
-        old = self.install_sigterm()
+        old = self.install_stop_signals()
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.accel.is_main_process, dynamic_ncols=True)
         window, start, done_here = [time.time(), 0], self.step, 0
         try:
@@ -300,6 +328,7 @@ class Trainer:
                 if self.step in tc.snapshot_steps:
                     self.export_snapshot()
                 if self.stop_requested(read) or (stop_after and done_here >= stop_after):
+                    self.stopped_by = self._stop
                     self.save()
                     self.print(f"stopped at step {self.step} ({self._stop or 'stop_after'}); "
                                f"checkpoint {self.last_ckpt}; continue with --resume")
@@ -313,8 +342,8 @@ class Trainer:
             return "done"
         finally:
             bar.close()
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
             self.accel.end_training()
 
     def after_step(self, t, values, took):
@@ -384,14 +413,21 @@ class Trainer:
         if self.accel.is_main_process:
             tqdm.write(" ".join(str(a) for a in args))
 
-    # -- SIGTERM ------------------------------------------------------------------------------
-    def install_sigterm(self):
+    # -- SIGTERM and Ctrl-C ---------------------------------------------------------------------
+    def install_stop_signals(self) -> dict:
+        """SIGTERM and SIGINT (Ctrl-C) finish the step, save a checkpoint and stop; a second
+        Ctrl-C stops at once. Returns the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
-            self._stop = "SIGTERM"
-        return signal.signal(signal.SIGTERM, handler)
+            name = signal.Signals(signum).name
+            if name == "SIGINT" and self._stop == "SIGINT":
+                raise KeyboardInterrupt
+            if name == "SIGINT" and self._stop is None:
+                self.print(f"Ctrl-C: saving a checkpoint after step {self.step + 1} (press it again to stop at once)")
+            self._stop = self._stop or name
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     # -- checkpoints --------------------------------------------------------------------------
     def ema_state_dicts(self) -> dict:

@@ -40,6 +40,10 @@ def build_encoder(cfg):
     the channel count of every block output (for the decoder's skips), the final
     width and downsampling factor, and the sum of block widths (spatial pooling).
     """
+    halvings = len(cfg.channel_mult) - 1
+    if cfg.image_size < 1 or cfg.image_size % 2**halvings:  # the decoder's skips must meet the encoder's sizes
+        raise ValueError(f"image_size {cfg.image_size} is not a multiple of {2**halvings}: the network halves it "
+                         f"{halvings} time{'s' if halvings > 1 else ''} (channel_mult has {halvings + 1} levels)")
     attn_ds = _attention_ds(cfg)
     ch = int(cfg.channel_mult[0] * cfg.model_channels)
     blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])

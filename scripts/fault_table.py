@@ -15,8 +15,9 @@ from pathlib import Path
 
 COMMANDS = ["train_diffusion.py", "train_classifier.py", "sample_guided.py", "python -m guided.evaluate",
             "python -m guided.sweep", "python -m guided.conformance"]
-FAULT_ORDER = ["kill_training", "divergence", "disk_ENOSPC", "disk_EACCES", "disk_EROFS", "disk_samples",
-               "kill_sampling", "two_samplers"]
+FAULT_ORDER = ["kill_training", "sigint_training", "divergence", "disk_full_real", "disk_ENOSPC", "disk_torch_runtime",
+               "disk_EACCES", "disk_EROFS", "two_trainers", "two_rank0", "disk_samples", "nonfinite_samples",
+               "kill_sampling", "sigterm_sampling", "two_samplers"]
 
 
 def cell(text) -> str:

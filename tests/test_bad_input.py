@@ -3,8 +3,10 @@ non-zero exit, never a traceback. Each case is recorded into the fault report (f
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,8 @@ def files(tmp_path_factory):
     (d / "unknown_key.yaml").write_text("train:\n  batch_sise: 32\n")
     (d / "wrong_type.yaml").write_text("train:\n  batch_size: lots\n")
     (d / "broken.yaml").write_text("train: [unclosed\n")
+    (d / "empty.yaml").write_text("")
+    _damaged_weights(d)
     (d / "not_an_image.png").write_bytes(b"not a png at all")
     np.savez(d / "samples.npz", np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64))
     np.savez(d / "wrong_layout.npz", np.zeros((4, 8), np.float32))
@@ -67,6 +71,24 @@ def files(tmp_path_factory):
                                                            f"train.out_dir={d / 'clf'}"]) == 0
     assert main_diffusion(TINY_UNET + TINY_TRAIN + ["train.steps=1", f"train.out_dir={d / 'unet'}"]) == 0
     return d
+
+
+def _damaged_weights(d: Path) -> None:
+    """The shipped models with one NaN / inf weight, and a 3-class classifier for the 10-class digits."""
+    from guided import checkpoints as ck
+    from guided.cli.sample import SHIPPED
+    from guided.config import load_config
+    from guided.unet import EncoderUNetModel
+
+    for name, out, value in (("cond", "nan_model.pt", float("nan")), ("classifier", "inf_classifier.pt",
+                                                                      float("inf"))):
+        w = torch.load(SHIPPED / f"{name}.pt", weights_only=True)
+        w["state_dict"]["input_blocks.1.0.in_layers.2.weight"][0, 0, 0, 0] = value
+        torch.save(w, d / out)
+    m = ck.load_trained(SHIPPED / "cond.pt")[1].model  # the shipped model's image size and channels
+    cfg = load_config(None, TINY_CLASSIFIER + [f"classifier.image_size={m.image_size}",
+                                               f"classifier.in_channels={m.in_channels}", "classifier.num_classes=3"])
+    ck.export_weights(d / "clf3.pt", EncoderUNetModel(cfg.classifier).state_dict(), kind="classifier", cfg=cfg)
 
 
 def P(files, name):
@@ -107,6 +129,20 @@ SAMPLE = [
     (S, ["--device", "tpu9"], "--device tpu9", "is not a torch device"),
     (S, ["--out", "{bad}/a_file"], "--out: an existing file", "as the output folder"),
     (S, ["--frobnicate"], "an unknown option", "unrecognized arguments: --frobnicate"),
+    (S, ["--steps", "1"], "--steps 1", "keeps a single step (timestep 0)"),
+    (S, ["--sampler", "pc", "--steps", "quad25"], "--sampler pc --steps quad25", "takes a plain step count"),
+    (S, ["--sampler", "ode", "--steps", "10"], "--sampler ode --steps 10", "--sampler ode chooses its own steps"),
+    (S, ["--model", "ncsn", "--sampler", "langevin", "--steps", "10"], "--sampler langevin --steps 10",
+     "--sampler langevin chooses its own steps"),
+    (S, ["--seed", "99999999999999999999"], "--seed 99999999999999999999", "--seed 99999999999999999999 is out of"),
+    (S, ["--scale", "1e30", "--sampler", "ddpm"], "--scale 1e30 --sampler ddpm (the samples come out NaN)",
+     "came out NaN or infinite"),
+    (S, ["--model", "{bad}/nan_model.pt"], "--model: weights holding a NaN",
+     "tensor input_blocks.1.0.in_layers.2.weight holds NaN"),
+    (S, ["--classifier", "{bad}/inf_classifier.pt"], "--classifier: weights holding an inf",
+     "tensor input_blocks.1.0.in_layers.2.weight holds inf"),
+    (S, ["--classifier", "{bad}/clf3.pt", "--class", "7"],
+     "--class 7 guided by a 3-class classifier (10-class model)", "class 7 is outside the classifier's 3 classes"),
 ]
 T, C = "train_diffusion.py", "train_classifier.py"
 TRAINING = [
@@ -133,6 +169,11 @@ TRAINING = [
     (T, ["--resume", "train.out_dir={bad}/clf"], "--resume onto a classifier run", "not a unet one"),
     (T, ["train.out_dir={bad}/unet"], "a run folder that has checkpoints, no --resume", "pass --resume"),
     (T, ["--frobnicate"], "an unknown option", "unrecognized arguments: --frobnicate"),
+    (T, ["--config", "{bad}/empty.yaml"], "an empty config file", "is empty"),
+    (T, ["diffusion.steps=1"], "diffusion.steps=1", "diffusion.steps must be at least 2, got 1"),
+    (T, ["model.image_size=17", "data.image_size=17"], "model.image_size=17 (and data.image_size=17)",
+     "image_size 17 is not a multiple of 2"),
+    (T, ["train.seed=99999999999999999999"], "train.seed=99999999999999999999", "train.seed must be in"),
     (C, ["train.schedule_sampler=loss-second-moment"], "classifier with a loss-aware sampler",
      "train.schedule_sampler=uniform"),
     (C, ["--resume", "train.out_dir={bad}/unet"], "--resume onto a U-Net run", "not a classifier one"),
@@ -228,6 +269,8 @@ DAMAGED = [
     (T, ["data.kind=imagenet", "data.root={damaged}/imgs", "data.classes=[zebra]"],
      "data.classes naming a missing class",
      "class 'zebra' is not in"),
+    (C, ["data.kind=imagenet", "data.root={damaged}/imgs", "data.val_root={damaged}/nowhere"],
+     "data.val_root that does not exist", "set data.val_root"),
 ]
 
 
@@ -250,6 +293,25 @@ def test_a_truncated_newest_checkpoint_is_skipped_on_resume(files, damaged_runs,
     record_bad_input("train_diffusion.py --resume: newest checkpoint truncated", T,
                      "--resume: newest checkpoint truncated, an older one intact", code,
                      "warning: skipping unreadable checkpoint …/ckpt-0000002.pt; resumed from ckpt-0000001.pt")
+
+
+def test_more_samples_than_the_disk_holds_are_refused_before_memory_grows(files, capsys):
+    """`--num-samples 1000000000 --steps 2` once planned every label up front (6 GB in a minute, nothing
+    written): labels and seeds are now made per batch, and what cannot fit on the disk is refused."""
+    out = files / "huge" / "out"
+    n = 10**9 if shutil.disk_usage(files).free < 2 * 10**9 * 16 * 16 * 3 else 10**13  # more than the disk holds
+    tracemalloc.start()
+    try:
+        code, line = run(S, ["--num-samples", str(n), "--steps", "2", "--device", "cpu", "--out", str(out)], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and line.startswith("error: the samples need about ") and line.endswith(
+        "lower --num-samples or choose another --out"), line
+    assert peak < 100 * 2**20 and not out.parent.exists(), peak
+    record_bad_input(f"{S} --num-samples {n}", S, f"--num-samples {n} --steps 2 (more than the disk holds)", code,
+                     "`" + line.replace(str(files), "…").split(" but ")[0] + " but …/huge has N GB free: lower "
+                     f"--num-samples or choose another --out`; Python's memory peak {peak / 2**20:.0f} MB")
 
 
 # -- images in the data folder ---------------------------------------------------------------------

@@ -111,3 +111,16 @@ def test_read_state_dict_accepts_bare_state_dicts(tmp_path):
     assert list(ck.read_state_dict(tmp_path / "released.pt")) == ["w"]
     with pytest.raises(GuidedError, match="no config"):
         ck.load_trained(tmp_path / "released.pt")
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("-inf"), "inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(run_dir, tmp_path, value, kind):
+    sd = ck.read_file(run_dir / "ema.pt")
+    sd["state_dict"]["out.2.bias"][1] = value
+    torch.save(sd, run_dir / "ema.pt")
+    with pytest.raises(GuidedError, match=f"tensor out.2.bias holds {kind} \\(1 of 6 values are not finite\\)") as e:
+        ck.load_trained(run_dir)
+    assert "\n" not in str(e.value) and str(run_dir / "ema.pt") in str(e.value)
+    torch.save({"w": torch.tensor([1.0, value])}, tmp_path / "released.pt")  # an official checkpoint's path
+    with pytest.raises(GuidedError, match=f"tensor w holds {kind}"):
+        ck.read_state_dict(tmp_path / "released.pt")

@@ -170,3 +170,16 @@ def test_timestep_samplers():
     t, iw = s.sample(4000, "cpu", torch.Generator().manual_seed(0))
     # importance weights undo the non-uniform sampling: E[w] = 1
     assert iw.mean().item() == pytest.approx(1.0, rel=0.1)
+
+
+@pytest.mark.parametrize("steps, respacing, message", [
+    (1, "", "diffusion.steps must be at least 2, got 1"),
+    (1000, "1", r"respacing '1' keeps a single step \(timestep 0\)"),
+])
+def test_a_single_step_is_refused(steps, respacing, message):
+    """One step would keep t = 0 only (and the reference's variance clipping reads index 1)."""
+    with pytest.raises(GuidedError, match=message):
+        create_diffusion(node(DiffusionConfig, {"steps": steps}), respacing)
+    assert create_diffusion(node(DiffusionConfig, {"steps": 2, "noise_schedule": "cosine"}), "2").num_timesteps == 2
+    with pytest.raises(GuidedError, match="the linear noise schedule needs more than 20 diffusion steps"):
+        create_diffusion(node(DiffusionConfig, {"steps": 20}))  # beta_T = 1: NaN everywhere after it

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import random
 import signal
@@ -372,3 +373,204 @@ def test_two_runs_cannot_share_an_output_folder(tmp_path, capsys, reference_samp
     record_fault("two_samplers", "a second sample_guided.py on the same --out", "started while the first held "
                  "OUT/.lock", 1, "refused with `" + line.replace(str(tmp_path), "…").replace(str(first.pid), "PID")
                  + "`, exit 2; the first run's samples.npz is exactly an undisturbed run's")
+
+
+# -- 5. a real full disk, and torch.save's own way of failing ------------------------------------------
+def _mount_tmpfs(folder: Path, size: int) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 1024}k", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_really_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys):
+    """A tmpfs with room for the first checkpoint and its exports, not for the second: torch.save
+    hits ENOSPC (and reports it as RuntimeError 'unexpected pos'); the run stops in one line."""
+    argv = TINY_UNET + TINY_TRAIN + ["train.steps=4", "train.save_every=2"]
+    ref = tmp_path / "ref"
+    assert main_diffusion(argv + [f"train.out_dir={ref}"]) == 0
+    ckpt, weights = (ref / "ckpt-0000002.pt").stat().st_size, (ref / "model.pt").stat().st_size
+    disk = tmp_path / "disk"
+    size = ckpt + 3 * weights + 256 * 1024  # a checkpoint, model.pt, ema.pt and one export's temp file
+    if not _mount_tmpfs(disk, size):
+        pytest.skip("mounting a tmpfs is refused here; the injected ENOSPC and RuntimeError cases still run")
+    try:
+        run = disk / "run"
+        capsys.readouterr()
+        code = main_diffusion(argv + [f"train.out_dir={run}"])
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 2 and line == f"error: cannot write a checkpoint into {run}: [Errno 28] No space left on device"
+        assert newest(run) == 2 and check_every_checkpoint_loads(run) == 1 and not temp_files(run)
+        assert not (run / ".lock").exists()
+        assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0  # room again
+        assert main_diffusion(argv + [f"train.out_dir={run}", "--resume"]) == 0
+        state, ref_state = (ck.load_checkpoint(ck.checkpoint_path(d, 4)) for d in (run, ref))
+        assert all(same(state[k], ref_state[k]) for k in ("model", "ema", "optimizer"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    record_fault("disk_full_real", "disk really full during a training checkpoint",
+                 f"a {size / 2**20:.1f} MB tmpfs: room for the first checkpoint ({ckpt / 2**20:.1f} MB) and its "
+                 f"exports, not for the second", 1,
+                 "ckpt-0000002.pt, model.pt, ema.pt intact and loadable, no temp file, lock released; one line `"
+                 + line.replace(str(tmp_path), "…") + "`, exit 2; after the tmpfs is grown, --resume reaches the "
+                 "weights of an uninterrupted run bit for bit")
+
+
+def test_torch_saves_runtime_error_is_a_failed_write(tmp_path, monkeypatch, capsys):
+    """torch.save's zip writer turns a failed write into RuntimeError ('unexpected pos'): the same
+    one line and intact files as an OSError, whatever the disk of the machine running the tests."""
+    run = tmp_path / "run"
+    argv = TINY_UNET + TINY_TRAIN + ["train.steps=2", f"train.out_dir={run}"]
+    assert main_diffusion(argv) == 0
+    kept = _digests(run)
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[:4096])
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", failing_save)
+        code = main_diffusion(argv[:-2] + ["train.steps=4", f"train.out_dir={run}", "--resume"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line == (f"error: cannot write a checkpoint into {run}: [Errno 5] torch.save failed: "
+                                  f"[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096"), line
+    assert _digests(run) == kept and not temp_files(run) and not (run / ".lock").exists()
+    record_fault("disk_torch_runtime", "checkpoint write fails inside torch.save",
+                 "torch.save writes 4 KB then raises its RuntimeError 'unexpected pos' (what it raises after ENOSPC)",
+                 1, "previous ckpt-*.pt, model.pt, ema.pt byte-identical, no temp file, lock released; one line `"
+                 + line.replace(str(tmp_path), "…") + "`, exit 2")
+
+
+# -- 6. one run per training folder -----------------------------------------------------------------
+def test_two_trainers_cannot_share_a_run_folder_and_a_dead_ones_lock_is_reclaimed(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = TINY_UNET + TINY_TRAIN + ["train.steps=40", "train.save_every=4", f"train.out_dir={run}"]
+    slow = {**CHILD_ENV, ck.PAUSE_ENV: "0.3"}  # the first run stays busy while the others try
+    first = Child("guided.cli.train:main_diffusion", argv, tmp_path / "first.log", slow)
+    wait_for(lambda: (run / ".lock").exists(), timeout=60, child=first)
+    refused = []
+    for extra in ([], ["--resume"]):  # a second run, and a --resume that would clean up the first's temp files
+        capsys.readouterr()
+        code = main_diffusion(argv + ["train.steps=8"] + extra)
+        refused.append((code, one_error_line(capsys.readouterr().err)))
+    assert first.wait(120) == 0, first.output()
+    expected = f"error: {run} is in use by another run (pid {first.pid}); wait for it or choose another train.out_dir"
+    assert refused == [(2, expected)] * 2, refused
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(2, 41, 2))  # the first run's rows only, once each
+    assert "steps: 40" in (run / "config.yaml").read_text() and newest(run) == 40
+    assert not (run / ".lock").exists()
+
+    # a trainer killed mid-run leaves its lock; the next --resume reclaims it
+    more = argv[:-1] + ["train.steps=48", f"train.out_dir={run}", "--resume"]
+    killed = Child("guided.cli.train:main_diffusion", more, tmp_path / "killed.log", CHILD_ENV)
+    wait_for(lambda: newest(run) > 40, timeout=60, child=killed)
+    killed.kill(signal.SIGKILL)
+    killed.wait()
+    assert (run / ".lock").read_text() == str(killed.pid)
+    capsys.readouterr()
+    assert main_diffusion(more) == 0
+    assert newest(run) == 48 and not (run / ".lock").exists()
+    record_fault("two_trainers", "a second trainer on the same train.out_dir",
+                 "started (and once with --resume) while the first held train.out_dir/.lock; then a trainer "
+                 "SIGKILLed mid-run", 3,
+                 "both refused with `" + expected.replace(str(tmp_path), "…").replace(str(first.pid), "PID")
+                 + "`, exit 2; config.yaml, metrics.jsonl and checkpoints are the first run's alone; the killed "
+                 "trainer's stale lock was reclaimed by the next --resume, which finished")
+
+
+def test_ctrl_c_during_training_saves_a_checkpoint_and_stops(tmp_path):
+    run = tmp_path / "run"
+    argv = RUN_ARGS + ["train.save_every=10", f"train.out_dir={run}"]
+    child = Child("guided.cli.train:main_diffusion", argv, tmp_path / "run.log", CHILD_ENV)
+    wait_for(lambda: newest(run), timeout=60, child=child)  # under way: the step-10 checkpoint exists
+    time.sleep(0.3)
+    child.kill(signal.SIGINT)
+    code, out = child.wait(), child.output()
+    assert "Traceback" not in out and code == 130, (code, out)
+    stopped = int(out.split("stopped at step ")[1].split()[0])
+    assert f"stopped at step {stopped} (SIGINT)" in out and newest(run) == stopped
+    assert not (run / ".lock").exists()
+    resumed = Child("guided.cli.train:main_diffusion", argv + ["--resume"], tmp_path / "resume.log", CHILD_ENV)
+    assert resumed.wait(120) == 0 and f"resumed from {ck.checkpoint_path(run, stopped)} at step {stopped}" in \
+        resumed.output()
+    record_fault("sigint_training", "Ctrl-C (SIGINT) during training", "SIGINT once training was under way", 1,
+                 "the step finished and a checkpoint of it was saved, exit 130, lock released; --resume "
+                 "continued from it")
+
+
+def test_sigterm_stops_sampling_with_a_message_and_frees_its_lock(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--num-samples", "40", "--batch-size", "2", "--sampler", "ddim", "--steps", "4", "--class", "3,5",
+            "--out", str(out), "--device", "cpu"]
+    # the real script in its own interpreter: a forked child that dies inside tqdm's cross-process
+    # lock (shared with this process after fork) would leave it taken for every later bar here
+    proc = subprocess.Popen([sys.executable, str(REPO / "sample_guided.py"), *argv], env={**os.environ, **CHILD_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list((out / "parts").glob("batch-*.npz"))) if (out / "parts").is_dir() else 0,
+             timeout=120, poll=0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    line = one_error_line(err)
+    kept = len(list((out / "parts").glob("batch-*.npz")))
+    assert proc.returncode == 143 and line == ("error: stopped by SIGTERM; what was finished is kept (rerun the "
+                                               "same command to continue)"), (proc.returncode, err)
+    assert not (out / ".lock").exists() and 1 <= kept < 20
+    rerun = Child("guided.cli.sample:main", argv, tmp_path / "rerun.log", CHILD_ENV)
+    assert rerun.wait(120) == 0 and f"| {2 * kept}/40 [" in rerun.output()
+    assert _samples(out / "samples.npz")[0].shape[0] == 40
+    record_fault("sigterm_sampling", "SIGTERM to sample_guided.py", "SIGTERM once a batch had finished", 1,
+                 f"one line `{line}`, exit 143, lock removed, the finished batches kept ({kept}); the rerun drew "
+                 "only the rest")
+
+
+# -- 7. non-finite samples --------------------------------------------------------------------------
+def test_non_finite_samples_are_an_error_that_keeps_the_finished_batches(tmp_path, monkeypatch, capsys,
+                                                                         reference_samples):
+    import guided.generate as gen
+
+    out = tmp_path / "out"
+    argv = SAMPLE_ARGS + ["--batch-size", "2", "--out", str(out), "--device", "cpu"]
+    real_batch = gen.sample_batch
+
+    def diverging(p, labels, seeds, *a, **k):  # the second batch blows up
+        x = real_batch(p, labels, seeds, *a, **k)
+        return x * float("nan") if seeds[0] == 2 else x
+    with monkeypatch.context() as m:
+        m.setattr(gen, "sample_batch", diverging)
+        code = sample_main(argv)
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line == ("error: batch 2 (samples 2..3) came out NaN or infinite: the sampler diverged "
+                                  f"(is --scale 2 too large?); the finished batches are kept in {out / 'parts'} (1)")
+    assert sorted(p.name for p in (out / "parts").glob("*.npz")) == ["batch-00000000.npz"]
+    assert not (out / ".lock").exists() and not (out / "samples.npz").exists()
+    assert sample_main(argv) == 0
+    images, labels = _samples(out / "samples.npz")
+    assert np.array_equal(images, reference_samples[0]) and np.array_equal(labels, reference_samples[1])
+    record_fault("nonfinite_samples", "a batch of samples comes out NaN", "the 2nd of 4 batches multiplied by NaN "
+                 "(a real `--scale 1e30 --sampler ddpm` does it to every batch: see the bad-input table)", 1,
+                 "no samples.npz written; one line `" + line.replace(str(tmp_path), "…") + "`, exit 2; the rerun "
+                 "kept the finished batch and gave the images of an undisturbed run")
+
+
+# -- 8. processes that each think they are alone ------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs, --multi_gpu really starts a process group")
+def test_multi_gpu_launch_without_gpus_is_refused_by_every_process(tmp_path):
+    """accelerate launch --multi_gpu on a machine without GPUs starts two copies that are each
+    rank 0 of 1: both stop with one line instead of training twice into one folder."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(REPO / "train_diffusion.py"), *TINY_UNET, *TINY_TRAIN, f"train.out_dir={run}"],
+                          env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    expected = ("error: this process was started as one of 2 (WORLD_SIZE=2) but runs alone on cpu, as would every "
+                "copy, all writing the same files; on CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch "
+                "--multi_gpu --num_processes 2 ...")
+    assert proc.returncode != 0 and errors == [expected] * 2, proc.stderr
+    assert proc.stdout.count("unet training: 1 process, device cpu") == 2 and not ck.list_checkpoints(run)
+    record_fault("two_rank0", "two processes that each believe they are rank 0 of 1",
+                 "`accelerate launch --multi_gpu --num_processes 2 train_diffusion.py` on a machine without GPUs", 1,
+                 "each printed its world size and device and stopped with `" + expected + "`; nothing was trained")

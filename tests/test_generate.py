@@ -7,7 +7,8 @@ import torch
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
 from guided.errors import GuidedError
-from guided.generate import OutputLock, Pipeline, SampleOptions, generate, sample_batch
+from guided.generate import Pipeline, SampleOptions, generate, sample_batch
+from guided.locks import OutputLock
 from guided.sampling import SampleNoise
 from guided.unet import EncoderUNetModel, UNetModel
 
@@ -200,3 +201,67 @@ def test_a_sampler_the_model_cannot_serve_is_refused():
     p.objective, p.ncsn_sigmas = "ncsn", torch.tensor([1.0, 0.1])
     with pytest.raises(GuidedError, match="NCSN model .* cannot use the ddim sampler"):
         sample_batch(p, [0], [0], SampleOptions(sampler="ddim"))
+
+
+def test_output_is_assembled_one_batch_at_a_time(tmp_path):
+    """samples.npz reads back exactly as np.savez would have written it, while Python never holds
+    more than a batch or two of the 15 MB of samples."""
+    import tracemalloc
+
+    import guided.generate as gen
+
+    out, rng = tmp_path / "out", np.random.default_rng(0)
+    (out / "parts").mkdir(parents=True)
+    images = rng.integers(0, 256, (20000, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(20000) % 7
+    for s in range(0, 20000, 100):
+        np.savez(out / "parts" / f"batch-{s:08d}.npz", images[s:s + 100], labels[s:s + 100])
+    tracemalloc.start()
+    try:
+        gen._assemble(out, 20000, 100, {"seed": 0}, save_pngs=False, grid=12)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with np.load(out / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], images) and np.array_equal(f["arr_1"], labels)
+    assert peak < 2 * 2**20, peak  # the samples are 15 MB
+    from PIL import Image
+    assert Image.open(out / "grid.png").size == (12 * 18 * 4, 7 * 18 * 4)
+    assert not (out / "parts").exists() and json.loads((out / "settings.json").read_text()) == {"seed": 0}
+
+
+def test_labels_and_seeds_are_planned_per_batch(tmp_path, monkeypatch):
+    """A billion samples: nothing is planned up front, the first batch starts at once."""
+    import tracemalloc
+
+    import guided.generate as gen
+
+    drawn = []
+
+    def first_two(p, labels, seeds, *a, **k):
+        drawn.append((labels.tolist(), seeds.tolist()))
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(len(labels), 3, 8, 8)
+    monkeypatch.setattr(gen, "sample_batch", first_two)
+    monkeypatch.setattr(gen, "check_room", lambda out, size: None)  # let it start on any disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate(tiny_pipeline(), tmp_path, classes=[2, 0, 1], num_samples=10**9, batch_size=4, seed=10**12,
+                     opts=OPTS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert drawn[1] == ([0, 1, 2, 0], [10**12 + i for i in range(4, 8)]) and peak < 10 * 2**20, peak
+    assert not (tmp_path / ".lock").exists() and len(list((tmp_path / "parts").glob("batch-*.npz"))) == 1
+
+
+def test_requested_labels_of_an_unguided_unconditional_model_are_flagged(tmp_path, capsys):
+    p = tiny_pipeline()
+    generate(p, tmp_path / "a", classes=[0, 1], num_samples=2, batch_size=2, seed=0, opts=OPTS)
+    assert "labels are requests that nothing enforces" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "settings.json").read_text())["labels_enforced"] is False
+    generate(p, tmp_path / "b", classes=[0, 1], num_samples=2, batch_size=2, seed=0,
+             opts=SampleOptions(sampler="ddim", steps="5", scale=1.0))
+    assert json.loads((tmp_path / "b" / "settings.json").read_text())["labels_enforced"] is True

@@ -1,10 +1,19 @@
 """sample_guided.py on the shipped digits models: the README's command, sweeps, guidance, refusals."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from guided.cli.sample import SHIPPED, main
 from guided.judge import load_judge
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(capsys, *argv):
@@ -107,4 +116,84 @@ def test_two_processes_draw_their_shares_into_one_output(tmp_path):
                  "--out", str(tmp_path / "one")]) == 0
     two, one = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
     assert two["arr_0"].shape == (6, 16, 16, 3) and np.array_equal(two["arr_1"], one["arr_1"])
+    assert np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int)).max() <= 2
+
+
+# -- nothing silently wrong ---------------------------------------------------------------------------
+def test_repeated_class_options_add_up(tmp_path, capsys):
+    code, out, _ = run(capsys, "--class", 3, "--class", "5", "--num-samples", 4, "--steps", 3, "--sampler", "ddim",
+                       "--out", tmp_path)
+    assert code == 0 and "sampling on 1 process, device cpu" in out  # world size and device, first thing
+    with np.load(tmp_path / "samples.npz") as f:
+        assert f["arr_1"].tolist() == [3, 5, 3, 5]
+
+
+def test_labels_nothing_enforces_are_said_and_recorded(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", "uncond", "--class", 7, "--scale", 0, "--num-samples", 2, "--steps", 3,
+                       "--out", tmp_path / "free")
+    assert code == 0 and "note: the labels are requests that nothing enforces: uncond samples without labels" in err
+    assert json.loads((tmp_path / "free" / "settings.json").read_text())["labels_enforced"] is False
+    code, _, err = run(capsys, "--model", "uncond", "--class", 7, "--scale", 2, "--num-samples", 2, "--steps", 3,
+                       "--out", tmp_path / "guided")
+    assert code == 0 and "nothing enforces" not in err
+    assert json.loads((tmp_path / "guided" / "settings.json").read_text())["labels_enforced"] is True
+
+
+def test_settings_record_the_classifier_used_and_the_sdedit_inputs(tmp_path, capsys):
+    stroke, mask = REPO / "docs" / "strokes" / "stroke_7.png", tmp_path / "mask.png"
+    Image.new("L", Image.open(stroke).size, 255).save(mask)
+    code = run(capsys, "--model", "uncond", "--init-image", stroke, "--t0", 0.4, "--mask", mask, "--class", 7,
+               "--num-samples", 2, "--steps", 10, "--sampler", "ddim", "--out", tmp_path / "o")[0]
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert code == 0 and settings["classifier"] == "classifier"  # the shipped default, not null
+    assert (settings["init_image"], settings["t0"], settings["mask"]) == (str(stroke), 0.4, str(mask))
+    assert run(capsys, "--model", "uncond", "--classifier", "none", "--scale", 0, "--num-samples", 1, "--steps", 2,
+               "--out", tmp_path / "p")[0] == 0
+    settings = json.loads((tmp_path / "p" / "settings.json").read_text())
+    assert settings["classifier"] == "none" and settings["init_image"] is None and settings["t0"] is None
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("guidance scale s (0 = none) (default: 1.0)", "(default: 100; the ode and langevin",
+                  "(default: out)", "how many samples to draw (default: 100)", "(default: ddpm)"):
+        assert shown in text, shown
+
+
+def test_grid_size_is_an_option(tmp_path, capsys):
+    args = ("--model", "uncond", "--class", "1,2", "--num-samples", 6, "--steps", 2, "--sampler", "ddim")
+    assert run(capsys, *args, "--grid", 3, "--out", tmp_path / "g3")[0] == 0
+    assert Image.open(tmp_path / "g3" / "grid.png").size == (3 * 18 * 4, 2 * 18 * 4)  # 16 px cells, 4x zoom
+    assert run(capsys, *args, "--out", tmp_path / "default")[0] == 0  # 10 per class: the 3 each there are
+    assert Image.open(tmp_path / "default" / "grid.png").size == (10 * 72, 2 * 72)
+    assert run(capsys, *args, "--grid", 0, "--out", tmp_path / "none")[0] == 0
+    assert not (tmp_path / "none" / "grid.png").exists() and (tmp_path / "none" / "samples.npz").exists()
+
+
+def test_a_saturating_guidance_scale_warns(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", "uncond", "--class", 7, "--scale", "1e30", "--sampler", "ddim", "--steps", 5,
+                       "--num-samples", 4, "--batch-size", 2, "--out", tmp_path)
+    assert code == 0 and ("warning: batch 0 (samples 0..1) is saturated: 100% of its pixels are at 0 or 255 "
+                          "(is --scale 1e+30 too large?)") in err
+    assert "warning: 2 batches of this run were saturated (batches 0..2)" in err
+    with np.load(tmp_path / "samples.npz") as f:
+        assert np.isin(f["arr_0"], (0, 255)).all()
+
+
+def test_two_cpu_processes_under_the_readme_recipe(tmp_path):
+    """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2, without --device: two real
+    processes share the batches and give the single-process samples."""
+    argv = ["--model", "uncond", "--class", "1,2", "--num-samples", "6", "--batch-size", "2", "--steps", "4"]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(REPO / "sample_guided.py"), *argv, "--out", str(tmp_path / "two")],
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "sampling on 2 processes, device cpu" in proc.stdout, proc.stderr[-3000:]
+    assert "error" not in proc.stderr and not (tmp_path / "two" / ".lock").exists()
+    assert main(argv + ["--device", "cpu", "--out", str(tmp_path / "one")]) == 0
+    two, one = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
+    assert np.array_equal(two["arr_1"], one["arr_1"])
     assert np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int)).max() <= 2

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -297,3 +299,105 @@ def test_script_exits_2_with_one_line_and_no_traceback(tmp_path):
                            str(REPO / "configs" / "digits.yaml"), "train.nope=1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+# -- nothing silently wrong ------------------------------------------------------------------------------
+def test_mixed_precision_no_is_accepted_as_yaml_reads_it(tmp_path, capsys):
+    """YAML reads `no` (also off, false) as a boolean, which OmegaConf made the string 'False'."""
+    (tmp_path / "no.yaml").write_text("train:\n  mixed_precision: no\n  steps: 1\n")
+    for argv in (["train.mixed_precision=no"], ["--config", str(tmp_path / "no.yaml")]):
+        assert main_diffusion(argv + ["--dry-run"]) == 0
+        assert "mixed_precision: 'no'" in capsys.readouterr().out
+    code, err = run_main(main_diffusion, tiny_argv("diffusion", tmp_path / "run", "train.steps=1",
+                                                   "train.mixed_precision=no"), capsys)
+    assert code == 0 and "error" not in err
+
+
+def test_trainer_says_how_many_processes_on_what_and_where_it_writes(tiny, capsys):
+    cfg = tiny("diffusion", "train.steps=2", "train.save_every=2")
+    train_diffusion(cfg)
+    out = capsys.readouterr().out
+    assert f"unet training: 1 process, device cpu; run folder {cfg.train.out_dir} (train.out_dir)" in out
+    assert (f"writing config.yaml, label_map.json, metrics.jsonl and every 2 steps (train.save_every) ckpt-*.pt, "
+            f"model.pt and ema.pt into {cfg.train.out_dir}") in out
+
+
+def test_trainer_help_names_the_run_folder_and_save_every(capsys):
+    for main in (main_diffusion, main_classifier):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "train.out_dir" in text and "train.save_every" in text and "(default: digits" in text
+
+
+def test_an_odd_image_size_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = run_main(main_diffusion, tiny_argv("diffusion", run, "model.image_size=17", "data.image_size=17"),
+                         capsys)
+    assert code == 2 and "image_size 17 is not a multiple of 2" in err and not run.exists()
+
+
+def test_ctrl_c_saves_and_stops_like_sigterm(tiny):
+    trainer = DiffusionTrainer(tiny("diffusion", "train.steps=10", "train.save_every=100"))
+    prepare = trainer.prepare_batch
+
+    def prepare_then_interrupt(x0, y):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return prepare(x0, y)
+    trainer.prepare_batch = prepare_then_interrupt
+    assert trainer.run() == "stopped" and trainer.step == 3 and trainer.stopped_by == "SIGINT"
+    assert [s for s, _ in ck.list_checkpoints(trainer.out_dir)] == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_training_folder_is_locked_and_a_dead_runs_lock_reclaimed(tiny):
+    cfg = tiny("diffusion", "train.steps=2")
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True)
+    (out / ".lock").write_text("1")  # pid 1 is alive: another run
+    with pytest.raises(GuidedError, match=f"{out} is in use by another run \\(pid 1\\); wait for it or choose another "
+                                          "train.out_dir"):
+        DiffusionTrainer(cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(str(dead.pid))  # a run that died
+    trainer = DiffusionTrainer(cfg)
+    assert (out / ".lock").read_text() == str(os.getpid())
+    trainer.run()
+    assert not (out / ".lock").exists()
+
+
+def test_configs_by_name_outside_the_repository(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("digits.yaml", "digits_uncond", "configs/imagenet64.yaml"):
+        assert main_diffusion(["--config", name, "--dry-run"]) == 0, name
+        assert "image_size:" in capsys.readouterr().out
+    code, err = run_main(main_diffusion, ["--config", "nope.yaml"], capsys)
+    assert code == 2 and "nor is it a shipped config (digits, digits_classifier" in err
+
+
+def test_the_built_package_carries_its_configs(tmp_path):
+    """configs/ is package data (guided/configs in the wheel), so an installed guided finds
+    `--config digits.yaml` from any folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for item in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / item, src / item)
+    for item in ("configs", "guided"):
+        shutil.copytree(REPO / item, src / item, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("guided-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    assert {f"guided/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")} <= names
+    packages = {str(p.parent.relative_to(REPO)).replace("/", ".") for p in (REPO / "guided").rglob("__init__.py")}
+    assert packages <= {n.rsplit("/", 1)[0].replace("/", ".") for n in names}  # no package left out of the list
+    probe = ("import sys, guided; from guided.cli.train import main_diffusion; print(guided.__file__); "
+             "sys.exit(main_diffusion(['--config', 'digits.yaml', '--dry-run']))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site"), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.startswith(str(tmp_path / "site")), proc.stderr
+    assert "out_dir: runs/digits" in proc.stdout

@@ -23,6 +23,7 @@ from .. import adm
 from ..errors import GuidedError
 from ..speed import speed_up
 from ..generate import Pipeline, SampleOptions, generate
+from ..locks import check_world_size
 from . import Parser, run_cli
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
@@ -83,30 +84,32 @@ def add_model_args(p):
                      "(default for a released file name: its published flags)")
     src.add_argument("--classifier-flags", default=None, help="the published flag string of an official classifier "
                      "(default for a released file name: its published flags)")
-    src.add_argument("--class", dest="classes", default=None,
-                     help="labels: an index, a comma list, an ImageNet wnid or a class name; default: every class")
+    src.add_argument("--class", dest="classes", action="append", default=None,
+                     help="labels: an index, a comma list, an ImageNet wnid or a class name; repeat to add more "
+                          "(--class 3 --class 5); default: every class")
 
 
 def add_sampler_args(p):
     s = p.add_argument_group("sampler")
     s.add_argument("--cfg-scale", type=_number(float, 0.0), default=1.0,
                    help="classifier-free guidance scale (1 = off; needs a model trained with label dropout)")
-    s.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm")
-    s.add_argument("--steps", default="100", help="respacing: a count (100), section counts (10,15,20) or ddimN")
+    s.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddpm", help="the reverse-process solver")
+    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN or quadN "
+                                                 "(default: 100; the ode and langevin samplers choose their own)")
     s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
     s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
     s.add_argument("--clip-guided", action=argparse.BooleanOptionalAction, default=None,
                    help="also clip x0 where the paper's code does not: the guided x0 of ddim and dpm++, the x0 "
                         "behind the eps of pc and ode (default: on for the shipped cond and uncond models, off "
                         "for every other model)")
-    s.add_argument("--num-samples", type=_number(int, 1), default=100)
+    s.add_argument("--num-samples", type=_number(int, 1), default=100, help="how many samples to draw")
     s.add_argument("--class-sampling", choices=("balanced", "random"), default="balanced",
                    help="balanced: sample i asks for class i mod K; random: classes drawn uniformly at random, as the "
-                        "paper's sampling scripts (default: balanced)")
-    s.add_argument("--batch-size", type=_number(int, 1), default=100)
-    s.add_argument("--seed", type=_number(int, 0), default=0)
+                        "paper's sampling scripts")
+    s.add_argument("--batch-size", type=_number(int, 1), default=100, help="samples drawn at once (per process)")
+    s.add_argument("--seed", type=_number(int, 0), default=0, help="sample i uses seed + i")
     s.add_argument("--device", default=None, help="default: cuda if present, else mps, else cpu")
-    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
     s.add_argument("--channels-last", action="store_true", help="speed: NHWC memory layout")
     s.add_argument("--compile", action="store_true", help="speed: torch.compile the networks")
     s.add_argument("--cuda-graphs", action="store_true", help="speed: compile and replay each step as a CUDA graph")
@@ -175,11 +178,22 @@ def build_parser() -> Parser:
     o.add_argument("--out", default="out", help="output folder (samples.npz, grid.png, settings.json)")
     o.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
     o.add_argument("--png", action="store_true", help="also write one PNG per sample")
+    o.add_argument("--grid", type=_number(int, 0), default=10,
+                   help="samples per class shown in grid.png, each class on its own rows (0: no grid.png)")
     return p
 
 
+ADAPTIVE = {"ode": "adaptive RK45, rtol = atol = 1e-5", "langevin": "the model's noise ladder"}
+
+
 def options(args, scale) -> SampleOptions:
-    return SampleOptions(sampler=args.sampler, steps=args.steps, scale=scale, cfg_scale=args.cfg_scale,
+    steps = args.steps or "100"
+    if args.sampler in ADAPTIVE and not getattr(args, "init_image", None):  # SDEdit runs its own steps
+        if args.steps is not None:
+            raise GuidedError(f"--sampler {args.sampler} chooses its own steps ({ADAPTIVE[args.sampler]}); "
+                              f"drop --steps {args.steps}, or pick ddpm, ddim, dpm++ or pc for a fixed count")
+        steps = ADAPTIVE[args.sampler]
+    return SampleOptions(sampler=args.sampler, steps=steps, scale=scale, cfg_scale=args.cfg_scale,
                          eta=args.eta, clip_denoised=not args.no_clip, clip_guided=clip_guided(args),
                          precision=args.precision, interval=args.interval, schedule=args.schedule,
                          calibration=not args.no_calibration, ddpm_form=args.ddpm_form, cfg_interval=args.cfg_interval,
@@ -209,9 +223,11 @@ def processes(args):
     from accelerate import PartialState
 
     check_device(args.device)
-    state = PartialState(cpu=args.device == "cpu") if args.device in (None, "cpu", "cuda") else None
+    device = args.device or default_device()
+    state = PartialState(cpu=device == "cpu") if device in ("cpu", "cuda") else None  # cpu: gloo under a launcher
     if state is None or state.num_processes == 1:
-        return args.device or default_device(), 0, 1, None
+        check_world_size(1, device)
+        return device, 0, 1, None
     return str(state.device), state.process_index, state.num_processes, state.wait_for_everyone
 
 
@@ -288,7 +304,7 @@ def load_pipeline(args, device) -> Pipeline:
             extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
     classifier = None
     defaults = SHIPPED_MODELS.get(args.model, {})
-    spec = args.classifier if args.classifier is not None else defaults.get("classifier", "none")
+    spec = classifier_spec(args)
     flags = args.classifier_flags
     if flags and "--image_size" not in flags and model_flags:
         flags += f" --image_size {model.cfg.image_size}"
@@ -315,6 +331,13 @@ def load_pipeline(args, device) -> Pipeline:
                                       for net in (model, classifier, weak, clean))
     return Pipeline(model, diffusion_cfg, classifier, label_map, name=str(args.model), weak_model=weak,
                     x0_classifier=clean, unconditional=defaults.get("unconditional", False), **extra)
+
+
+def classifier_spec(args) -> str:
+    """The classifier --classifier names, or the shipped model's default ('none' for any other model)."""
+    if args.classifier is not None:
+        return args.classifier
+    return SHIPPED_MODELS.get(args.model, {}).get("classifier", "none")
 
 
 def guide_settings(args) -> dict:
@@ -351,13 +374,14 @@ def _imagenet_labels(num_classes):
 
 
 def parse_classes(text, pipeline: Pipeline) -> list[int]:
+    """--class values (a string, or the list of a repeated --class) as class indices, in order."""
     n = pipeline.num_classes
     if text is None:
         return list(range(n)) if n is not None else []
     if n is None:
         raise GuidedError("--class needs a class-conditional model or a classifier")
     out = []
-    for item in (s.strip() for s in text.split(",")):
+    for item in (s.strip() for s in ",".join([text] if isinstance(text, str) else text).split(",")):
         if pipeline.label_map is not None:
             out.append(pipeline.label_map.index(item))
         elif item.isdigit():
@@ -411,18 +435,22 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    options(args, args.scale)  # contradictory sampler options are refused before any loading
+    for scale in args.scales or [args.scale]:
+        options(args, scale)  # contradictory sampler options are refused before any loading
     device, rank, world, barrier = processes(args)
+    if rank == 0:
+        print(f"sampling on {world} process{'es' if world > 1 else ''}, device {device}", flush=True)
     pipeline = load_pipeline(args, device)
     classes = parse_classes(args.classes, pipeline)
     init = sdedit_init(args, pipeline)
+    settings = {"model": args.model, "classifier": classifier_spec(args), "device": device, **guide_settings(args),
+                "init_image": args.init_image, "t0": args.t0 if args.init_image else None, "mask": args.mask}
     for scale in args.scales or [args.scale]:
         out = Path(args.out) / f"scale_{scale:g}" if args.scales else Path(args.out)
-        settings = {"model": args.model, "classifier": args.classifier, "device": device, **guide_settings(args)}
         path = generate(pipeline, out, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size,
                         seed=args.seed, opts=options(args, scale), device=device, overwrite=args.overwrite,
                         save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
-                        settings=settings, class_sampling=args.class_sampling)
+                        settings=settings, grid=args.grid, class_sampling=args.class_sampling)
         if rank == 0:
             print(f"wrote {path} and {path.parent / 'grid.png'} (scale {scale:g})")
     return 0

@@ -1,47 +1,65 @@
 """train_diffusion.py / train_classifier.py: train from a YAML config plus dotted overrides.
 
     python train_diffusion.py --config configs/digits.yaml
-    accelerate launch train_diffusion.py --config configs/imagenet64.yaml train.batch_size=32 data.classes=100
-    python train_classifier.py --config configs/digits_classifier.yaml --resume
+    accelerate launch train_diffusion.py --config imagenet64.yaml train.batch_size=32 data.classes=100
+    python train_classifier.py --config digits_classifier.yaml --resume
 
---resume continues from the newest readable checkpoint in train.out_dir; --dry-run
-prints the resolved config and exits. Exit status: 0 done, 2 bad input (one
-`error:` line), 143 stopped by SIGTERM after saving a checkpoint.
+--config takes a path or the name of a shipped config (digits.yaml, imagenet64, ...; they are
+installed with the package). --resume continues from the newest readable checkpoint in
+train.out_dir; --dry-run prints the resolved config and exits. Exit status: 0 done, 2 bad
+input (one `error:` line), 143 / 130 stopped by SIGTERM / Ctrl-C after saving a checkpoint.
 """
 from __future__ import annotations
 
+import importlib.resources
+import signal
 from pathlib import Path
 
 from ..config import load_config, to_yaml
 from ..errors import GuidedError
-from . import Parser, run_cli
+from . import STOPPED_BY, Parser, run_cli
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STOPPED = 143  # 128 + SIGTERM
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # a checkout; an install has guided/configs
+
+WHERE = """where it writes: train.out_dir (default runs/default; the shipped configs set their own) gets
+  config.yaml and label_map.json at the start, metrics.jsonl every train.log_every steps, and every
+  train.save_every steps a full checkpoint ckpt-<step>.pt (the newest train.keep_checkpoints kept) with
+  weights-only model.pt and ema.pt for sampling; TensorBoard curves under train.out_dir/tb.
+  A folder with checkpoints is refused without --resume; one run at a time holds train.out_dir/.lock."""
+
+
+def shipped_configs() -> Path:
+    installed = Path(str(importlib.resources.files("guided") / "configs"))
+    return installed if installed.is_dir() else REPO_CONFIGS
+
+
+def find_config(name: str) -> Path:
+    """A config path as given, else a shipped config of that name (with or without .yaml, with or
+    without the configs/ folder in front), so `--config digits.yaml` works outside the repository."""
+    path = Path(name).expanduser()
+    if path.is_file() or path.parent.name not in ("", "configs"):
+        return path
+    shipped = shipped_configs() / (path.name if path.suffix else path.name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in shipped_configs().glob("*.yaml")))
+    raise GuidedError(f"config file {path} does not exist, nor is it a shipped config ({known})")
 
 
 def build_parser(prog: str, default: str) -> Parser:
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help=f"a YAML file from configs/ (default: {default})")
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0], epilog=WHERE)
+    p.add_argument("--config", default=default, help="a YAML file, or the name of a shipped config")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in train.out_dir")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.batch_size=32")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.batch_size=32 train.out_dir=runs/mine train.save_every=500")
     return p
-
-
-def _config(args, default: str):
-    path = args.config
-    if path is None:
-        path = CONFIGS / default
-        if not path.is_file():
-            raise GuidedError(f"give --config (the default {default} is not in {CONFIGS})")
-    return load_config(path, args.overrides)
 
 
 def _main(kind: str, argv) -> int:
     default = "digits.yaml" if kind == "diffusion" else "digits_classifier.yaml"
     args = build_parser(f"train_{kind}.py", default).parse_args(argv)
-    cfg = _config(args, default)
+    cfg = load_config(find_config(args.config), args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -49,7 +67,10 @@ def _main(kind: str, argv) -> int:
         from ..train_diffusion_loop import train_diffusion as train
     else:
         from ..train_classifier_loop import train_classifier as train
-    return 0 if train(cfg, resume=args.resume).status == "done" else STOPPED
+    trainer = train(cfg, resume=args.resume)
+    if trainer.status == "done":
+        return 0
+    return STOPPED_BY[signal.SIGINT if trainer.stopped_by == "SIGINT" else signal.SIGTERM]
 
 
 def main_diffusion(argv=None) -> int:
