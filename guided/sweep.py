@@ -137,8 +137,8 @@ def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
     opts = dataclasses.asdict(options(args, args.scale))
     opts.pop(SWEEPABLE[param].field, None)
     if args.reference == "digits":
-        c, size, _ = pipeline.shape()
-        reference = dict(DIGITS_REFERENCE, image_size=size, channels=c)
+        size = pipeline.shape()[1]  # samples are written RGB (a grey model's as three equal channels)
+        reference = dict(DIGITS_REFERENCE, image_size=size, channels=3)
     else:
         reference = {"file": str(Path(args.reference).resolve()), "sha256": file_digest(Path(args.reference))}
     return {"sweep": param, "model": args.model, "model_weights": weights_digest(pipeline.model),

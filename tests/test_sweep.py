@@ -186,7 +186,8 @@ def test_random_class_sampling_is_seeded_and_recorded(tmp_path):
 
 
 def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
-    """One-channel models (the digits models are grey): the reference is built grey, the judge reads it."""
+    """One-channel models (the digits models are grey): samples are written as three equal channels, the
+    paper's RGB layout, and so is the reference the sweep builds."""
     from conftest import tiny_config
     from guided.checkpoints import build_network, export_weights
     cfg = tiny_config("diffusion", tmp_path / "run", "model.image_size=16", "data.image_size=16",
@@ -196,9 +197,10 @@ def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
     code, stdout, err = run(capsys, "--model", path, "--classifier", "none", "--sweep", "cfg_scale=1,2", "--out", out,
                             "--num-samples", "10", "--sampler", "ddim", "--steps", "2", "--device", "cpu")
     assert code == 0, err
-    ref, _ = read_npz(out / "reference_digits_16px_1ch.npz")
-    assert ref.shape == (1000, 16, 16, 1)
-    assert read_npz(out / "cfg_scale_2" / "seed_0" / "samples.npz")[0].shape == (10, 16, 16, 1)
+    ref, _ = read_npz(out / "reference_digits_16px_3ch.npz")
+    assert ref.shape == (1000, 16, 16, 3) and (ref == ref[..., :1]).all()
+    samples = read_npz(out / "cfg_scale_2" / "seed_0" / "samples.npz")[0]
+    assert samples.shape == (10, 16, 16, 3) and (samples == samples[..., :1]).all()
     results = json.loads((out / "results.json").read_text())
     assert [r["cfg_scale"] for r in results["summary"]] == [1, 2] and "judge_accuracy" in results["summary"][0]
 
