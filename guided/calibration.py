@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .errors import GuidedError
 
+MIN_ERRORS = 10  # misclassified fitting examples a band needs for its temperature to be fitted
+
 
 @dataclass
 class Calibration:
@@ -93,9 +95,11 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, edges
         fit, ev = (band == k) & ~test, (band == k) & test
         if fit.sum() < 2 or ev.sum() < 1:
             raise GuidedError(f"calibration band {k} has too few held-out examples ({int((band == k).sum())})")
-        temp = fit_temperature(logits[fit], labels[fit])
+        errors = int((logits[fit].argmax(-1) != labels[fit]).sum())
+        # with (almost) no errors the likelihood keeps rising as T -> 0: no temperature to fit, keep 1
+        temp = fit_temperature(logits[fit], labels[fit]) if errors >= MIN_ERRORS else 1.0
         temps.append(temp)
-        report.append(dict(band=k, t_from=float(edges[k]), t_to=float(edges[k + 1]), temperature=temp,
+        report.append(dict(band=k, t_from=float(edges[k]), t_to=float(edges[k + 1]), temperature=temp, errors=errors,
                            accuracy=float((logits[ev].argmax(-1) == labels[ev]).float().mean()),
                            ece_before=expected_calibration_error(logits[ev], labels[ev]),
                            ece_after=expected_calibration_error(logits[ev] / temp, labels[ev]), n=int(ev.sum())))

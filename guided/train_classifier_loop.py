@@ -168,7 +168,7 @@ class ClassifierTrainer(Trainer):
                      for k in ("temperature", "accuracy", "ece_before", "ece_after")})
         for r in report:
             self.print(f"calibration band {r['band']} (t {r['t_from']:.0f}-{r['t_to']:.0f}): temperature "
-                       f"{r['temperature']:.3f}, accuracy {r['accuracy']:.1%}, ECE {r['ece_before']:.4f} -> "
+                       f"{r['temperature']:.3f} ({r['errors']} errors to fit on), accuracy {r['accuracy']:.1%}, ECE {r['ece_before']:.4f} -> "
                        f"{r['ece_after']:.4f} ({r['n']} held-out draws)")
 
 

@@ -172,6 +172,13 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert expected_calibration_error(z * 2.5, labels) > 5 * expected_calibration_error(z, labels)
 
 
+def test_a_band_without_errors_keeps_temperature_one():
+    """All correct: the likelihood rises without bound as T -> 0, so there is nothing to fit (T stays 1)."""
+    z = 5 * torch.randn(2000, 4, generator=torch.Generator().manual_seed(0))
+    cal, report = calibrate(z, z.argmax(-1), torch.zeros(2000), [0, 1])
+    assert cal.temperature.tolist() == [1.0] and report[0]["errors"] == 0
+
+
 def test_calibrate_fits_one_temperature_per_band_and_guidance_uses_it():
     g = torch.Generator().manual_seed(1)
     n, temps = 24000, torch.tensor([0.8, 2.0, 4.0])
