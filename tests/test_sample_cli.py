@@ -62,7 +62,7 @@ def test_mismatched_resolution_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "--model", "uncond", "--classifier", tmp_path / "clf32.pt", "--classifier-flags",
                        "--image_size 32 --classifier_width 32 --classifier_depth 1 --channel_mult 1,2 "
                        "--classifier_attention_resolutions 8 --num_classes 10", "--out", tmp_path / "o")
-    assert code == 2 and "classifier takes 32x32x3 images but the score model makes 16x16x3" in err
+    assert code == 2 and "classifier takes 32x32x3 images but the score model makes 16x16x1" in err
 
 
 @pytest.mark.parametrize("argv, message", [

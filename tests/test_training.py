@@ -338,6 +338,7 @@ def test_an_odd_image_size_is_refused_before_the_run_folder_is_made(tmp_path, ca
 
 
 def test_ctrl_c_saves_and_stops_like_sigterm(tiny):
+    before = signal.getsignal(signal.SIGINT)  # Python's handler, or SIG_IGN in a background job
     trainer = DiffusionTrainer(tiny("diffusion", "train.steps=10", "train.save_every=100"))
     prepare = trainer.prepare_batch
 
@@ -348,7 +349,7 @@ def test_ctrl_c_saves_and_stops_like_sigterm(tiny):
     trainer.prepare_batch = prepare_then_interrupt
     assert trainer.run() == "stopped" and trainer.step == 3 and trainer.stopped_by == "SIGINT"
     assert [s for s, _ in ck.list_checkpoints(trainer.out_dir)] == [3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGINT) is before  # put back
 
 
 def test_a_training_folder_is_locked_and_a_dead_runs_lock_reclaimed(tiny):
