@@ -297,6 +297,9 @@ def sweep(args) -> dict:
     out = Path(args.out)
     make_folder(out)
     device, rank, world, barrier = processes(args)
+    # the swept term's network, whatever the base scale
+    args.load_guides = ("autoguide",) if param.startswith("autoguide") else ("x0_classifier",) if param.startswith(
+        "x0_") else ()
     pipeline = load_pipeline(args, device)
     classes = parse_classes(args.classes, pipeline)
     features = args.features or ("digits" if args.reference == "digits" else "inception")

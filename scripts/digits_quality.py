@@ -28,7 +28,6 @@ RUNS = {  # name -> sample_guided.py arguments
     "uncond, scale 10": "--model uncond --scale 10",
     "cond, classifier-free 2": "--model cond --scale 0 --cfg-scale 2",
     "ncsn, Langevin, scale 2": "--model ncsn --sampler langevin --scale 2",
-    "ncsn, Langevin, unguided": "--model ncsn --sampler langevin --scale 0",
 }
 
 

@@ -321,11 +321,15 @@ def load_pipeline(args, device) -> Pipeline:
             label_map = label_map or clf_labels
     if label_map is None and classifier is not None and flags:
         label_map = _imagenet_labels(classifier.cfg.num_classes)
-    every = getattr(args, "load_guides", False)  # the demo page: every guide network there is, scale or not
+    wanted = getattr(args, "load_guides", ())  # guide networks to load whatever the scale (the demo: all; a sweep:
+    wanted = ("autoguide", "x0_classifier") if wanted is True else wanted  # the swept term's)
+
+    def want(term):
+        return term in wanted and (getattr(args, term) or defaults.get(term))
     weak = (guide_network(args, "autoguide", defaults, UNetModel, "a score model")
-            if args.autoguide_scale != 1 or every and (args.autoguide or defaults.get("autoguide")) else None)
+            if args.autoguide_scale != 1 or want("autoguide") else None)
     clean = (guide_network(args, "x0_classifier", defaults, EncoderUNetModel, "a classifier")
-             if args.x0_scale or every and (args.x0_classifier or defaults.get("x0_classifier")) else None)
+             if args.x0_scale or want("x0_classifier") else None)
     fast = dict(channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs)
     model, classifier, weak, clean = (None if net is None else speed_up(net.eval().to(device), **fast)
                                       for net in (model, classifier, weak, clean))
