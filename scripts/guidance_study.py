@@ -87,15 +87,17 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2, help="sweeps run at once (one CPU thread each)")
     p.add_argument("--samplers", default="dpm++,ddpm")
+    p.add_argument("--report-only", action="store_true", help="table and figures of the sweeps already run")
     args = p.parse_args(argv)
     samplers = args.samplers.split(",")
     todo = [(s, m) for s in samplers for m, (_, which) in METHODS.items() if s in which]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda sm: run(*sm, args.num_samples), todo))
+    if not args.report_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda sm: run(*sm, args.num_samples), todo))
     print(table(samplers))
     for s in samplers:
         dirs = [str(folder(s, m)) for m, (_, which) in METHODS.items() if s in which]
-        labels = ",".join(m for m, (_, which) in METHODS.items() if s in which)
+        labels = ",".join(m.replace(",", "") for m, (_, which) in METHODS.items() if s in which)  # comma-separated
         subprocess.run([sys.executable, "-m", "guided.plots", *dirs, "--out",
                         str(ROOT / "docs" / f"guidance_study_{s.replace('+', 'p')}.png"), "--labels", labels],
                        cwd=ROOT, check=True)
