@@ -7,7 +7,9 @@ the held-out split (297), then scores each with the independent digits judge (gu
 accuracy on the asked class, the judge-space Frechet distance to a reference of 1,000
 class-balanced TRAINING digits (guided.reference_batch), the mean pixel (real digits: 77) and
 the largest difference between a sample's channels (0 = grey, no tint). The floor is the same
-distance for the 297 real held-out digits: what real data reach at this sample count.
+distance for the 297 real held-out digits: what real data reach at this sample count. A second
+distance is to the held-out digits themselves (as the training probe measures), whose floor is
+297 real training digits against them.
 """
 from __future__ import annotations
 
@@ -38,15 +40,17 @@ def reference():
 
 
 def score(images, labels, ref_stats):
+    """(FID to the training reference, accuracy, mean pixel, max channel difference, FID to the held-out digits)."""
     from guided.judge import load_judge
     from guided.metrics import feature_stats, frechet_distance
+    from guided.probe import judge_fid
 
     judge = load_judge(16)
     mu, sigma = feature_stats(judge.extract(images)["pool"])
     fid = float(frechet_distance(mu, sigma, *ref_stats))
     acc = judge.accuracy(images, labels) if labels is not None and labels.min() >= 0 else float("nan")
     tint = int(np.abs(images.astype(int) - images.astype(int).mean(-1, keepdims=True)).max())
-    return fid, acc, float(images.mean()), tint
+    return fid, acc, float(images.mean()), tint, judge_fid(images)
 
 
 def main(argv=None) -> int:
@@ -60,7 +64,10 @@ def main(argv=None) -> int:
     images, labels = digits_data(16)
     held = split_indices()[1]
     real = np.repeat(images[held], 3, -1)
-    rows = [("real held-out digits (the floor)", len(held), *score(real, labels[held], ref_stats))]
+    from guided.probe import fid_floor
+
+    rows = [("real held-out digits (the floor)", len(held), *score(real, labels[held], ref_stats)[:4],
+             fid_floor(16, len(held)))]  # against the held-out digits: real training digits are the floor
     for name, cli in RUNS.items():
         out = OUT / "".join(c if c.isalnum() else "_" for c in name)
         if not (out / "samples.npz").exists():
@@ -69,11 +76,13 @@ def main(argv=None) -> int:
             subprocess.run(shlex.split(cmd), cwd=ROOT, check=True)
         with np.load(out / "samples.npz") as f:
             rows.append((f"`{cli}`", len(f["arr_0"]), *score(f["arr_0"], f["arr_1"], ref_stats)))
-    floor = rows[0][2]
-    print("| samples | n | judge accuracy | judge-space FID (x floor) | mean pixel | max channel difference |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, n, fid, acc, mean, tint in rows:
-        print(f"| {name} | {n} | {acc:.1%} | {fid:.1f} ({fid / floor:.2f}x) | {mean:.0f} | {tint} |")
+    floor, held_floor = rows[0][2], rows[0][6]
+    print("| samples | n | judge accuracy | FID to 1,000 training digits (x floor) | FID to the held-out digits (x floor) "
+          "| mean pixel | max channel difference |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, n, fid, acc, mean, tint, held_fid in rows:
+        print(f"| {name} | {n} | {acc:.1%} | {fid:.1f} ({fid / floor:.2f}x) | {held_fid:.1f} ({held_fid / held_floor:.2f}x) "
+              f"| {mean:.0f} | {tint} |")
     return 0
 
 
