@@ -39,8 +39,9 @@ class Calibration:
 
     def temperature_at(self, t: torch.Tensor) -> torch.Tensor:
         """T of each timestep in t (a float or integer tensor [N]); outside the edges, the nearest band."""
-        k = torch.bucketize(t.detach().double().cpu(), self.edges[1:-1], right=True)
-        return self.temperature[k].to(t.device)
+        inner = self.edges[1:-1].to(t.device, torch.float32)  # whole timesteps: exact in float32, on t's device
+        k = torch.bucketize(t.detach().float(), inner, right=True)  # no host round trip inside the sampling loop
+        return self.temperature.to(t.device)[k]
 
     def to_dict(self) -> dict:
         return {"edges": self.edges.clone(), "temperature": self.temperature.clone()}

@@ -204,7 +204,7 @@ class Guidance:
             c = x.shape[1]
             eps, sigma = out[:, :c], self.sigma_of(t)
             for term in mixing:
-                if term.kind == "cfg" and null is None or not self._active(term, t):
+                if null is None if term.kind == "cfg" else not self._active(term, t):  # cfg's was read above
                     continue
                 other = null if term.kind == "cfg" else call(term.network, x, t, y_net)
                 w = (term.scale - 1) if term.plain else (term.scale - 1) * _per_sample(term.weight(sigma), x)
