@@ -35,7 +35,7 @@ def main(argv=None):
     import torch
 
     from guided.config import load_config
-    from guided.unet import UNetModel
+    from guided.networks.unet import UNetModel
 
     if args.threads:
         torch.set_num_threads(args.threads)

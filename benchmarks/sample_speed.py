@@ -22,12 +22,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guided import adm  # noqa: E402
+from guided.networks import adm  # noqa: E402
 from guided.config import load_config  # noqa: E402
-from guided.diffusion import create_diffusion  # noqa: E402
-from guided.guidance import classifier_cond_fn  # noqa: E402
-from guided.sampling import SampleNoise, ddpm, ddpm_step  # noqa: E402
-from guided.unet import EncoderUNetModel, UNetModel  # noqa: E402
+from guided.diffusion.gaussian import create_diffusion  # noqa: E402
+from guided.guidance.terms import classifier_cond_fn  # noqa: E402
+from guided.samplers.discrete import SampleNoise, ddpm, ddpm_step  # noqa: E402
+from guided.networks.unet import EncoderUNetModel, UNetModel  # noqa: E402
 from train_speed import device_of, peak_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

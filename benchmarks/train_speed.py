@@ -26,10 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided.config import load_config  # noqa: E402
-from guided.diffusion import create_diffusion  # noqa: E402
-from guided.losses import training_losses  # noqa: E402
+from guided.diffusion.gaussian import create_diffusion  # noqa: E402
+from guided.diffusion.losses import training_losses  # noqa: E402
 from guided.speed import adamw  # noqa: E402
-from guided.unet import EncoderUNetModel, UNetModel  # noqa: E402
+from guided.networks.unet import EncoderUNetModel, UNetModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {False: REPO / "configs" / "digits.yaml", True: REPO / "configs" / "digits_classifier.yaml"}

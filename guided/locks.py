@@ -13,7 +13,7 @@ import errno
 import os
 from pathlib import Path
 
-from .errors import GuidedError
+from guided.errors import GuidedError
 
 
 class OutputLock:

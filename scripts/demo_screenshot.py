@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/demo_screenshot.py [--out docs/demo.png] [demo flags...]
 
-Starts `python -m guided.demo` on a free local port (the shipped digits models unless demo flags
+Starts `python -m guided.cli.demo` on a free local port (the shipped digits models unless demo flags
 say otherwise), presses Generate for class 3 at classifier-guidance scale 4 in headless Chromium
 (Debian's chromium + chromium-driver), saves the screenshot and stops the server.
 """

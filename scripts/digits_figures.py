@@ -3,13 +3,13 @@
     python scripts/digits_figures.py scales     # judge accuracy vs classifier scale, docs/digits_scales.png
     python scripts/digits_figures.py samplers   # every sampler at its defaults (+ langevin on ncsn.pt)
     python scripts/digits_figures.py sdedit     # SDEdit realism / faithfulness vs t0, docs/sdedit.png
-    python scripts/digits_figures.py sweep      # python -m guided.sweep on both models, docs/sweep_{uncond,cond}.png
+    python scripts/digits_figures.py sweep      # python -m guided.cli.sweep on both models, docs/sweep_{uncond,cond}.png
     python scripts/digits_figures.py fewstep    # ddpm 250 vs ddim / dpm++ at 50, 25, 10 steps
     python scripts/digits_figures.py clip       # --clip-guided against the paper's arithmetic, per sampler
 
 Each subcommand runs the documented `sample_guided.py` commands (printed as it goes;
 an output folder that already holds samples.npz is reused), then scores the samples
-with the independent judge (guided.judge, not the guidance classifier) and prints a
+with the independent judge (guided.evaluation.judge, not the guidance classifier) and prints a
 Markdown table. Outputs go to sweeps/figures/ (not committed); pictures to docs/.
 Set OMP_NUM_THREADS=1 on a small shared CPU.
 """
@@ -53,7 +53,7 @@ def load(path: Path):
 def judge_stats(images, labels):
     """(accuracy for the asked class, mean confidence in the asked class, share recognised with p > 0.9)."""
     import torch
-    from guided.judge import load_judge
+    from guided.evaluation.judge import load_judge
 
     j = load_judge(images.shape[1])
     p = torch.softmax(j.logits(images), 1).numpy()
@@ -253,11 +253,11 @@ FEW = [("ddpm", "250"), ("ddim", "50"), ("ddim", "quad50"), ("dpm++", "quad50"),
 
 
 def fewstep(args):
-    from guided.evaluate import evaluate
+    from guided.evaluation.evaluate import evaluate
 
     ref = OUT / "reference_digits_16.npz"  # the sweeps' digits reference: 1,000 balanced training digits
     if not ref.exists():
-        sh(f"python -m guided.reference_batch digits --image-size 16 --num-samples 1000 --out {ref.relative_to(ROOT)}")
+        sh(f"python -m guided.evaluation.reference_batch digits --image-size 16 --num-samples 1000 --out {ref.relative_to(ROOT)}")
     n = args.num_samples
     rows = []
     for sampler, steps in FEW:
@@ -283,7 +283,7 @@ def saturation(images) -> float:
 
 
 def clip(args):
-    from guided.judge import digits_data
+    from guided.evaluation.judge import digits_data
 
     real, _ = digits_data(16)
     print(f"saturated share of the real digits at 16x16: {100 * saturation(real):.1f}%")
@@ -309,7 +309,7 @@ def sweep(args):
 
     for m, n in (("uncond", args.num_samples or 200), ("cond", args.num_samples or 100)):
         out = ROOT / "sweeps" / f"{m}_ddpm50"
-        sh(f"python -m guided.sweep --model {m} --scales 0,0.5,1,2,4,10 --num-samples {n} --sampler ddpm "
+        sh(f"python -m guided.cli.sweep --model {m} --scales 0,0.5,1,2,4,10 --num-samples {n} --sampler ddpm "
            f"--steps 50 --device cpu --out sweeps/{m}_ddpm50")  # resumes: evaluated scales are kept
         shutil.copy(out / "sweep.png", DOCS / f"sweep_{m}.png")
         print(f"\n{m}:\n" + (out / "results.csv").read_text())

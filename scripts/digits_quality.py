@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python scripts/digits_quality.py [--num-samples 297]
 
 Runs the README's sampling commands (DDPM 100 steps unless noted) with --num-samples equal to
-the held-out split (297), then scores each with the independent digits judge (guided.judge):
+the held-out split (297), then scores each with the independent digits judge (guided.evaluation.judge):
 accuracy on the asked class, the judge-space Frechet distance to a reference of 1,000
-class-balanced TRAINING digits (guided.reference_batch), the mean pixel (real digits: 77) and
+class-balanced TRAINING digits (guided.evaluation.reference_batch), the mean pixel (real digits: 77) and
 the largest difference between a sample's channels (0 = grey, no tint). The floor is the same
 distance for the 297 real held-out digits: what real data reach at this sample count. A second
 distance is to the held-out digits themselves (as the training probe measures), whose floor is
@@ -34,16 +34,16 @@ RUNS = {  # name -> sample_guided.py arguments
 
 
 def reference():
-    from guided.reference_batch import build_reference
+    from guided.evaluation.reference_batch import build_reference
 
     return build_reference("digits", 16, 1000, channels=3, seed=0, progress=False)[0]
 
 
 def score(images, labels, ref_stats):
     """(FID to the training reference, accuracy, mean pixel, max channel difference, FID to the held-out digits)."""
-    from guided.judge import load_judge
-    from guided.metrics import feature_stats, frechet_distance
-    from guided.probe import judge_fid
+    from guided.evaluation.judge import load_judge
+    from guided.evaluation.metrics import feature_stats, frechet_distance
+    from guided.training.probe import judge_fid
 
     judge = load_judge(16)
     mu, sigma = feature_stats(judge.extract(images)["pool"])
@@ -57,14 +57,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=297)
     args = p.parse_args(argv)
-    from guided.judge import digits_data, load_judge, split_indices
-    from guided.metrics import feature_stats
+    from guided.evaluation.judge import digits_data, load_judge, split_indices
+    from guided.evaluation.metrics import feature_stats
 
     ref_stats = feature_stats(load_judge(16).extract(reference())["pool"])
     images, labels = digits_data(16)
     held = split_indices()[1]
     real = np.repeat(images[held], 3, -1)
-    from guided.probe import fid_floor
+    from guided.training.probe import fid_floor
 
     rows = [("real held-out digits (the floor)", len(held), *score(real, labels[held], ref_stats)[:4],
              fid_floor(16, len(held)))]  # against the held-out digits: real training digits are the floor

@@ -2,12 +2,12 @@
 
     OMP_NUM_THREADS=1 python scripts/guidance_study.py [--num-samples 200] [--jobs 2] [--samplers dpm++,ddpm]
 
-Each method is one `python -m guided.sweep` folder (sweeps/study/<sampler>/<method>) over its own
+Each method is one `python -m guided.cli.sweep` folder (sweeps/study/<sampler>/<method>) over its own
 scale, at the same steps for every method of a sampler (dpm++ quad25: all nine methods; ddpm 100: the
 six that differ most, for CPU time), scored in the
 digits judge's feature space against 1,000 class-balanced training digits. Then it prints the
 README table (each method's best FID and the judge accuracy, precision and recall there) and
-draws every method's trade-off curves into docs/guidance_study.png (guided.plots, with its data
+draws every method's trade-off curves into docs/guidance_study.png (guided.evaluation.plots, with its data
 beside it). Reruns reuse finished sweeps.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def folder(sampler: str, method: str) -> Path:
 
 def run(sampler: str, method: str, n: int) -> Path:
     out = folder(sampler, method)
-    cmd = [sys.executable, "-m", "guided.sweep", *METHODS[method][0].split(), "--sampler", sampler,
+    cmd = [sys.executable, "-m", "guided.cli.sweep", *METHODS[method][0].split(), "--sampler", sampler,
            "--steps", STEPS[sampler], "--num-samples", str(n), "--batch-size", str(n), "--out", str(out)]
     print("$", " ".join(cmd[1:]), flush=True)
     log = out.parent / f"{out.name}.log"
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     for s in samplers:
         dirs = [str(folder(s, m)) for m, (_, which) in METHODS.items() if s in which]
         labels = ",".join(m.replace(",", "") for m, (_, which) in METHODS.items() if s in which)  # comma-separated
-        subprocess.run([sys.executable, "-m", "guided.plots", *dirs, "--out",
+        subprocess.run([sys.executable, "-m", "guided.evaluation.plots", *dirs, "--out",
                         str(ROOT / "docs" / f"guidance_study_{s.replace('+', 'p')}.png"), "--labels", labels],
                        cwd=ROOT, check=True)
     return 0

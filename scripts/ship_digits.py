@@ -24,7 +24,7 @@ SHIPPED = {  # asset name -> (run folder or weights file under --runs, which wei
 
 
 def main(argv=None) -> int:
-    from guided.checkpoints import ship
+    from guided.networks.checkpoints import ship
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=str(ROOT / "runs"))

@@ -27,14 +27,14 @@ def free_port() -> int:
 
 
 class DemoServer:
-    """`python -m guided.demo ARGS --port P` in a child process, ready once the page answers."""
+    """`python -m guided.cli.demo ARGS --port P` in a child process, ready once the page answers."""
 
     def __init__(self, *args, tmp: Path, timeout=120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(tmp / "gradio"))
         self.log = open(tmp / "demo.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "guided.demo", "--device", "cpu", "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "guided.cli.demo", "--device", "cpu", "--port",
                                       str(self.port), *args], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

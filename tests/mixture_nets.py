@@ -2,7 +2,7 @@
 
 Data p_0 = sum_k w_k N(m_k, S_k I) in D = 2 dimensions, stored as images [N, 2, 1, 1]. Under the
 VP diffusion of a table alphas_cumprod (log abar interpolated linearly between steps, as
-guided.sde.DiscreteVPSDE), x_t ~ sum_k w_k N(a m_k, (a^2 S_k + s^2) I), a^2 = abar, s^2 = 1 - abar,
+guided.diffusion.sde.DiscreteVPSDE), x_t ~ sum_k w_k N(a m_k, (a^2 S_k + s^2) I), a^2 = abar, s^2 = 1 - abar,
 so the eps network, the noise-aware classifier p(k | x_t) and the clean classifier are exact:
   MixtureEps        eps(x, t, y) = -s grad log p_t(x | y); y = K (the null class) or None: the mixture
   MixtureClassifier logits log w_k + log N_k(x_t) at timestep t (t = 0: the clean posterior)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided import adm
+from guided.networks import adm
 from guided.errors import GuidedError
 
 MANIFEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance" / "openai_checkpoint_manifest.json"

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided import checkpoints as ck
+from guided.networks import checkpoints as ck
 from guided.data import LabelMap
 from guided.errors import GuidedError
-from guided.unet import UNetModel
+from guided.networks.unet import UNetModel
 
 from conftest import tiny_config
 
@@ -17,7 +17,7 @@ from conftest import tiny_config
 @pytest.fixture
 def run_dir(tmp_path):
     """A run folder written by a real (tiny) training run: config, label map, 2 checkpoints, exports."""
-    from guided.train_diffusion_loop import train_diffusion
+    from guided.training.diffusion import train_diffusion
 
     cfg = tiny_config("diffusion", tmp_path / "run", "train.steps=2", "train.save_every=1")
     train_diffusion(cfg)

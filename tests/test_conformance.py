@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided import conformance
+from guided.evaluation import conformance
 from guided.errors import GuidedError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance"

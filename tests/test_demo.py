@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
-from guided.demo import (METHODS, PREVIEW_AT, available_methods, build_parser, grid, read_sweep, request, stream,
+from guided.cli.demo import (METHODS, PREVIEW_AT, available_methods, build_parser, grid, read_sweep, request, stream,
                          trajectory)
 from guided.errors import GuidedError
-from guided.generate import Pipeline, sample_batch, to_uint8
-from guided.unet import EncoderUNetModel, UNetModel
+from guided.generation.generate import Pipeline, sample_batch, to_uint8
+from guided.networks.unet import EncoderUNetModel, UNetModel
 
 
 def tiny_pipeline(channels=3, null_class=False, **extra):
@@ -207,7 +207,7 @@ def test_the_page_in_a_real_browser(tmp_path):
 
 
 def test_a_port_it_cannot_serve_on_is_one_line(capsys):
-    from guided.demo import main
+    from guided.cli.demo import main
 
     assert main(["--port", "70000"]) == 2
     assert capsys.readouterr().err == "error: --port must be a TCP port from 1 to 65535, got 70000\n"
@@ -226,7 +226,7 @@ def test_a_grey_model_on_the_page():
     """A one-channel model (the digits models are being retrained grey) shows grey grids."""
     _browser_or_skip()
     import demo_browser as web
-    from guided.demo import build_page, build_parser
+    from guided.cli.demo import build_page, build_parser
 
     args = build_parser().parse_args(["--steps", "10", "--num-samples", "3", "--class", "1", "--method", "none"])
     page, port = build_page(tiny_pipeline(channels=1), args, "cpu"), web.free_port()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from guided.config import DiffusionConfig, node
-from guided.diffusion import create_diffusion, named_beta_schedule, space_timesteps
+from guided.diffusion.gaussian import create_diffusion, named_beta_schedule, space_timesteps
 from guided.errors import GuidedError
-from guided.losses import (LossSecondMomentResampler, UniformSampler, discretized_gaussian_log_likelihood, normal_kl,
+from guided.diffusion.losses import (LossSecondMomentResampler, UniformSampler, discretized_gaussian_log_likelihood, normal_kl,
                            training_losses)
 
 

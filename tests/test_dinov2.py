@@ -13,8 +13,8 @@ import timm  # in the test extra: pip install -e ".[test]"
 import torch
 
 from guided.errors import GuidedError
-from guided.evaluate import evaluate, write_npz
-from guided.features import DINOV2_VITL14, DINOV2_WEIGHTS, DINOv2Features, dinov2_state_dict, get_extractor
+from guided.evaluation.evaluate import evaluate, write_npz
+from guided.evaluation.features import DINOV2_VITL14, DINOV2_WEIGHTS, DINOv2Features, dinov2_state_dict, get_extractor
 
 # A DINOv2-style ViT small enough for a CPU test: patch 14, LayerScale, a 4 x 4 training grid (56 px).
 TINY = {"model_name": "vit_large_patch14_dinov2", "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 56}

@@ -7,10 +7,10 @@ import torch
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
 from guided.errors import GuidedError
-from guided.generate import Pipeline, SampleOptions, generate, sample_batch
+from guided.generation.generate import Pipeline, SampleOptions, generate, sample_batch
 from guided.locks import OutputLock
-from guided.sampling import SampleNoise
-from guided.unet import EncoderUNetModel, UNetModel
+from guided.samplers.discrete import SampleNoise
+from guided.networks.unet import EncoderUNetModel, UNetModel
 
 
 def tiny_pipeline(image_size=8, classifier_size=8, num_classes=3):
@@ -73,7 +73,7 @@ def test_refuses_to_overwrite_and_resumes_finished_batches(tmp_path):
     # an interrupted run: one finished batch left in parts/, resumed with the same settings
     out = tmp_path / "resume"
     calls = []
-    import guided.generate as gen
+    import guided.generation.generate as gen
     real = gen.sample_batch
     gen.sample_batch = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
@@ -172,9 +172,9 @@ def test_noise_is_drawn_per_sample_on_the_sampling_device(device):
 def test_on_cuda_a_guided_sampling_loop_never_waits_for_the_device(sampler):
     """CUDA's sync debug mode raises at any synchronisation inside the loop (after a warm-up run: the
     first use of the schedule's tables copies them over once)."""
-    from guided.diffusion import create_diffusion
-    from guided.guidance import classifier_cond_fn
-    from guided.sampling import SAMPLERS
+    from guided.diffusion.gaussian import create_diffusion
+    from guided.guidance.terms import classifier_cond_fn
+    from guided.samplers.discrete import SAMPLERS
 
     p = tiny_pipeline()
     model, clf = p.model.cuda(), p.classifier.cuda()
@@ -208,7 +208,7 @@ def test_output_is_assembled_one_batch_at_a_time(tmp_path):
     more than a batch or two of the 15 MB of samples."""
     import tracemalloc
 
-    import guided.generate as gen
+    import guided.generation.generate as gen
 
     out, rng = tmp_path / "out", np.random.default_rng(0)
     (out / "parts").mkdir(parents=True)
@@ -234,7 +234,7 @@ def test_labels_and_seeds_are_planned_per_batch(tmp_path, monkeypatch):
     """A billion samples: nothing is planned up front, the first batch starts at once."""
     import tracemalloc
 
-    import guided.generate as gen
+    import guided.generation.generate as gen
 
     drawn = []
 

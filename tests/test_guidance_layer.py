@@ -14,13 +14,13 @@ import pytest
 import torch
 from scipy import integrate
 
-from guided.calibration import Calibration, calibrate, expected_calibration_error, fit_temperature
+from guided.guidance.calibration import Calibration, calibrate, expected_calibration_error, fit_temperature
 from guided.config import DiffusionConfig, node
-from guided.diffusion import create_diffusion
-from guided.generate import Pipeline, SampleOptions, guided_functions, sample_batch
-from guided.guidance import Guidance, Term, classifier_grad, vp_sigma
-from guided.score_sampling import geometric_sigmas
-from guided.sde import DiscreteVPSDE
+from guided.diffusion.gaussian import create_diffusion
+from guided.generation.generate import Pipeline, SampleOptions, guided_functions, sample_batch
+from guided.guidance.terms import Guidance, Term, classifier_grad, vp_sigma
+from guided.diffusion.ladder import geometric_sigmas
+from guided.diffusion.sde import DiscreteVPSDE
 from mixture_nets import LadderClassifier, MixtureClassifier, MixtureEps, MixtureNCSN
 
 DIFF = node(DiffusionConfig, dict(noise_schedule="cosine", variance="fixed_small"))

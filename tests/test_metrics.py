@@ -1,10 +1,10 @@
-"""The metric formulas of guided.metrics on features whose answers are known in closed form."""
+"""The metric formulas of guided.evaluation.metrics on features whose answers are known in closed form."""
 
 import numpy as np
 import pytest
 
 from guided.errors import GuidedError
-from guided.metrics import (feature_stats, frechet_distance, inception_score, manifold_radii,
+from guided.evaluation.metrics import (feature_stats, frechet_distance, inception_score, manifold_radii,
                             precision_recall)
 
 
@@ -106,14 +106,14 @@ def test_precision_recall_needs_k_plus_one_points():
 
 
 def test_summarize_over_seeds():
-    from guided.metrics import summarize
+    from guided.evaluation.metrics import summarize
     s = summarize([3.0, 1.0, 2.0])
     assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
     assert summarize([5.0])["std"] is None and summarize([])["n"] == 0
 
 
 def test_fd_count_warnings_thresholds():
-    from guided.metrics import fd_count_warnings
+    from guided.evaluation.metrics import fd_count_warnings
     assert fd_count_warnings("FID", 64, 1000, 1000) == []
     assert fd_count_warnings("FID", 2048, 1500, None)[0].startswith(
         "FID from 1500 samples (fewer than its 2048 feature dimensions")

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import torch
 
-from guided.checkpoints import load_trained
+from guided.networks.checkpoints import load_trained
 from guided.config import DiffusionConfig, node
-from guided.generate import Pipeline, SampleOptions, sample_batch
-from guided.score_sampling import geometric_sigmas
-from guided.train_classifier_loop import LadderNoise, train_classifier
-from guided.train_diffusion_loop import train_diffusion
+from guided.generation.generate import Pipeline, SampleOptions, sample_batch
+from guided.diffusion.ladder import geometric_sigmas
+from guided.training.classifier import LadderNoise, train_classifier
+from guided.training.diffusion import train_diffusion
 
 LADDER = ["train.ncsn_sigma_max=2.0", "train.ncsn_sigma_min=0.05", "train.ncsn_levels=4"]
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
-from guided.diffusion import create_diffusion
-from guided.guidance import Guidance, Term, classifier_cond_fn, classifier_grad
-from guided.nn import attention
-from guided.sampling import SampleNoise, ddim, ddpm
-from guided.unet import EncoderUNetModel, UNetModel
+from guided.diffusion.gaussian import create_diffusion
+from guided.guidance.terms import Guidance, Term, classifier_cond_fn, classifier_grad
+from guided.networks.nn import attention
+from guided.samplers.discrete import SampleNoise, ddim, ddpm
+from guided.networks.unet import EncoderUNetModel, UNetModel
 
 
 def unet(**kw):

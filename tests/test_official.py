@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from guided import adm
+from guided.networks import adm
 from guided.cli.sample import build_parser, load_pipeline, main, options
-from guided.conformance import LOOP_TOL, TOL, rel_error
-from guided.generate import SampleNoise, discrete_sampler, sample_batch, score_function, to_uint8
-from guided.sampling import ddim_step, ddpm_step
+from guided.evaluation.conformance import LOOP_TOL, TOL, rel_error
+from guided.generation.generate import SampleNoise, discrete_sampler, sample_batch, score_function, to_uint8
+from guided.samplers.discrete import ddim_step, ddpm_step
 
 GUIDED_A = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance" / "guided_a.pt"
 TINY_UNET = ("--image_size 8 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 --attention_resolutions 4 "
@@ -92,7 +92,7 @@ def test_settings_record_the_clip_and_it_changes_the_samples(tmp_path, capsys):
 def test_score_samplers_take_the_network_eps_unless_clip_guided():
     """pc and ode: s = -eps / sigma from the raw eps (the score-SDE reference); the clip re-derives
     eps from the clipped x0, which moves it only where x0 leaves [-1, 1]."""
-    from guided.generate import SampleOptions
+    from guided.generation.generate import SampleOptions
     from test_generate import tiny_pipeline
 
     p = tiny_pipeline()

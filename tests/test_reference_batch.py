@@ -1,13 +1,13 @@
-"""python -m guided.reference_batch: class-balanced reference batches in the paper's layout."""
+"""python -m guided.evaluation.reference_batch: class-balanced reference batches in the paper's layout."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from guided.data import center_crop_arr
 from guided.errors import GuidedError
-from guided.evaluate import evaluate, read_npz, stats_cache_path
-from guided.judge import digits_data, load_judge, split_indices
-from guided.reference_batch import balanced_plan, build_reference, main
+from guided.evaluation.evaluate import evaluate, read_npz, stats_cache_path
+from guided.evaluation.judge import digits_data, load_judge, split_indices
+from guided.evaluation.reference_batch import balanced_plan, build_reference, main
 
 
 def _png(path, array):

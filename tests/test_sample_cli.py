@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from guided.cli.sample import SHIPPED, main
-from guided.judge import load_judge
+from guided.evaluation.judge import load_judge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_a_sweep_writes_one_folder_per_scale(tmp_path, capsys):
 
 
 def test_mismatched_resolution_is_refused(tmp_path, capsys):
-    from guided import adm
+    from guided.networks import adm
     clf = adm.create_classifier("--image_size 32 --classifier_width 32 --classifier_depth 1 --channel_mult 1,2 "
                                 "--classifier_attention_resolutions 8 --num_classes 10")
     torch.save(clf.state_dict(), tmp_path / "clf32.pt")

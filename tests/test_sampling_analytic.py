@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from guided.config import DiffusionConfig, node
-from guided.diffusion import create_diffusion
-from guided.sampling import SAMPLERS, SampleNoise
+from guided.diffusion.gaussian import create_diffusion
+from guided.samplers.discrete import SAMPLERS, SampleNoise
 
 MU, S = torch.tensor([0.3, -0.2, 0.0, 0.5]), 0.2
 
@@ -93,9 +93,9 @@ def test_step_callback_sees_each_x0_prediction_and_changes_nothing(sampler, step
 def test_preview_reports_tweedies_x0_along_a_score_sampler():
     """generate.previewing: at each score evaluation of the pc sampler, the share of [T, eps] done
     and (x + sigma^2 s) / alpha, which for Gaussian data is exactly E[x0 | x_t]; pc's output unchanged."""
-    from guided.generate import previewing
-    from guided.score_sampling import pc_sampler
-    from guided.sde import VPSDE
+    from guided.generation.generate import previewing
+    from guided.samplers.continuous import pc_sampler
+    from guided.diffusion.sde import VPSDE
 
     sde = VPSDE()
 

@@ -21,12 +21,12 @@ import torch
 from scipy import integrate
 
 from guided.errors import GuidedError
-from guided.score import (cfg_score, classifier_grad_fn, eps_model_score, guided_score,
+from guided.samplers.score import (cfg_score, classifier_grad_fn, eps_model_score, guided_score,
                           ncsn_score, score_from_eps)
-from guided.score_sampling import (SCORE_SAMPLERS, annealed_langevin, dsm_loss,
+from guided.samplers.continuous import (SCORE_SAMPLERS, annealed_langevin, dsm_loss,
                                    geometric_sigmas, ncsn_loss, ode_likelihood, ode_sampler,
                                    pc_sampler, sdedit)
-from guided.sde import DiscreteVPSDE, SubVPSDE, VESDE, VPSDE, make_sde
+from guided.diffusion.sde import DiscreteVPSDE, SubVPSDE, VESDE, VPSDE, make_sde
 
 N, TOL = 4000, 0.1
 DT = torch.float64

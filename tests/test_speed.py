@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided import adm
-from guided.conformance import rel_error
-from guided.guidance import classifier_grad
+from guided.networks import adm
+from guided.evaluation.conformance import rel_error
+from guided.guidance.terms import classifier_grad
 from guided.speed import DeviceCopies, adamw, speed_up
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance"
@@ -62,8 +62,8 @@ def test_schedule_tables_are_copied_to_a_device_once():
     first use and reused, so no step copies from the host (on CUDA such a copy waits for the device).
     The meta device stands in for an accelerator here."""
     from guided.config import DiffusionConfig, node
-    from guided.diffusion import create_diffusion
-    from guided.sde import DiscreteVPSDE
+    from guided.diffusion.gaussian import create_diffusion
+    from guided.diffusion.sde import DiscreteVPSDE
 
     d = create_diffusion(node(DiffusionConfig, {}), "10")
     t = torch.tensor([9, 3], device="meta")
@@ -88,7 +88,7 @@ def test_fused_adamw_only_where_supported():
 def test_training_with_channels_last_follows_the_plain_run(tiny):
     """The same seed with the layout switch on makes the same updates up to float rounding. (Without
     dropout: its mask is drawn in memory order, so another layout draws another mask.)"""
-    from guided.train_diffusion_loop import train_diffusion
+    from guided.training.diffusion import train_diffusion
 
     run = lambda *extra: train_diffusion(tiny("diffusion", "model.dropout=0.0", *extra)).net.state_dict()  # noqa: E731
     init, plain, fast = run("train.steps=0"), run("train.steps=2"), run("train.steps=2", "train.channels_last=true")
@@ -103,7 +103,7 @@ def test_bf16_training_follows_the_fp32_loss_curve(tiny):
     """Mixed precision through Accelerate: the same seed in bf16 gives losses within bf16 noise."""
     import json
 
-    from guided.train_diffusion_loop import train_diffusion
+    from guided.training.diffusion import train_diffusion
 
     def losses(*extra):
         cfg = tiny("diffusion", "model.dropout=0.0", "train.steps=8", "train.log_every=1", *extra)
@@ -118,8 +118,8 @@ def test_bf16_training_follows_the_fp32_loss_curve(tiny):
 
 def test_bf16_guided_samples_match_fp32():
     """The shipped models and classifier, a few DDIM steps: bf16 follows fp32 to bf16 accuracy."""
-    from guided.checkpoints import load_trained
-    from guided.generate import Pipeline, SampleOptions, sample_batch
+    from guided.networks.checkpoints import load_trained
+    from guided.generation.generate import Pipeline, SampleOptions, sample_batch
 
     assets = Path(__file__).resolve().parents[1] / "guided" / "assets" / "digits"
     model, cfg, labels = load_trained(assets / "cond.pt")

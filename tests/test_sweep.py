@@ -1,4 +1,4 @@
-"""python -m guided.sweep on the shipped digits models: seeds and their spread, recorded settings that
+"""python -m guided.cli.sweep on the shipped digits models: seeds and their spread, recorded settings that
 keep rows from mixing, resuming and extending, one-line errors; and --class-sampling."""
 import json
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from guided.errors import GuidedError
-from guided.evaluate import read_npz
-from guided.generate import plan_labels
-from guided.sweep import main, parse_sweep
+from guided.evaluation.evaluate import read_npz
+from guided.generation.generate import plan_labels
+from guided.cli.sweep import main, parse_sweep
 
 FAST = ["--model", "cond", "--num-samples", "12", "--batch-size", "12", "--sampler", "ddim", "--steps", "3",
         "--device", "cpu"]
@@ -189,7 +189,7 @@ def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
     """One-channel models (the digits models are grey): samples are written as three equal channels, the
     paper's RGB layout, and so is the reference the sweep builds."""
     from conftest import tiny_config
-    from guided.checkpoints import build_network, export_weights
+    from guided.networks.checkpoints import build_network, export_weights
     cfg = tiny_config("diffusion", tmp_path / "run", "model.image_size=16", "data.image_size=16",
                       "model.in_channels=1", "data.channels=1")
     path = export_weights(tmp_path / "grey.pt", build_network("unet", cfg).state_dict(), kind="unet", cfg=cfg)
@@ -206,7 +206,7 @@ def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
 
 
 def test_an_interrupted_sweep_evaluates_the_samples_it_has(tmp_path, capsys, monkeypatch):
-    import guided.sweep as sweep_module
+    import guided.cli.sweep as sweep_module
     out = tmp_path / "s"
     assert run(capsys, *FAST, "--scales", "1", "--out", out)[0] == 0
     (out / "results.json").unlink()  # killed after sampling, before the row was written

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided import checkpoints as ck
+from guided.networks import checkpoints as ck
 from guided.cli.train import main_classifier, main_diffusion
 from guided.errors import GuidedError
-from guided.train_classifier_loop import train_classifier
-from guided.train_diffusion_loop import DiffusionTrainer, train_diffusion
+from guided.training.classifier import train_classifier
+from guided.training.diffusion import DiffusionTrainer, train_diffusion
 
 from conftest import TINY_CLASSIFIER, TINY_TRAIN, TINY_UNET, tiny_config
 
@@ -100,7 +100,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tiny, log_every):
 
 def with_fused_adamw(monkeypatch):
     """The trainers with a fused AdamW on the CPU: the optimizer they get on CUDA by default."""
-    import guided.training as training
+    import guided.training.trainer as training
 
     monkeypatch.setattr(training, "adamw", lambda params, *, lr, weight_decay, device, fused=True:
                         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True))

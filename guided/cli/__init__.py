@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from ..errors import GuidedError
+from guided.errors import GuidedError
 
 STOPPED_BY = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal number
 

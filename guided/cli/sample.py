@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import adm
-from ..errors import GuidedError
-from ..speed import speed_up
-from ..generate import Pipeline, SampleOptions, generate
-from ..locks import check_world_size
-from . import Parser, run_cli
+from guided.networks import adm
+from guided.errors import GuidedError
+from guided.speed import speed_up
+from guided.generation.generate import Pipeline, SampleOptions, generate
+from guided.locks import check_world_size
+from guided.cli import Parser, run_cli
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
 # The shipped digits models (guided/assets/digits/<file>.pt) and their sampling defaults.
@@ -132,7 +132,7 @@ interval.__name__ = "noise-level interval LO,HI (0 <= LO <= HI, HI may be inf)"
 
 def add_guidance_args(p, scale_default=1.0):
     """The guidance layer's terms (guided/guidance.py): every one with a scale and an active sigma interval."""
-    from ..guidance import SCHEDULES
+    from guided.guidance.terms import SCHEDULES
 
     g = p.add_argument_group("guidance (terms compose: their corrections add up; README 'Guidance')")
     g.add_argument("--scale", type=_number(float, 0.0), default=scale_default,
@@ -259,7 +259,7 @@ def official_flags(path: str, flags, option: str, classifier: bool):
     """The ADM flag string to build `path` with: `flags` as given, with a warning naming each
     difference from the published preset when `path` has a released file name; that preset
     (with a note) when no flags were given and no config of a run sits beside the file; else None."""
-    from ..checkpoints import config_beside
+    from guided.networks.checkpoints import config_beside
 
     name = adm.released_name(path)
     if name is None or flags and adm.is_classifier_name(name) != classifier:
@@ -276,13 +276,13 @@ def official_flags(path: str, flags, option: str, classifier: bool):
         what, right = ("classifier", "--classifier") if adm.is_classifier_name(name) else ("score model", "--model")
         raise GuidedError(f"{path} is the released {what} {name}: pass it as {right}")
     print(f"note: {path}: no {option} given, using the published flags of the released {name} "
-          f"(guided.adm.PUBLISHED)", file=sys.stderr)
+          f"(guided.networks.adm.PUBLISHED)", file=sys.stderr)
     return adm.PUBLISHED[name]
 
 
 def load_pipeline(args, device) -> Pipeline:
-    from ..checkpoints import load_trained, read_state_dict
-    from ..unet import EncoderUNetModel, UNetModel
+    from guided.networks.checkpoints import load_trained, read_state_dict
+    from guided.networks.unet import EncoderUNetModel, UNetModel
 
     shipped = args.model in SHIPPED_MODELS
     extra = {}
@@ -300,7 +300,7 @@ def load_pipeline(args, device) -> Pipeline:
         diffusion_cfg, train = run_cfg.diffusion, run_cfg.train
         extra = {"objective": train.objective}
         if train.objective == "ncsn":
-            from ..score_sampling import geometric_sigmas
+            from guided.diffusion.ladder import geometric_sigmas
             extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
     classifier = None
     defaults = SHIPPED_MODELS.get(args.model, {})
@@ -358,7 +358,7 @@ def shipped_path(spec: str) -> Path:
 
 def guide_network(args, option: str, defaults: dict, kind, what: str):
     """The network of --autoguide / --x0-classifier: as given, else the shipped model's default."""
-    from ..checkpoints import load_trained
+    from guided.networks.checkpoints import load_trained
 
     spec = getattr(args, option) or defaults.get(option)
     flag = "--" + option.replace("_", "-")
@@ -373,7 +373,7 @@ def guide_network(args, option: str, defaults: dict, kind, what: str):
 def _imagenet_labels(num_classes):
     if num_classes != 1000:
         return None
-    from ..data.labels import LabelMap, imagenet_classes
+    from guided.data.labels import LabelMap, imagenet_classes
     return LabelMap.from_keys(c.wnid for c in imagenet_classes())
 
 

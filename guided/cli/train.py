@@ -15,9 +15,9 @@ import importlib.resources
 import signal
 from pathlib import Path
 
-from ..config import load_config, to_yaml
-from ..errors import GuidedError
-from . import STOPPED_BY, Parser, run_cli
+from guided.config import load_config, to_yaml
+from guided.errors import GuidedError
+from guided.cli import STOPPED_BY, Parser, run_cli
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # a checkout; an install has guided/configs
 
@@ -64,9 +64,9 @@ def _main(kind: str, argv) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if kind == "diffusion":
-        from ..train_diffusion_loop import train_diffusion as train
+        from guided.training.diffusion import train_diffusion as train
     else:
-        from ..train_classifier_loop import train_classifier as train
+        from guided.training.classifier import train_classifier as train
     trainer = train(cfg, resume=args.resume)
     if trainer.status == "done":
         return 0

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from .data import build_dataset, shard_indices
-from .errors import GuidedError
-from .losses import UniformSampler
-from .score_sampling import geometric_sigmas
-from .train_utils import QuarterMeter, derive_seed
-from .training import Trainer
-from .unet import EncoderUNetModel
+from guided.data import build_dataset, shard_indices
+from guided.errors import GuidedError
+from guided.diffusion.losses import UniformSampler
+from guided.diffusion.ladder import geometric_sigmas
+from guided.training.meters import QuarterMeter, derive_seed
+from guided.training.trainer import Trainer
+from guided.networks.unet import EncoderUNetModel
 
 
 def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,7 +138,7 @@ class ClassifierTrainer(Trainer):
     def fit_calibration(self, order, gen, draws: int = 4):
         """A softmax temperature per band of timesteps (guided/calibration.py), fitted on half of the
         held-out images x_t and reported (accuracy, ECE before/after) on the other half; main process."""
-        from .calibration import calibrate
+        from guided.guidance.calibration import calibrate
 
         if not self.accel.is_main_process:
             return

@@ -1,7 +1,7 @@
 """Guidance sweeps: sample at each value of a guidance parameter over seeds, evaluate, tabulate, plot.
 
-    python -m guided.sweep --model uncond --scales 0,1,2,4,10 --seeds 3 --num-samples 1000 --out sweeps/uncond
-    python -m guided.sweep --model cond --sweep cfg_scale=1,2,4 --scale 0 --out sweeps/cfg
+    python -m guided.cli.sweep --model uncond --scales 0,1,2,4,10 --seeds 3 --num-samples 1000 --out sweeps/uncond
+    python -m guided.cli.sweep --model cond --sweep cfg_scale=1,2,4 --scale 0 --out sweeps/cfg
 
 The folder OUT is one experiment. OUT/settings.json records what every row was made with
 (models and their weights' digests, sampler, counts, classes, reference, feature space);
@@ -11,7 +11,7 @@ Samples go to OUT/<param>_<value>/seed_<s>/ (samples.npz, grid.png, settings.jso
 repetition j draws sample i with seed `seed + j * num_samples + i`, so repetitions share
 no noise and the first is the single-seed sweep. Metrics per run go to OUT/runs.csv; their
 mean, std, min and max over seeds per value to OUT/results.csv and OUT/results.json, and
-their curves to OUT/sweep.png (guided.plots; python -m guided.plots overlays sweeps).
+their curves to OUT/sweep.png (guided.evaluation.plots; python -m guided.evaluation.plots overlays sweeps).
 """
 from __future__ import annotations
 
@@ -27,17 +27,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .cli import Parser, run_cli
-from .cli.sample import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
+from guided.cli import Parser, run_cli
+from guided.cli.sample import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
                          interval, load_pipeline, options, parse_classes, processes)
-from .errors import GuidedError
-from .evaluate import METRICS, evaluate
-from .features import FEATURES, get_extractor
-from .generate import SampleOptions, generate, write_output
-from .metrics import summarize
-from .plots import label, plot_sweep
+from guided.errors import GuidedError
+from guided.evaluation.evaluate import METRICS, evaluate
+from guided.evaluation.features import FEATURES, get_extractor
+from guided.generation.generate import SampleOptions, generate, write_output
+from guided.evaluation.metrics import summarize
+from guided.evaluation.plots import label, plot_sweep
 
-DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.reference_batch digits
+DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.evaluation.reference_batch digits
 RESULT_FILES = ("settings.json", "results.json", "results.csv", "runs.csv", "sweep.png")
 
 
@@ -89,7 +89,7 @@ def parse_sweep(text: str) -> tuple[str, list]:
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="python -m guided.sweep", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m guided.cli.sweep", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     g = p.add_argument_group("the swept parameter")
     g.add_argument("--scales", type=_scales, default=None, help="classifier-guidance scales (default: 0,0.5,1,2,4,10)")
@@ -102,7 +102,7 @@ def build_parser() -> Parser:
     add_sampler_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--reference", default="digits",
-                   help="reference batch (.npz in the paper's layout; python -m guided.reference_batch makes one), or "
+                   help="reference batch (.npz in the paper's layout; python -m guided.evaluation.reference_batch makes one), or "
                         "'digits': 1,000 class-balanced training digits built into OUT")
     e.add_argument("--features", choices=FEATURES, default=None,
                    help="feature network (default: digits for the digits reference, else inception)")
@@ -257,10 +257,10 @@ def make_folder(out: Path) -> None:
 
 
 def reference_file(args, out: Path, settings: dict) -> Path:
-    """The reference batch; for 'digits', built into OUT by guided.reference_batch once."""
+    """The reference batch; for 'digits', built into OUT by guided.evaluation.reference_batch once."""
     if args.reference != "digits":
         return Path(args.reference)
-    from .reference_batch import build_reference, write_reference
+    from guided.evaluation.reference_batch import build_reference, write_reference
 
     r = settings["reference"]
     path = out / f"reference_digits_{r['image_size']}px_{r['channels']}ch.npz"

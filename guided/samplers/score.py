@@ -13,8 +13,8 @@ Each adapter is defined once, in this file.
 import torch
 
 from guided.errors import GuidedError
-from guided.guidance import classifier_grad
-from guided.sde import VESDE, expand_as
+from guided.guidance.terms import classifier_grad
+from guided.diffusion.sde import VESDE, expand_as
 
 
 def score_from_eps(eps_fn, sde):
@@ -87,7 +87,7 @@ def classifier_grad_fn(classifier, sde, y, grad=classifier_grad):
 
     Converts t to the classifier's timestep with `sde.model_time` and calls
     `grad(classifier, x, t_model, y)` (by default the project's one
-    `guided.guidance.classifier_grad`).
+    `guided.guidance.terms.classifier_grad`).
     """
     y = torch.as_tensor(y)
 

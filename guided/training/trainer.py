@@ -36,15 +36,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints as ck
-from .adm import load_state_dict_strict
-from .config import to_yaml
-from .data import build_dataset, infinite_batches
-from .diffusion import create_diffusion
-from .errors import GuidedError
-from .locks import check_world_size, first_rank, lock_folder
-from .speed import adamw, speed_up
-from .train_utils import QuarterMeter, derive_seed, flat_hparams
+from guided.networks import checkpoints as ck
+from guided.networks.adm import load_state_dict_strict
+from guided.config import to_yaml
+from guided.data import build_dataset, infinite_batches
+from guided.diffusion.gaussian import create_diffusion
+from guided.errors import GuidedError
+from guided.locks import check_world_size, first_rank, lock_folder
+from guided.speed import adamw, speed_up
+from guided.training.meters import QuarterMeter, derive_seed, flat_hparams
 
 
 def check_train_config(tc) -> None:

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion
-from .errors import GuidedError
+from guided.diffusion.gaussian import GaussianDiffusion
+from guided.errors import GuidedError
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Check the project against numbers produced by the paper's released code.
 
-    python -m guided.conformance ../shared/conformance/*.pt
+    python -m guided.evaluation.conformance ../shared/conformance/*.pt
 
 Each file (format: ../shared/conformance/README.md) holds flags, weights,
 inputs and reference outputs of one kind: `unet`, `classifier`, `schedule` or
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from . import adm
-from .diffusion import create_diffusion
-from .errors import GuidedError
-from .guidance import classifier_cond_fn, classifier_grad, condition_mean, condition_score
-from .losses import training_losses
-from .sampling import ddim, guided_p_mean_variance
+from guided.networks import adm
+from guided.diffusion.gaussian import create_diffusion
+from guided.errors import GuidedError
+from guided.guidance.terms import classifier_cond_fn, classifier_grad, condition_mean, condition_score
+from guided.diffusion.losses import training_losses
+from guided.samplers.discrete import ddim, guided_p_mean_variance
 
 TOL, LOOP_TOL = 1e-4, 1e-3
 METADATA = {"kind", "case", "description", "notes", "seed", "reference", "reference_commit", "torch_version"}
@@ -202,9 +202,9 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv=None) -> int:
-    from .cli import Parser  # one-line argparse errors, exit 2
+    from guided.cli import Parser  # one-line argparse errors, exit 2
 
-    p = Parser(prog="python -m guided.conformance", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m guided.evaluation.conformance", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="conformance .pt files")
     args = p.parse_args(argv)
     torch.set_grad_enabled(True)

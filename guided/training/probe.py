@@ -3,7 +3,7 @@
 Every `train.probe_every` steps the trainer draws `train.probe_samples` samples from
 its EMA weights (DPM-Solver++(2M), 25 quadratically spaced steps for eps models;
 annealed Langevin for NCSN models), class-balanced for a conditional model, and
-scores them with the independent digits judge (guided.judge, not a guidance
+scores them with the independent digits judge (guided.evaluation.judge, not a guidance
 classifier): the Frechet distance in the judge's 64-d feature space to the
 held-out digits (Heusel et al. 2017, eq. 6), the judge's accuracy on the asked
 class, and the mean pixel. The same distance between as many training digits and
@@ -23,8 +23,8 @@ PROBE_SEED = 1_000_003  # fixed: every probe of a run draws the same noise
 @functools.lru_cache(maxsize=4)
 def heldout_stats(image_size: int):
     """(mu, sigma) of the judge's pool features on the 297 held-out digits."""
-    from .judge import digits_data, load_judge, split_indices
-    from .metrics import feature_stats
+    from guided.evaluation.judge import digits_data, load_judge, split_indices
+    from guided.evaluation.metrics import feature_stats
 
     images, _ = digits_data(image_size)
     return feature_stats(load_judge(image_size).extract(images[split_indices()[1]])["pool"])
@@ -32,8 +32,8 @@ def heldout_stats(image_size: int):
 
 def judge_fid(images: np.ndarray) -> float:
     """Judge-space Frechet distance of uint8 NHWC images to the held-out digits."""
-    from .judge import load_judge
-    from .metrics import feature_stats, frechet_distance
+    from guided.evaluation.judge import load_judge
+    from guided.evaluation.metrics import feature_stats, frechet_distance
 
     size = images.shape[1]
     mu, sigma = feature_stats(load_judge(size).extract(images)["pool"])
@@ -42,7 +42,7 @@ def judge_fid(images: np.ndarray) -> float:
 
 def fid_floor(image_size: int, n: int, seed: int = 0) -> float:
     """The judge-space distance of n real training digits (drawn without replacement) to the held-out ones."""
-    from .judge import digits_data, split_indices
+    from guided.evaluation.judge import digits_data, split_indices
 
     images, _ = digits_data(image_size)
     train = split_indices()[0]
@@ -53,8 +53,8 @@ def fid_floor(image_size: int, n: int, seed: int = 0) -> float:
 def probe(pipeline, n: int, device="cpu", batch_size: int = 300, null: bool = False) -> dict:
     """Sample n images from `pipeline` and score them: probe_fid, probe_acc (conditional), probe_mean_pixel.
     null: sample a label-dropout model's null class (its unconditional score) instead."""
-    from .generate import SampleOptions, plan_labels, sample_batch, to_uint8
-    from .judge import load_judge
+    from guided.generation.generate import SampleOptions, plan_labels, sample_batch, to_uint8
+    from guided.evaluation.judge import load_judge
 
     conditional = pipeline.model.num_classes is not None and not null
     labels = plan_labels(list(range(10)) if conditional else [], n)

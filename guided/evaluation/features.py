@@ -9,7 +9,7 @@ grey) to a dict of float numpy arrays:
 
 Three implementations: `InceptionFeatures`, the FID Inception-v3 network the ADM paper
 evaluates with (through torch-fidelity); `DINOv2Features`, DINOv2 ViT-L/14 (through
-timm) for FD-DINOv2 as EDM2 reports it; and the digits judge of `guided.judge`, a small
+timm) for FD-DINOv2 as EDM2 reports it; and the digits judge of `guided.evaluation.judge`, a small
 independent classifier for the embedded 8x8-digits data set. Weights are never
 downloaded: a missing file is one line that says where to put it.
 """
@@ -211,7 +211,7 @@ def dinov2_state_dict(state, net):
 
 def _read_weights(path):
     if not str(path).endswith(".safetensors"):
-        from guided.checkpoints import read_state_dict
+        from guided.networks.checkpoints import read_state_dict
         return read_state_dict(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -239,7 +239,7 @@ class DINOv2Features(FeatureExtractor):
             import timm
         except ImportError:
             raise GuidedError('FD-DINOv2 needs timm: pip install -e ".[dinov2]" (or pip install timm)') from None
-        from guided.adm import load_state_dict_strict
+        from guided.networks.adm import load_state_dict_strict
 
         path = find_weights(DINOV2_WEIGHTS, weights_path)
         net = timm.create_model(pretrained=False, num_classes=0, **arch)
@@ -273,6 +273,6 @@ def get_extractor(kind="inception", image_size=None, inception_weights=None, dev
     if kind == "dinov2":
         return DINOv2Features(dinov2_weights, device=device)
     if kind == "digits":
-        from guided.judge import load_judge
+        from guided.evaluation.judge import load_judge
         return load_judge(image_size or 16)
     raise GuidedError(f"unknown feature extractor {kind!r}; use one of {', '.join(FEATURES)}")

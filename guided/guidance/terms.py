@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import GuidedError
-from .speed import DeviceCopies
+from guided.errors import GuidedError
+from guided.speed import DeviceCopies
 
 CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIXING, GRADIENT = ("cfg", "autoguide"), ("classifier", "x0_classifier")
@@ -94,7 +94,7 @@ def condition_score(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, grad
 # -- noise levels ---------------------------------------------------------------------------------
 def vp_sigma(alphas_cumprod) -> Callable[[torch.Tensor], torch.Tensor]:
     """sigma(t) = sqrt((1 - abar_t) / abar_t) of a VP model at (possibly fractional) original timesteps,
-    log abar interpolated linearly between steps as guided.sde.DiscreteVPSDE does."""
+    log abar interpolated linearly between steps as guided.diffusion.sde.DiscreteVPSDE does."""
     log_abar, on_device = torch.as_tensor(alphas_cumprod, dtype=torch.float64).log().float(), DeviceCopies()
 
     def sigma_of(t):

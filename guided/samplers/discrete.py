@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import GaussianDiffusion
-from .errors import GuidedError
-from .guidance import condition_mean, condition_score
+from guided.diffusion.gaussian import GaussianDiffusion
+from guided.errors import GuidedError
+from guided.guidance.terms import condition_mean, condition_score
 
 
 class SampleNoise:

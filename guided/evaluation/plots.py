@@ -1,6 +1,6 @@
 """Figures of guidance sweeps, and the data behind them.
 
-    python -m guided.plots SWEEP_DIR [SWEEP_DIR ...] --out tradeoff.png [--labels A,B,...]
+    python -m guided.evaluation.plots SWEEP_DIR [SWEEP_DIR ...] --out tradeoff.png [--labels A,B,...]
 
 `tradeoff` draws the paper's trade-off figures (Dhariwal & Nichol 2021, fig. 5: varying
 the classifier scale): precision against recall, and FID against Inception Score, one
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import GuidedError
+from guided.errors import GuidedError
 
 NAMES = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "sfid": "sFID", "inception_score": "Inception Score",
          "precision": "precision", "recall": "recall", "judge_accuracy": "judge accuracy"}
@@ -32,7 +32,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from .generate import write_output
+    from guided.generation.generate import write_output
 
     write_output(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
     _pyplot().close(fig)
@@ -77,16 +77,16 @@ def plot_sweep(path: Path, results: dict) -> None:
 
 
 def load_sweep(folder) -> dict:
-    """results.json of a sweep folder (guided.sweep), with its folder."""
+    """results.json of a sweep folder (guided.cli.sweep), with its folder."""
     f = Path(folder) / "results.json"
     try:
         data = json.loads(f.read_text())
     except FileNotFoundError:
-        raise GuidedError(f"{folder} holds no results.json: not a finished sweep of python -m guided.sweep") from None
+        raise GuidedError(f"{folder} holds no results.json: not a finished sweep of python -m guided.cli.sweep") from None
     except (OSError, ValueError) as e:
         raise GuidedError(f"cannot read {f}: {e}") from None
     if not isinstance(data, dict) or "summary" not in data or not data["summary"]:
-        raise GuidedError(f"{f} is not the results of python -m guided.sweep (rerun the sweep to update it)")
+        raise GuidedError(f"{f} is not the results of python -m guided.cli.sweep (rerun the sweep to update it)")
     return dict(data, folder=str(folder))
 
 
@@ -166,7 +166,7 @@ def _draw_tradeoff(out: Path, rows: list[dict], labels: list[str], panels, featu
 
 
 def _write_data(out: Path, rows: list[dict], warnings: list[str]) -> None:
-    from .generate import write_output
+    from guided.generation.generate import write_output
 
     fields = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO()
@@ -179,10 +179,10 @@ def _write_data(out: Path, rows: list[dict], warnings: list[str]) -> None:
 
 
 def _parser():
-    from .cli import Parser
+    from guided.cli import Parser
 
-    p = Parser(prog="python -m guided.plots", description=__doc__.split("\n\n")[0])
-    p.add_argument("sweeps", nargs="+", help="sweep folders of python -m guided.sweep (one per method)")
+    p = Parser(prog="python -m guided.evaluation.plots", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweeps", nargs="+", help="sweep folders of python -m guided.cli.sweep (one per method)")
     p.add_argument("--out", default="tradeoff.png", help="the figure; its data go beside it as .csv and .json")
     p.add_argument("--labels", default=None, help="comma list of method names (default: the folder names)")
     return p
@@ -198,7 +198,7 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import run_cli
+    from guided.cli import run_cli
 
     return run_cli(_run, _parser().parse_args(argv))
 

@@ -1,6 +1,6 @@
 """Sample-quality metrics on feature arrays: FID, sFID, IS, improved precision/recall.
 
-Pure math on numpy arrays; which network makes the features is `guided.features`'
+Pure math on numpy arrays; which network makes the features is `guided.evaluation.features`'
 business. Every formula follows the evaluation suite of the ADM paper
 (Dhariwal & Nichol 2021, openai/guided-diffusion `evaluations/evaluator.py`):
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import GuidedError
-from .speed import DeviceCopies
+from guided.errors import GuidedError
+from guided.speed import DeviceCopies
 
 VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
 LOSSES = ("mse", "rescaled_mse", "kl", "rescaled_kl")

@@ -2,7 +2,7 @@
 
     guided-demo                                   # the shipped digits models, http://127.0.0.1:7860
     guided-demo --model uncond --class 7 --scale 10
-    python -m guided.demo --model runs/imagenet64 --classifier runs/imagenet64_clf --sweep sweeps/in64
+    python -m guided.cli.demo --model runs/imagenet64 --classifier runs/imagenet64_clf --sweep sweeps/in64
 
 The model flags are sample_guided.py's (any model it accepts); the sampler flags set the page's
 starting values. The page has two tabs: "Generate" draws a grid and shows the denoised
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import Parser, run_cli
-from .cli.sample import (ADAPTIVE, SAMPLER_NAMES, _number, add_guidance_args, add_model_args, add_sampler_args,
+from guided.cli import Parser, run_cli
+from guided.cli.sample import (ADAPTIVE, SAMPLER_NAMES, _number, add_guidance_args, add_model_args, add_sampler_args,
                          check_device, default_device, load_pipeline, options, parse_classes)
-from .errors import GuidedError
-from .generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
-from .generate import to_uint8
+from guided.errors import GuidedError
+from guided.generation.generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
+from guided.generation.generate import to_uint8
 
 # The guidance methods of the page: name -> the SampleOptions fields it sets from the page's scale
 # (guided/guidance.py). The page lists those the pipeline has the networks for.
@@ -193,10 +193,10 @@ def read_sweep(folder):
 
     folder = Path(str(folder).strip()).expanduser()
     if not folder.is_dir():
-        raise GuidedError(f"{folder} is not a folder; give a sweep folder (python -m guided.sweep --out FOLDER)")
+        raise GuidedError(f"{folder} is not a folder; give a sweep folder (python -m guided.cli.sweep --out FOLDER)")
     table = folder / "results.csv"
     if not table.is_file():
-        raise GuidedError(f"{folder} holds no results.csv; write one with python -m guided.sweep --out {folder}")
+        raise GuidedError(f"{folder} holds no results.csv; write one with python -m guided.cli.sweep --out {folder}")
     with open(table, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_write
-from .diffusion import create_diffusion
-from .errors import GuidedError
-from .guidance import Guidance, Term, ladder_sigma, vp_denoiser, vp_sigma
-from .locks import first_rank, lock_folder
-from .sampling import SAMPLERS, SampleNoise
+from guided.networks.checkpoints import atomic_write
+from guided.diffusion.gaussian import create_diffusion
+from guided.errors import GuidedError
+from guided.guidance.terms import Guidance, Term, ladder_sigma, vp_denoiser, vp_sigma
+from guided.locks import first_rank, lock_folder
+from guided.samplers.discrete import SAMPLERS, SampleNoise
 
 
 @dataclass
@@ -234,8 +234,8 @@ def score_function(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     """(score_fn, sde) of the pipeline: s(x, t) = grad log p_t(x), guided when asked.
     An eps network is a score model of the VP SDE of its own discrete schedule; an
     NCSN network one of the VE SDE spanning its noise ladder."""
-    from .score import LadderTime, guided_score, ncsn_score, score_from_eps
-    from .sde import VESDE, VPSDE
+    from guided.samplers.score import LadderTime, guided_score, ncsn_score, score_from_eps
+    from guided.diffusion.sde import VESDE, VPSDE
 
     model_fn, cond_fn = guided_functions(p, y, opts)
     if p.objective == "ncsn":
@@ -256,7 +256,7 @@ def clipped_eps(model_fn, sde, x, t, clip: bool):
     the x0 prediction clipped to [-1, 1], as the discrete samplers' clip_denoised does. Without it
     (the score-SDE reference's arithmetic), where alpha_t is tiny (the start of a cosine schedule)
     an eps error of e moves x0 by e sigma_t / alpha_t."""
-    from .sde import expand_as
+    from guided.diffusion.sde import expand_as
 
     eps = model_fn(x, sde.model_time(t))[:, :x.shape[1]]
     if not clip:
@@ -270,7 +270,7 @@ def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, devi
                         init=None, x_T=None, preview=None) -> torch.Tensor:
     """The score-SDE samplers (Song et al. 2021; Song & Ermon 2019) over the pipeline's score;
     SDEdit (Meng et al. 2022) runs the reverse SDE from t0 with the pc sampler."""
-    from . import score_sampling as ss
+    from guided.samplers import continuous as ss
 
     device = torch.device(device)
     y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
@@ -304,7 +304,7 @@ def sample_score_family(p: Pipeline, labels, seeds, opts: SampleOptions, *, devi
 def previewing(score, sde, preview):
     """The score, also reporting at each evaluation the share of [T, eps] done and Tweedie's
     denoised estimate E[x0 | x_t] = (x_t + sigma_t^2 s(x_t, t)) / alpha_t (Efron 2011)."""
-    from .sde import expand_as
+    from guided.diffusion.sde import expand_as
 
     def score_fn(x, t):
         s = score(x, t)

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import ClassifierConfig, DiffusionConfig, UNetConfig, node
-from .errors import GuidedError
-from .unet import EncoderUNetModel, UNetModel
+from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
+from guided.errors import GuidedError
+from guided.networks.unet import EncoderUNetModel, UNetModel
 
 NUM_CLASSES = 1000
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import GuidedError
+from guided.errors import GuidedError
 
 MIN_ERRORS = 10  # misclassified fitting examples a band needs for its temperature to be fitted
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import GuidedError
-from .losses import create_schedule_sampler, training_losses
-from .training import Trainer
-from .unet import UNetModel
+from guided.errors import GuidedError
+from guided.diffusion.losses import create_schedule_sampler, training_losses
+from guided.training.trainer import Trainer
+from guided.networks.unet import UNetModel
 
 OBJECTIVES = ("eps", "vp_dsm", "ncsn")
 
@@ -71,11 +71,11 @@ class DiffusionTrainer(Trainer):
         if objective == "eps":
             terms = training_losses(self.diffusion, net, b["x"], b["t"], b["noise"])
             return (terms["loss"] * b["weights"]).mean(), terms
-        from . import score_sampling as ss  # the score-based objectives
+        from guided.samplers import continuous as ss  # the score-based objectives
 
         if objective == "vp_dsm":
-            from .score import eps_model_score
-            from .sde import DiscreteVPSDE
+            from guided.samplers.score import eps_model_score
+            from guided.diffusion.sde import DiscreteVPSDE
 
             sde = DiscreteVPSDE(self.diffusion.alphas_cumprod)
             loss = ss.dsm_loss(eps_model_score(net, sde), sde, b["x"], reduce="mean", generator=self.noise_gen)
@@ -90,14 +90,14 @@ class DiffusionTrainer(Trainer):
         if self.cfg.data.kind != "digits" or not self.ema:
             return
         if self.accel.is_main_process:
-            from .generate import Pipeline
-            from .probe import fid_floor, probe
+            from guided.generation.generate import Pipeline
+            from guided.training.probe import fid_floor, probe
 
             net = UNetModel(self.cfg.model).to(self.device).eval()
             net.load_state_dict(next(iter(self.ema_state_dicts().values())))
             tc, sigmas = self.cfg.train, None
             if tc.objective == "ncsn":
-                from .score_sampling import geometric_sigmas
+                from guided.diffusion.ladder import geometric_sigmas
                 sigmas = geometric_sigmas(tc.ncsn_sigma_max, tc.ncsn_sigma_min, tc.ncsn_levels).float()
             pipe = Pipeline(net, self.cfg.diffusion, label_map=self.label_map, objective=tc.objective,
                             ncsn_sigmas=sigmas)

@@ -19,11 +19,12 @@ from scipy import integrate
 from tqdm.auto import tqdm
 
 from guided.errors import GuidedError
-from guided.sde import VESDE, expand_as
+from guided.diffusion.ladder import geometric_sigmas
+from guided.diffusion.sde import VESDE, expand_as
 
 
 def _randn(x, generator):
-    if hasattr(generator, "randn_like"):  # one generator per sample (guided.sampling.SampleNoise)
+    if hasattr(generator, "randn_like"):  # one generator per sample (guided.samplers.discrete.SampleNoise)
         return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -240,14 +241,6 @@ def ode_likelihood(score_fn, sde, x, *, unit="bpd", hutchinson="rademacher", rto
     if unit == "nats":
         return nll
     return nll / (x[0].numel() * math.log(2)) + 7.0
-
-
-def geometric_sigmas(sigma_max, sigma_min, L):
-    """NCSN's noise ladder: L levels from sigma_max down to sigma_min with a
-    constant ratio ([NCSN] Sec. 4.2). float64 tensor [L]."""
-    if not 0 < sigma_min < sigma_max or not isinstance(L, int) or L < 2:
-        raise GuidedError("geometric_sigmas needs 0 < sigma_min < sigma_max and an integer L >= 2")
-    return torch.linspace(math.log(sigma_max), math.log(sigma_min), L, dtype=torch.float64).exp()
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .nn import (AttentionBlock, AttentionPool2d, Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential,
+from guided.networks.nn import (AttentionBlock, AttentionPool2d, Downsample, GroupNorm32, ResBlock, TimestepEmbedSequential,
                  Upsample, timestep_embedding, zero_module)
 
 

@@ -1,6 +1,6 @@
 """Reference batches in the paper's layout, from an image folder or the digits set.
 
-    python -m guided.reference_batch DATA --image-size N --num-samples K --out REF.npz
+    python -m guided.evaluation.reference_batch DATA --image-size N --num-samples K --out REF.npz
         [--channels 3|1] [--classes ...] [--seed 0] [--features auto|inception|dinov2|digits|none]
 
 DATA is an ImageNet-layout folder (root/<wnid>/*.JPEG), a flat folder whose class is the
@@ -15,7 +15,7 @@ The file holds what the paper's published batches hold for the evaluator: `arr_0
 K x N x N x C, and here also `arr_1`, the int64 labels (indices into the sorted class keys,
 as the trainers number them). The published ones also carry Inception statistics over the
 whole training set (mu, sigma, mu_s, sigma_s); these statistics are over the batch itself and
-cached beside it (REF.<features>.stats.npz, as guided.evaluate caches them), which is what the
+cached beside it (REF.<features>.stats.npz, as guided.evaluation.evaluate caches them), which is what the
 paper's evaluator computes for a batch without them.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import build_dataset
-from .errors import GuidedError
-from .evaluate import NpzImages, reference_features, write_npz
-from .features import FEATURES, get_extractor
+from guided.data import build_dataset
+from guided.errors import GuidedError
+from guided.evaluation.evaluate import NpzImages, reference_features, write_npz
+from guided.evaluation.features import FEATURES, get_extractor
 
 
 def balanced_plan(labels, num_samples: int, seed: int = 0) -> list[tuple[int, np.ndarray, int]]:
@@ -96,9 +96,9 @@ def write_reference(out: Path, images, labels, *, overwrite=False, extractor=Non
 
 
 def _parser():
-    from .cli import Parser
+    from guided.cli import Parser
 
-    p = Parser(prog="python -m guided.reference_batch", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m guided.evaluation.reference_batch", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="an image folder (ImageNet layout or flat <class>_*.png), or 'digits'")
     p.add_argument("--image-size", type=int, required=True, help="output height = width, e.g. 64, 256, 16")
     p.add_argument("--num-samples", type=int, default=10_000, help="images in the batch (default: 10,000, "
@@ -111,8 +111,8 @@ def _parser():
     p.add_argument("--features", choices=("auto", *FEATURES, "none"), default="auto",
                    help="cache the reference statistics in this feature space (auto: digits for the digits set, "
                         "else inception; none: skip)")
-    p.add_argument("--inception-weights", metavar="PATH", help="see python -m guided.evaluate --help")
-    p.add_argument("--dinov2-weights", metavar="PATH", help="see python -m guided.evaluate --help")
+    p.add_argument("--inception-weights", metavar="PATH", help="see python -m guided.evaluation.evaluate --help")
+    p.add_argument("--dinov2-weights", metavar="PATH", help="see python -m guided.evaluation.evaluate --help")
     p.add_argument("--device", default=None, help="torch device for the feature network")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
@@ -143,7 +143,7 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .cli import run_cli
+    from guided.cli import run_cli
 
     return run_cli(_run, _parser().parse_args(argv))
 

@@ -1,12 +1,12 @@
 """Evaluate a sample batch against a reference batch: FID, sFID, IS, precision, recall.
 
-    python -m guided.evaluate SAMPLES.npz [SAMPLES2.npz ...] REFERENCE.npz
+    python -m guided.evaluation.evaluate SAMPLES.npz [SAMPLES2.npz ...] REFERENCE.npz
         [--features inception|dinov2|digits] [--inception-weights PATH] [--dinov2-weights PATH]
         [--batch-size N] [--json OUT]
 
 The files use the ADM paper's layout: `arr_0` uint8 N x H x W x C (C = 3, or 1),
 optional `arr_1` integer labels. The metrics are those of openai/guided-diffusion's
-`evaluations/evaluator.py` (see guided.metrics), plus FD-DINOv2; each is printed with the
+`evaluations/evaluator.py` (see guided.evaluation.metrics), plus FD-DINOv2; each is printed with the
 sample count behind it, and distances from too few images come with a warning. Several
 sample files (one per seed) also give the mean, std, min and max of every metric.
 Reference features and statistics are cached next to the reference file as
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guided.checkpoints import atomic_write
+from guided.networks.checkpoints import atomic_write
 from guided.errors import GuidedError
-from guided.features import FEATURES, compute_features, get_extractor
-from guided.metrics import (fd_count_warnings, feature_stats, frechet_distance, inception_score, precision_recall,
+from guided.evaluation.features import FEATURES, compute_features, get_extractor
+from guided.evaluation.metrics import (fd_count_warnings, feature_stats, frechet_distance, inception_score, precision_recall,
                             summarize)
 
 CACHE_VERSION = 1
@@ -222,7 +222,7 @@ def evaluate(samples_npz, reference_npz, extractor="inception", *, inception_wei
     """FD (FID in Inception space), sFID, Inception Score, precision and recall of samples
     against a reference batch.
 
-    `extractor`: "inception", "dinov2", "digits" or a `guided.features.FeatureExtractor`
+    `extractor`: "inception", "dinov2", "digits" or a `guided.evaluation.features.FeatureExtractor`
     (pass one object to score many batches without reloading the network). Returns a dict
     with the distance under the extractor's `fd_key` (fid, fd_dinov2), sfid and
     inception_score where the extractor has spatial features and class probabilities,
@@ -311,7 +311,7 @@ def format_summary(runs, names):
 def _parser():
     from guided.cli import Parser  # one-line argparse errors, exit 2
 
-    p = Parser(prog="python -m guided.evaluate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m guided.evaluation.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("samples", nargs="+", help="sample batch .npz (arr_0: uint8 N x H x W x C); several files "
                                               "(one per seed) also give the mean, std, min and max")
     p.add_argument("reference", help="reference batch .npz; statistics are cached next to it")

@@ -33,9 +33,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
-from .config import load_config, merge, structured, to_yaml
-from .errors import GuidedError
+from guided.networks.adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
+from guided.config import load_config, merge, structured, to_yaml
+from guided.errors import GuidedError
 
 CKPT_FORMAT, WEIGHTS_FORMAT = "guided-checkpoint", "guided-weights"
 _UMASK = os.umask(0o022)
@@ -255,7 +255,7 @@ def _config_for(path: Path, embedded: str | None, kind: str):
 
 
 def _label_map_for(path: Path, embedded: dict | None):
-    from .data import LabelMap
+    from guided.data import LabelMap
 
     side = _beside(path, [f"{path.stem}.labels.json", "label_map.json"])
     if side is not None:
@@ -340,7 +340,7 @@ def ship(path_or_dir, out: str | Path, which: str | None = None, dtype: str = "f
 
 
 def build_network(kind: str, cfg):
-    from .unet import EncoderUNetModel, UNetModel
+    from guided.networks.unet import EncoderUNetModel, UNetModel
 
     try:
         return UNetModel(cfg.model) if kind == "unet" else EncoderUNetModel(cfg.classifier)
@@ -362,6 +362,6 @@ def load_trained(path_or_dir, which: str | None = None, device="cpu"):
     load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in w["state_dict"].items()},
                            what=f"weights {path}")
     if w.get("calibration"):  # a classifier's temperatures per noise band (guided/calibration.py)
-        from .calibration import Calibration
+        from guided.guidance.calibration import Calibration
         model.calibration = Calibration.from_dict(w["calibration"])
     return model.to(device).eval(), cfg, label_map
