@@ -76,7 +76,7 @@ def files(tmp_path_factory):
 def _damaged_weights(d: Path) -> None:
     """The shipped models with one NaN / inf weight, and a 3-class classifier for the 10-class digits."""
     from guided.networks import checkpoints as ck
-    from guided.cli.sample import SHIPPED
+    from guided.generation.loading import SHIPPED
     from guided.config import load_config
     from guided.networks.unet import EncoderUNetModel
 

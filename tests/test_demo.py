@@ -13,7 +13,7 @@ from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
 from guided.cli.demo import (METHODS, PREVIEW_AT, available_methods, build_parser, grid, read_sweep, request, stream,
                          trajectory)
 from guided.errors import GuidedError
-from guided.generation.generate import Pipeline, sample_batch, to_uint8
+from guided.generation import Pipeline, sample_batch, to_uint8
 from guided.networks.unet import EncoderUNetModel, UNetModel
 
 
@@ -151,7 +151,7 @@ def test_the_page_in_a_real_browser(tmp_path):
     from omegaconf import OmegaConf
 
     import demo_browser as web
-    from guided.cli.sample import SHIPPED
+    from guided.generation.loading import SHIPPED
 
     size = OmegaConf.load(SHIPPED / "cond.yaml").model.image_size
     server = web.DemoServer("--steps", "10", "--num-samples", "4", tmp=tmp_path)

@@ -310,7 +310,7 @@ def test_a_sample_write_that_fails_keeps_finished_batches(tmp_path, monkeypatch,
                                   f"device; the previous files are untouched"), line
     parts = sorted(p.name for p in (out / "parts").iterdir())
     assert parts == ["batch-00000000.npz", "plan.json"] and not (out / ".lock").exists()
-    import guided.generation.generate as gen
+    import guided.generation.writer as gen
     drawn, real_batch = [], gen.sample_batch
     with monkeypatch.context() as m:
         m.setattr(gen, "sample_batch", lambda p, labels, seeds, *a, **k: (drawn.append(list(seeds)),
@@ -529,7 +529,7 @@ def test_sigterm_stops_sampling_with_a_message_and_frees_its_lock(tmp_path):
 # -- 7. non-finite samples --------------------------------------------------------------------------
 def test_non_finite_samples_are_an_error_that_keeps_the_finished_batches(tmp_path, monkeypatch, capsys,
                                                                          reference_samples):
-    import guided.generation.generate as gen
+    import guided.generation.writer as gen
 
     out = tmp_path / "out"
     argv = SAMPLE_ARGS + ["--batch-size", "2", "--out", str(out), "--device", "cpu"]

@@ -1,4 +1,5 @@
 """The guided-generation library: seeds, batches, npz layout, resume, refusals."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
 from guided.errors import GuidedError
-from guided.generation.generate import Pipeline, SampleOptions, generate, sample_batch
+from guided.generation import Pipeline, SampleOptions, generate, sample_batch
 from guided.locks import OutputLock
 from guided.samplers.discrete import SampleNoise
 from guided.networks.unet import EncoderUNetModel, UNetModel
@@ -73,7 +74,7 @@ def test_refuses_to_overwrite_and_resumes_finished_batches(tmp_path):
     # an interrupted run: one finished batch left in parts/, resumed with the same settings
     out = tmp_path / "resume"
     calls = []
-    import guided.generation.generate as gen
+    import guided.generation.writer as gen
     real = gen.sample_batch
     gen.sample_batch = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
@@ -174,7 +175,8 @@ def test_on_cuda_a_guided_sampling_loop_never_waits_for_the_device(sampler):
     first use of the schedule's tables copies them over once)."""
     from guided.diffusion.gaussian import create_diffusion
     from guided.guidance.terms import classifier_cond_fn
-    from guided.samplers.discrete import SAMPLERS
+    from guided.samplers.discrete import ddim, ddpm, dpmpp_2m
+    SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpmpp_2m}
 
     p = tiny_pipeline()
     model, clf = p.model.cuda(), p.classifier.cuda()
@@ -198,7 +200,7 @@ def test_a_sampler_the_model_cannot_serve_is_refused():
     p = tiny_pipeline()
     with pytest.raises(GuidedError, match="needs an NCSN model"):
         sample_batch(p, [0], [0], SampleOptions(sampler="langevin"))
-    p.objective, p.ncsn_sigmas = "ncsn", torch.tensor([1.0, 0.1])
+    p = dataclasses.replace(p, objective="ncsn", ncsn_sigmas=torch.tensor([1.0, 0.1]))
     with pytest.raises(GuidedError, match="NCSN model .* cannot use the ddim sampler"):
         sample_batch(p, [0], [0], SampleOptions(sampler="ddim"))
 
@@ -208,7 +210,7 @@ def test_output_is_assembled_one_batch_at_a_time(tmp_path):
     more than a batch or two of the 15 MB of samples."""
     import tracemalloc
 
-    import guided.generation.generate as gen
+    import guided.generation.writer as gen
 
     out, rng = tmp_path / "out", np.random.default_rng(0)
     (out / "parts").mkdir(parents=True)
@@ -234,7 +236,7 @@ def test_labels_and_seeds_are_planned_per_batch(tmp_path, monkeypatch):
     """A billion samples: nothing is planned up front, the first batch starts at once."""
     import tracemalloc
 
-    import guided.generation.generate as gen
+    import guided.generation.writer as gen
 
     drawn = []
 

@@ -17,8 +17,10 @@ from scipy import integrate
 from guided.guidance.calibration import Calibration, calibrate, expected_calibration_error, fit_temperature
 from guided.config import DiffusionConfig, node
 from guided.diffusion.gaussian import create_diffusion
-from guided.generation.generate import Pipeline, SampleOptions, guided_functions, sample_batch
-from guided.guidance.terms import Guidance, Term, classifier_grad, vp_sigma
+from guided.generation import Pipeline, SampleOptions, sample_batch
+from guided.generation.pipeline import guided_functions
+from guided.diffusion.models import vp_sigma
+from guided.guidance.terms import Guidance, Term, classifier_grad
 from guided.diffusion.ladder import geometric_sigmas
 from guided.diffusion.sde import DiscreteVPSDE
 from mixture_nets import LadderClassifier, MixtureClassifier, MixtureEps, MixtureNCSN

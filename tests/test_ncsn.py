@@ -6,7 +6,7 @@ import torch
 
 from guided.networks.checkpoints import load_trained
 from guided.config import DiffusionConfig, node
-from guided.generation.generate import Pipeline, SampleOptions, sample_batch
+from guided.generation import Pipeline, SampleOptions, sample_batch
 from guided.diffusion.ladder import geometric_sigmas
 from guided.training.classifier import LadderNoise, train_classifier
 from guided.training.diffusion import train_diffusion

@@ -9,9 +9,29 @@ import pytest
 import torch
 
 from guided.networks import adm
-from guided.cli.sample import build_parser, load_pipeline, main, options
+from guided.cli.options import options, pipeline_keywords
+from guided.cli.sample import build_parser, main
 from guided.evaluation.conformance import LOOP_TOL, TOL, rel_error
-from guided.generation.generate import SampleNoise, discrete_sampler, sample_batch, score_function, to_uint8
+from guided.generation import load_pipeline as load, sample_batch, to_uint8
+from guided.generation.pipeline import make_job
+from guided.samplers.discrete import SampleNoise
+from guided.samplers.registry import discrete_inputs, guided_score
+
+
+def load_pipeline(args, device):
+    return load(**pipeline_keywords(args, device))
+
+
+def discrete_sampler(p, labels, opts, noise):
+    """(diffusion, model_fn, keywords) of one discrete step, as the sampler registry runs it."""
+    job = make_job(p, labels, noise, opts)
+    diffusion, kw = discrete_inputs(opts.sampler, job)
+    return diffusion, job.model_fn, kw
+
+
+def score_function(p, y, opts):
+    job = make_job(p, y.tolist(), SampleNoise(range(len(y))), opts)
+    return guided_score(job), p.score_model.sde
 from guided.samplers.discrete import ddim_step, ddpm_step
 
 GUIDED_A = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance" / "guided_a.pt"
@@ -92,7 +112,7 @@ def test_settings_record_the_clip_and_it_changes_the_samples(tmp_path, capsys):
 def test_score_samplers_take_the_network_eps_unless_clip_guided():
     """pc and ode: s = -eps / sigma from the raw eps (the score-SDE reference); the clip re-derives
     eps from the clipped x0, which moves it only where x0 leaves [-1, 1]."""
-    from guided.generation.generate import SampleOptions
+    from guided.generation import SampleOptions
     from test_generate import tiny_pipeline
 
     p = tiny_pipeline()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guided.cli.sample import SHIPPED, main
+from guided.cli.sample import main
+from guided.generation.loading import SHIPPED
 from guided.evaluation.judge import load_judge
 
 REPO = Path(__file__).resolve().parents[1]

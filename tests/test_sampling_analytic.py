@@ -11,7 +11,9 @@ import torch
 
 from guided.config import DiffusionConfig, node
 from guided.diffusion.gaussian import create_diffusion
-from guided.samplers.discrete import SAMPLERS, SampleNoise
+from guided.samplers.discrete import SampleNoise, ddim, ddpm, dpmpp_2m
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpmpp_2m}  # the discrete sampler functions
 
 MU, S = torch.tensor([0.3, -0.2, 0.0, 0.5]), 0.2
 
@@ -93,7 +95,7 @@ def test_step_callback_sees_each_x0_prediction_and_changes_nothing(sampler, step
 def test_preview_reports_tweedies_x0_along_a_score_sampler():
     """generate.previewing: at each score evaluation of the pc sampler, the share of [T, eps] done
     and (x + sigma^2 s) / alpha, which for Gaussian data is exactly E[x0 | x_t]; pc's output unchanged."""
-    from guided.generation.generate import previewing
+    from guided.samplers.registry import reporting as previewing
     from guided.samplers.continuous import pc_sampler
     from guided.diffusion.sde import VPSDE
 

@@ -21,9 +21,9 @@ import torch
 from scipy import integrate
 
 from guided.errors import GuidedError
-from guided.samplers.score import (cfg_score, classifier_grad_fn, eps_model_score, guided_score,
-                          ncsn_score, score_from_eps)
-from guided.samplers.continuous import (SCORE_SAMPLERS, annealed_langevin, dsm_loss,
+from guided.diffusion.ladder import Ladder
+from guided.diffusion.models import LadderModel, eps_model_score, score_from_eps
+from guided.samplers.continuous import (annealed_langevin, dsm_loss,
                                    geometric_sigmas, ncsn_loss, ode_likelihood, ode_sampler,
                                    pc_sampler, sdedit)
 from guided.diffusion.sde import DiscreteVPSDE, SubVPSDE, VESDE, VPSDE, make_sde
@@ -33,7 +33,11 @@ DT = torch.float64
 MU = torch.tensor([1.0, -0.5], dtype=DT)
 COV = torch.tensor([[1.0, 0.5], [0.5, 0.8]], dtype=DT)
 SDES = {"vp": VPSDE(), "subvp": SubVPSDE(), "ve": VESDE()}
+SCORE_SAMPLERS = {"pc": pc_sampler, "ode": ode_sampler, "langevin": annealed_langevin, "sdedit": sdedit}
 
+def guided_score(score, grad_log_prob, scale):
+    """Classifier guidance in score form (Song et al. 2021 eq. 14): s + scale * grad log p(y | x_t)."""
+    return lambda x, t: score(x, t) + scale * grad_log_prob(x, t)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -44,10 +48,8 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
 
 class GMM:
     """Exact perturbed densities of a Gaussian mixture under a linear SDE."""
@@ -88,27 +90,21 @@ class GMM:
     def grad_log_posterior(self, y):  # grad_x log p(y | x_t) = s_y - s
         return lambda x, t: self.class_score(y)(x, t) - self.score(x, t)
 
-
 def gaussian(sde):
     return GMM(sde, [1.0], MU[None], COV[None])
-
 
 def check_moments(x, mean, cov, tol=TOL):
     assert torch.isfinite(x).all()
     assert torch.allclose(x.mean(0), mean, atol=tol), (x.mean(0), mean)
     assert torch.allclose(torch.cov(x.T), cov, atol=tol), (torch.cov(x.T), cov)
 
-
 def prior(sde, seed=1, n=N):
     return sde.prior_sample((n, 2), generator=gen(seed), dtype=DT)
 
-
 # --- SDEs -----------------------------------------------------------------
-
 
 ALL_SDES = [VPSDE(), SubVPSDE(), VESDE(), make_sde("cosine"),
             DiscreteVPSDE(torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=DT), 0))]
-
 
 @pytest.mark.parametrize("sde", ALL_SDES, ids=["vp", "subvp", "ve", "cosine", "discrete"])
 def test_marginals_solve_the_sde(sde):
@@ -123,7 +119,6 @@ def test_marginals_solve_the_sde(sde):
     assert torch.allclose((a1.log() - a0.log()) / (2 * h), f, rtol=1e-5, atol=1e-6)
     assert torch.allclose((s1**2 - s0**2) / (2 * h), 2 * f * s**2 + g2, rtol=1e-4)
 
-
 def test_discrete_vp_matches_its_table_and_timesteps():
     ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=DT), 0)
     sde = VPSDE.from_alphas_cumprod(ac)
@@ -134,7 +129,6 @@ def test_discrete_vp_matches_its_table_and_timesteps():
     assert torch.allclose(sde.model_time(t), i.to(DT))
     assert sde.eps == 1e-3 and sde.T == 1.0
 
-
 def test_cosine_vp_matches_nichol_dhariwal():
     sde, s = make_sde("cosine"), 0.008
     t = torch.tensor([0.1, 0.5, 0.9], dtype=DT)
@@ -143,15 +137,12 @@ def test_cosine_vp_matches_nichol_dhariwal():
     a_T = sde.marginal(torch.tensor([sde.T], dtype=DT))[0]
     assert sde.T == 0.9946 and float(a_T**2) < 1e-4  # close to the N(0, I) prior
 
-
 def test_ve_prior_logp():
     sde, z = VESDE(), torch.randn(5, 3, dtype=DT, generator=gen())
     ref = torch.distributions.Normal(0.0, 50.0).log_prob(z).sum(1)
     assert torch.allclose(sde.prior_logp(z), ref)
 
-
 # --- samplers reproduce the target ----------------------------------------
-
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_pc_sampler_gaussian(name):
@@ -159,13 +150,11 @@ def test_pc_sampler_gaussian(name):
     x = pc_sampler(gaussian(sde).score, sde, prior(sde), steps=500, snr=0.16, generator=gen())
     check_moments(x, MU, COV)
 
-
 def test_euler_maruyama_predictor_only():
     sde = VPSDE()
     x = pc_sampler(gaussian(sde).score, sde, prior(sde), steps=500, predictor="euler_maruyama",
                    corrector=None, generator=gen())
     check_moments(x, MU, COV)
-
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_ode_sampler_gaussian(name):
@@ -173,17 +162,14 @@ def test_ode_sampler_gaussian(name):
     x = ode_sampler(gaussian(sde).score, sde, prior(sde), generator=gen())
     check_moments(x, MU, COV)
 
-
 MIX_W, MIX_M = [0.3, 0.7], [[-1.5, 0.0], [1.5, 1.0]]
 MIX_S = [[[0.3, 0.1], [0.1, 0.3]], [[0.5, 0.0], [0.0, 0.2]]]
-
 
 def mixture_moments(w, m, s):
     w, m, s = (torch.as_tensor(v, dtype=DT) for v in (w, m, s))
     mean = (w[:, None] * m).sum(0)
     d = m - mean
     return mean, (w[:, None, None] * (s + d[:, :, None] * d[:, None, :])).sum(0)
-
 
 @pytest.mark.parametrize("sampler", ["pc", "ode"])
 def test_mixture_of_gaussians(sampler):
@@ -193,7 +179,6 @@ def test_mixture_of_gaussians(sampler):
     x = SCORE_SAMPLERS[sampler](gmm.score, sde, prior(sde), generator=gen(), **kw)
     check_moments(x, *mixture_moments(MIX_W, MIX_M, MIX_S))
 
-
 def test_annealed_langevin_gaussian():
     # Its own ladder: 10 levels 5 -> 0.01; the analytic score of p * N(0, sigma^2).
     sde = VESDE(sigma_min=0.01, sigma_max=5.0)
@@ -202,14 +187,12 @@ def test_annealed_langevin_gaussian():
                           step_lr=1e-4, generator=gen())
     check_moments(x, MU, COV)
 
-
 @pytest.mark.parametrize("name", ["vp", "ve"])
 def test_sdedit_t0_one_samples_the_target(name):
     sde = SDES[name]
     guide = torch.full((N, 2), 3.0, dtype=DT)  # far from the data: t0 = 1 must forget it
     x = sdedit(gaussian(sde).score, sde, guide, steps=500, t0=1.0, generator=gen())
     check_moments(x, MU, COV)
-
 
 def test_sdedit_mask_keeps_unmasked_coordinates():
     sde = VPSDE()
@@ -218,7 +201,6 @@ def test_sdedit_mask_keeps_unmasked_coordinates():
     x = sdedit(gaussian(sde).score, sde, guide, steps=200, t0=0.8, mask=mask, generator=gen())
     assert torch.equal(x[:, 1], guide[:, 1])
     assert (x[:, 0] - guide[:, 0]).abs().mean() > 0.5
-
 
 def test_samplers_are_reproducible():
     sde = VPSDE()
@@ -233,9 +215,7 @@ def test_samplers_are_reproducible():
                               generator=gen(7)) for _ in range(2))
     assert torch.equal(a, b)
 
-
 # --- likelihood -----------------------------------------------------------
-
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_ode_likelihood_matches_gaussian_logpdf(name):
@@ -250,7 +230,6 @@ def test_ode_likelihood_matches_gaussian_logpdf(name):
     nll = ode_likelihood(gmm.score, sde, x, unit="nats", hutchinson="exact")
     assert torch.allclose(nll, ref, rtol=0.01), (nll, ref)
 
-
 def test_ode_likelihood_of_eps_model_on_discrete_vp():
     # The ODE starts at eps = 1/N (timestep 0), where p = N(alpha MU, alpha^2 COV + sigma^2 I).
     ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=DT), 0)
@@ -260,7 +239,6 @@ def test_ode_likelihood_of_eps_model_on_discrete_vp():
     nll = ode_likelihood(eps_model_score(analytic_eps_model(ac), sde), sde, x, unit="nats",
                          hutchinson="exact")
     assert torch.allclose(nll, ref, rtol=0.01), (nll, ref)
-
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_likelihood_is_unbiased(probe):
@@ -279,7 +257,6 @@ def test_hutchinson_likelihood_is_unbiased(probe):
     ref = float(-gmm.log_prob(xs, torch.full((300,), 1e-5, dtype=DT)).mean())
     assert abs(float(est.mean()) - ref) < 0.01 * abs(ref) + margin
 
-
 def test_bits_per_dim_convention():
     sde, gmm = VPSDE(), gaussian(VPSDE())
     x = torch.zeros(3, 2, dtype=DT)
@@ -287,13 +264,10 @@ def test_bits_per_dim_convention():
     bpd = ode_likelihood(gmm.score, sde, x, unit="bpd", hutchinson="exact")
     assert torch.allclose(bpd, nats / (2 * math.log(2)) + 7.0)
 
-
 # --- guidance -------------------------------------------------------------
-
 
 def component_fraction(x, sep_axis=0):
     return float((x[:, sep_axis] < 0).to(DT).mean())  # fraction in component 0
-
 
 @pytest.mark.parametrize("scale,expected", [(0.0, 0.3), (1.0, 1.0), (3.0, 1.0)])
 def test_classifier_guidance_moves_component_weights(scale, expected):
@@ -306,7 +280,6 @@ def test_classifier_guidance_moves_component_weights(scale, expected):
     # Binomial SE of the fraction at p = 0.3 is sqrt(0.21 / N) = 0.007: tolerance 0.03.
     assert abs(frac - expected) < (0.03 if expected < 1 else 0.005), frac
 
-
 def test_guidance_scale_one_is_the_exact_posterior_with_overlap():
     # Overlapping components: p(x | y) = p(x) p(y | x) / p(y) is N(m_y, S_y) exactly,
     # and at scale 1 the guided score is its score at every t.
@@ -316,40 +289,7 @@ def test_guidance_scale_one_is_the_exact_posterior_with_overlap():
     x = ode_sampler(score, sde, prior(sde), generator=gen())
     check_moments(x, gmm.means[1], gmm.covs[1])
 
-
-def test_classifier_grad_fn_uses_model_time_and_autograd():
-    sde = VPSDE()
-    gmm = GMM(sde, [0.4, 0.6], [[-1.0, 0.0], [1.0, 0.5]], [COV, COV])
-    calls = []
-
-    def classifier(x, t_model):  # an exact noise-aware classifier on the model's timestep
-        calls.append(t_model)
-        t = t_model / sde.time_scale
-        return gmm.logw + gmm.components(x, t)[0]
-
-    x, t = torch.randn(7, 2, dtype=DT, generator=gen()), torch.full((7,), 0.4, dtype=DT)
-    y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
-    got = classifier_grad_fn(classifier, sde, y)(x, t)
-    want = torch.stack([gmm.grad_log_posterior(int(k))(x[i:i + 1], t[:1])[0] for i, k in enumerate(y)])
-    assert torch.allclose(got, want) and torch.allclose(calls[0], t * 999)
-
-
-def test_classifier_free_guidance_and_combination():
-    sde = VPSDE()
-    gmm = GMM(sde, [0.4, 0.6], [[-1.0, 0.0], [1.0, 0.5]], [COV, COV])
-    x, t = torch.randn(7, 2, dtype=DT, generator=gen()), torch.full((7,), 0.3, dtype=DT)
-    cond, uncond = gmm.class_score(0), gmm.score
-    assert torch.allclose(cfg_score(cond, uncond, 1.0)(x, t), cond(x, t))
-    assert torch.allclose(cfg_score(cond, uncond, 0.0)(x, t), uncond(x, t))
-    w3 = cfg_score(cond, uncond, 3.0)(x, t)
-    assert torch.allclose(w3, uncond(x, t) + 3 * (cond(x, t) - uncond(x, t)))
-    # Classifier guidance of the unconditional score at scale 1 equals CFG at scale 1.
-    both = guided_score(cfg_score(cond, uncond, 0.0), gmm.grad_log_posterior(0), 1.0)
-    assert torch.allclose(both(x, t), cond(x, t))
-
-
 # --- adapters -------------------------------------------------------------
-
 
 def analytic_eps_model(alphas_cumprod, learned_sigma=True):
     """eps*(x, tau) of Gaussian data for an ADM-style net fed fractional timesteps tau:
@@ -366,7 +306,6 @@ def analytic_eps_model(alphas_cumprod, learned_sigma=True):
 
     return model
 
-
 @pytest.mark.parametrize("sampler", ["pc", "ode"])
 def test_eps_model_on_discrete_vp_reproduces_gaussian(sampler):
     ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=DT), 0)
@@ -375,7 +314,6 @@ def test_eps_model_on_discrete_vp_reproduces_gaussian(sampler):
     kw = {"steps": 500} if sampler == "pc" else {}
     x = SCORE_SAMPLERS[sampler](score, sde, prior(sde), generator=gen(), **kw)
     check_moments(x, MU, COV)
-
 
 def test_eps_model_passes_labels_and_matches_exact_score():
     ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=DT), 0)
@@ -394,19 +332,16 @@ def test_eps_model_passes_labels_and_matches_exact_score():
     eps = score_from_eps(lambda x, t: -gaussian(sde).score(x, t) * sde.marginal(t)[1][:, None], sde)
     assert torch.allclose(eps(x, t), gaussian(sde).score(x, t))
 
-
 def test_ncsn_score_maps_time_to_ladder_labels():
     sigmas = geometric_sigmas(1.0, 0.01, 10)
     sde = VESDE(0.01, 1.0)
-    score = ncsn_score(lambda x, labels: labels[:, None].to(x.dtype).expand_as(x), sigmas)
+    score = LadderModel(Ladder(sigmas)).score(lambda x, labels: labels[:, None].to(x.dtype).expand_as(x))
     t = sde.t_of_sigma(sigmas)
     got = score(torch.zeros(10, 2, dtype=DT), t)[:, 0]
     assert torch.equal(got, torch.arange(10, dtype=DT))
     assert torch.allclose(sigmas[[0, -1]], torch.tensor([1.0, 0.01], dtype=DT))
 
-
 # --- losses ---------------------------------------------------------------
-
 
 def test_dsm_loss_is_minimal_at_the_exact_score():
     sde = VPSDE()
@@ -425,7 +360,6 @@ def test_dsm_loss_is_minimal_at_the_exact_score():
     # Per-sample loss has std < 2 here, so the MC standard error is < 0.01 at 40000 samples.
     assert abs(float(exact) - ref) < 0.03, (exact, ref)
 
-
 def test_ncsn_loss_is_minimal_at_the_exact_score():
     sigmas = geometric_sigmas(1.0, 0.01, 10)
     ve = VESDE(0.01, 1.0)
@@ -440,9 +374,7 @@ def test_ncsn_loss_is_minimal_at_the_exact_score():
                    for s in sigmas.tolist()])
     assert abs(float(exact) - ref) < 0.02, (exact, ref)
 
-
 # --- bad input ------------------------------------------------------------
-
 
 def test_bad_inputs_raise_guided_error():
     sde, score = VPSDE(), gaussian(VPSDE()).score
@@ -464,7 +396,7 @@ def test_bad_inputs_raise_guided_error():
         lambda: make_sde("edm"),
         lambda: DiscreteVPSDE(torch.tensor([0.5, 0.9])),
         lambda: geometric_sigmas(0.01, 1.0, 10),
-        lambda: ncsn_score(lambda x, l: x, [0.1, 1.0]),
+        lambda: Ladder([0.1, 1.0]),
         lambda: eps_model_score(lambda x, t: torch.zeros(4, 3), sde)(x, torch.ones(4, dtype=DT) * 0.5),
     ]
     for i, case in enumerate(cases):

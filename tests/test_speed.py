@@ -119,7 +119,7 @@ def test_bf16_training_follows_the_fp32_loss_curve(tiny):
 def test_bf16_guided_samples_match_fp32():
     """The shipped models and classifier, a few DDIM steps: bf16 follows fp32 to bf16 accuracy."""
     from guided.networks.checkpoints import load_trained
-    from guided.generation.generate import Pipeline, SampleOptions, sample_batch
+    from guided.generation import Pipeline, SampleOptions, sample_batch
 
     assets = Path(__file__).resolve().parents[1] / "guided" / "assets" / "digits"
     model, cfg, labels = load_trained(assets / "cond.pt")

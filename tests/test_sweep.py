@@ -9,7 +9,7 @@ import pytest
 
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import read_npz
-from guided.generation.generate import plan_labels
+from guided.generation import plan_labels
 from guided.cli.sweep import main, parse_sweep
 
 FAST = ["--model", "cond", "--num-samples", "12", "--batch-size", "12", "--sampler", "ddim", "--steps", "3",

@@ -26,21 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from guided.cli import Parser, run_cli
-from guided.cli.sample import (ADAPTIVE, SAMPLER_NAMES, _number, add_guidance_args, add_model_args, add_sampler_args,
-                         check_device, default_device, load_pipeline, options, parse_classes)
+from guided.cli.options import (ADAPTIVE, _number, add_guidance_args, add_model_args, add_sampler_args, options,
+                                pipeline_keywords)
 from guided.errors import GuidedError
-from guided.generation.generate import Pipeline, SampleOptions, check_labels, check_sampler, grid_image, plan_labels, sample_batch
-from guided.generation.generate import to_uint8
+from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
+from guided.generation import to_uint8
+from guided.generation.loading import parse_classes
+from guided.generation.options import METHODS as GUIDANCE
+from guided.generation.runtime import check_device, default_device
+from guided.samplers.registry import DEFAULT, SAMPLERS, sampler_for
 
-# The guidance methods of the page: name -> the SampleOptions fields it sets from the page's scale
-# (guided/guidance.py). The page lists those the pipeline has the networks for.
-METHODS = {
-    "none": lambda s: {},
-    "classifier": lambda s: {"scale": s},  # s grad log p(y | x_t) (Dhariwal & Nichol, Algorithms 1-2)
-    "classifier-free": lambda s: {"cfg_scale": s},  # eps_u + s (eps_c - eps_u) (Ho & Salimans 2022)
-    "autoguidance": lambda s: {"autoguide_scale": s},  # eps_w + s (eps - eps_w) (Karras et al. 2024)
-    "x0-classifier": lambda s: {"x0_scale": s},  # s grad log p(y | x0_hat(x_t)), a clean-image classifier
-}
+# The guidance methods of the page (guided.generation.options.METHODS): name -> the SampleOptions fields it
+# sets from the page's scale. The page lists those the pipeline has the networks for.
+METHODS = {"none": lambda s: {}, **{m.demo: (lambda s, m=m: {m.scale: s}) for m in GUIDANCE}}
+OFF = {m.scale: m.off for m in GUIDANCE}
+SAMPLER_NAMES = tuple(SAMPLERS)
 PREVIEW_AT = (0.1, 0.3, 0.5, 0.7, 0.9)  # shares of the reverse process where the x0 estimate is shown
 MAX_SAMPLES = 100
 
@@ -52,7 +52,6 @@ def build_parser() -> Parser:
                    help="the page's starting guidance method (default: classifier if there is one)")
     add_guidance_args(p, scale_default=4.0)  # --scale: the page's starting scale; intervals etc. as sample_guided.py
     add_sampler_args(p)
-    p.set_defaults(load_guides=True)  # load the weak model and clean classifier, so every method is offered
     for action in p._actions:  # sample_guided.py's flags the page sets itself
         if action.dest in ("cfg_scale", "batch_size"):
             action.help = argparse.SUPPRESS
@@ -107,10 +106,9 @@ def request(p: Pipeline, args, class_text, method, scale, sampler, steps, num_sa
     seed = _whole(seed, "the seed", 0)
     classes = parse_classes(str(class_text or "").strip() or None, p)  # empty: every class
     steps = None if sampler in ADAPTIVE else str(steps).strip()  # ode and langevin choose their own
-    base = options(argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": steps}), 0.0)
-    opts = replace(base, **{"scale": 0.0, "cfg_scale": 1.0, **METHODS[method](float(scale))})
+    opts = replace(options(args, 0.0, sampler=sampler, steps=steps), **{**OFF, **METHODS[method](float(scale))})
     labels = plan_labels(classes, n)
-    check_sampler(p, sampler)
+    sampler_for(sampler, p.score_model)
     check_labels(p, [y for y in labels if y >= 0], opts)
     return labels, seed + np.arange(n), opts
 
@@ -216,7 +214,7 @@ def build_page(p: Pipeline, args, device):
     import gradio as gr
 
     names = class_choices(p)
-    start_sampler = "langevin" if p.objective == "ncsn" and args.sampler == "ddpm" else args.sampler
+    start_sampler = args.sampler if p.score_model.kind in SAMPLERS[args.sampler].kinds else DEFAULT[p.score_model.kind]
     first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
 
     def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
@@ -303,7 +301,8 @@ def _main(args) -> int:
         raise GuidedError('the demo needs Gradio: pip install -e ".[demo]"') from None
     check_device(args.device)
     device = args.device or default_device()
-    pipeline = load_pipeline(args, device)
+    # the weak model and clean classifier too, so every method is offered
+    pipeline = load_pipeline(**pipeline_keywords(args, device, optional=("autoguide", "x0_classifier")))
     if args.method is not None and args.method not in available_methods(pipeline):
         raise GuidedError(f"--method {args.method}: this model offers {', '.join(available_methods(pipeline))}")
     page = build_page(pipeline, args, device)

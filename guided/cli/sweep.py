@@ -28,14 +28,18 @@ from typing import Callable, Optional
 import torch
 
 from guided.cli import Parser, run_cli
-from guided.cli.sample import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
-                         interval, load_pipeline, options, parse_classes, processes)
+from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
+                                interval, options, pipeline_keywords)
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import METRICS, evaluate
 from guided.evaluation.features import FEATURES, get_extractor
-from guided.generation.generate import SampleOptions, generate, write_output
 from guided.evaluation.metrics import summarize
 from guided.evaluation.plots import label, plot_sweep
+from guided.generation import SampleOptions, generate, load_pipeline
+from guided.generation.loading import parse_classes
+from guided.generation.options import METHODS
+from guided.generation.runtime import processes
+from guided.generation.writer import write_output
 
 DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.evaluation.reference_batch digits
 RESULT_FILES = ("settings.json", "results.json", "results.csv", "runs.csv", "sweep.png")
@@ -60,18 +64,20 @@ def _steps(text: str) -> str:
     return text
 
 
-SWEEPABLE = {
-    "scale": Sweepable("scale", _number(float, 0.0), "classifier-guidance scale s"),
-    "cfg_scale": Sweepable("cfg_scale", _number(float, 0.0), "classifier-free guidance scale w"),
+SWEEPABLE = {  # every guidance method's scale, interval (and temperature), from one table; two sampler options
+    **{m.scale: Sweepable(m.scale, _number(float, 0.0), f"{m.demo} guidance scale") for m in METHODS},
+    **{m.interval: Sweepable(m.interval, interval, f"{m.demo} guidance's sigma interval, LO:HI per value")
+       for m in METHODS},
+    **{m.temperature: Sweepable(m.temperature, _number(float, 0.0, low_open=True), f"{m.demo} temperature")
+       for m in METHODS if m.temperature},
     "eta": Sweepable("eta", _number(float, 0.0), "DDIM noise"),
     "steps": Sweepable("steps", _steps, "respacing, one count or ddimN / quadN per value"),
-    "interval": Sweepable("interval", interval, "the classifier's sigma interval, LO:HI per value"),
-    "cfg_interval": Sweepable("cfg_interval", interval, "classifier-free guidance's sigma interval, LO:HI"),
-    "autoguide_scale": Sweepable("autoguide_scale", _number(float, 0.0), "autoguidance w"),
-    "autoguide_interval": Sweepable("autoguide_interval", interval, "autoguidance's sigma interval, LO:HI"),
-    "x0_scale": Sweepable("x0_scale", _number(float, 0.0), "x0-classifier guidance scale"),
-    "x0_temperature": Sweepable("x0_temperature", _number(float, 0.0, low_open=True), "x0 classifier temperature"),
 }
+
+
+def swept_network(param: str) -> tuple:
+    """The guide network a swept parameter needs loaded whatever the base scale."""
+    return tuple(m.loader for m in METHODS if m.loader and param in (m.scale, m.interval, m.temperature))
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -145,7 +151,7 @@ def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
             "classifier": args.classifier, "classifier_weights": weights_digest(pipeline.classifier),
             "adm_flags": args.adm_flags, "classifier_flags": args.classifier_flags, "classes": classes,
             "class_sampling": args.class_sampling, "num_samples": args.num_samples, "seed": args.seed,
-            **guide_settings(args), "autoguide_weights": weights_digest(pipeline.weak_model),
+            **{k: v for k, v in guide_settings(args).items() if k != "classifier"}, "autoguide_weights": weights_digest(pipeline.weak_model),
             "x0_classifier_weights": weights_digest(pipeline.x0_classifier),
             "options": opts, "reference": reference, "features": features}
 
@@ -296,11 +302,8 @@ def sweep(args) -> dict:
         raise GuidedError(f"reference batch {args.reference} does not exist")
     out = Path(args.out)
     make_folder(out)
-    device, rank, world, barrier = processes(args)
-    # the swept term's network, whatever the base scale
-    args.load_guides = ("autoguide",) if param.startswith("autoguide") else ("x0_classifier",) if param.startswith(
-        "x0_") else ()
-    pipeline = load_pipeline(args, device)
+    device, rank, world, barrier = processes(args.device)
+    pipeline = load_pipeline(**pipeline_keywords(args, device, optional=swept_network(param)))
     classes = parse_classes(args.classes, pipeline)
     features = args.features or ("digits" if args.reference == "digits" else "inception")
     settings = sweep_settings(args, param, pipeline, classes, features)

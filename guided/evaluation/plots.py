@@ -32,7 +32,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from guided.generation.generate import write_output
+    from guided.generation.writer import write_output
 
     write_output(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
     _pyplot().close(fig)
@@ -166,7 +166,7 @@ def _draw_tradeoff(out: Path, rows: list[dict], labels: list[str], panels, featu
 
 
 def _write_data(out: Path, rows: list[dict], warnings: list[str]) -> None:
-    from guided.generation.generate import write_output
+    from guided.generation.writer import write_output
 
     fields = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO()

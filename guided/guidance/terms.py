@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from guided.errors import GuidedError
-from guided.speed import DeviceCopies
 
 CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIXING, GRADIENT = ("cfg", "autoguide"), ("classifier", "x0_classifier")
@@ -91,38 +90,6 @@ def condition_score(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, grad
     return {**out, "pred_xstart": pred_xstart, "mean": mean}
 
 
-# -- noise levels ---------------------------------------------------------------------------------
-def vp_sigma(alphas_cumprod) -> Callable[[torch.Tensor], torch.Tensor]:
-    """sigma(t) = sqrt((1 - abar_t) / abar_t) of a VP model at (possibly fractional) original timesteps,
-    log abar interpolated linearly between steps as guided.diffusion.sde.DiscreteVPSDE does."""
-    log_abar, on_device = torch.as_tensor(alphas_cumprod, dtype=torch.float64).log().float(), DeviceCopies()
-
-    def sigma_of(t):
-        table = on_device(log_abar, t.device)  # copied over once, not in every step
-        tf = t.float().clamp(0, len(table) - 1)
-        lo = tf.floor().long()
-        hi = (lo + 1).clamp(max=len(table) - 1)
-        return torch.expm1(-torch.lerp(table[lo], table[hi], tf - lo)).clamp(min=0).sqrt()
-    return sigma_of
-
-
-def ladder_sigma(sigmas) -> Callable[[torch.Tensor], torch.Tensor]:
-    """sigma of an NCSN ladder index (the index the networks see)."""
-    ladder, on_device = torch.as_tensor(sigmas, dtype=torch.float32), DeviceCopies()
-    return lambda t: on_device(ladder, t.device)[t.long()]
-
-
-def vp_denoiser(model_fn, alphas_cumprod):
-    """x0_hat(x_t) = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. eq. 15) of an eps model function."""
-    abar_of = vp_sigma(alphas_cumprod)
-
-    def denoise(x, t):
-        sigma = abar_of(t).view(-1, *[1] * (x.dim() - 1))  # sqrt((1 - abar) / abar)
-        eps = model_fn(x, t)[:, :x.shape[1]]
-        return x * (1 + sigma**2).sqrt() - sigma * eps  # = (x - sqrt(1 - abar) eps) / sqrt(abar)
-    return denoise
-
-
 # -- terms ----------------------------------------------------------------------------------------
 @dataclass
 class Term:
@@ -171,7 +138,7 @@ class Term:
 class Guidance:
     """Terms over one model, bound to the labels by `model_fn` and `cond_fn`.
 
-    sigma_of(t): the noise level of the timesteps the networks see (vp_sigma / ladder_sigma).
+    sigma_of(t): the noise level of the timesteps the networks see (ScoreModel.sigma_of).
     null_label: the class index of a label-dropout model's unconditional score (for cfg).
     """
 
@@ -214,7 +181,7 @@ class Guidance:
 
     def cond_fn(self, y: torch.Tensor, denoise=None) -> Optional[CondFn]:
         """sum over gradient terms of weight(sigma_t) * s * grad_x log p(y | .), or None without them.
-        `denoise(x, t)` (x0_hat, see vp_denoiser) is needed by x0_classifier terms."""
+        `denoise(x, t)` (x0_hat, see ScoreModel.denoiser) is needed by x0_classifier terms."""
         grads = self.of(GRADIENT)
         if not grads:
             return None

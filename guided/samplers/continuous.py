@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from guided.errors import GuidedError
 from guided.diffusion.ladder import geometric_sigmas
 from guided.diffusion.sde import VESDE, expand_as
+from guided.samplers.sdedit import check_mask, check_t0
 
 
 def _randn(x, generator):
@@ -284,23 +285,13 @@ def sdedit(score_fn, sde, x_guide, *, steps=500, t0=0.5, mask=None, predictor="r
     guide re-noised to that step's level with the same z (as the SDEdit code
     does; note its mask marks the kept region instead), and to the guide at the end.
     """
-    if not isinstance(t0, (int, float)) or isinstance(t0, bool) or not 0 < t0 <= 1:
-        raise GuidedError(f"SDEdit t0 must be a number in (0, 1], got {t0!r}")
+    t0 = check_t0(t0)
     _check_steps(steps)
     t_start = t0 * sde.T
     if t_start <= sde.eps:
         raise GuidedError(f"SDEdit t0 = {t0} is below the SDE's end time eps = {sde.eps}: raise t0")
     if mask is not None:
-        mask = torch.as_tensor(mask, dtype=x_guide.dtype, device=x_guide.device)
-        try:
-            ok = torch.broadcast_shapes(mask.shape, x_guide.shape) == x_guide.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise GuidedError(f"SDEdit mask shape {tuple(mask.shape)} does not broadcast to "
-                              f"the guide's {tuple(x_guide.shape)}")
-        if mask.min() < 0 or mask.max() > 1:
-            raise GuidedError("SDEdit mask values must lie in [0, 1] (1 = edit)")
+        mask = check_mask(mask, x_guide)
     z = _randn(x_guide, generator)
 
     def noised(t):  # the guide perturbed to time t, x_t ~ p_0t(. | x_g)
@@ -317,9 +308,6 @@ def sdedit(score_fn, sde, x_guide, *, steps=500, t0=0.5, mask=None, predictor="r
                         generator=generator, progress=progress,
                         project=None if mask is None else project, desc="sdedit")
 
-
-SCORE_SAMPLERS = {"pc": pc_sampler, "ode": ode_sampler, "langevin": annealed_langevin,
-                  "sdedit": sdedit}
 
 
 # --- training losses ---

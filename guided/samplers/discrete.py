@@ -156,5 +156,3 @@ def ddpm(diffusion, model_fn, x_T, **kw):
 def ddim(diffusion, model_fn, x_T, **kw):
     return run_loop(ddim_step, diffusion, model_fn, x_T, **kw)
 
-
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpmpp_2m}

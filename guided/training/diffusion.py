@@ -74,7 +74,7 @@ class DiffusionTrainer(Trainer):
         from guided.samplers import continuous as ss  # the score-based objectives
 
         if objective == "vp_dsm":
-            from guided.samplers.score import eps_model_score
+            from guided.diffusion.models import eps_model_score
             from guided.diffusion.sde import DiscreteVPSDE
 
             sde = DiscreteVPSDE(self.diffusion.alphas_cumprod)
@@ -90,7 +90,7 @@ class DiffusionTrainer(Trainer):
         if self.cfg.data.kind != "digits" or not self.ema:
             return
         if self.accel.is_main_process:
-            from guided.generation.generate import Pipeline
+            from guided.generation import Pipeline
             from guided.training.probe import fid_floor, probe
 
             net = UNetModel(self.cfg.model).to(self.device).eval()

@@ -53,7 +53,7 @@ def fid_floor(image_size: int, n: int, seed: int = 0) -> float:
 def probe(pipeline, n: int, device="cpu", batch_size: int = 300, null: bool = False) -> dict:
     """Sample n images from `pipeline` and score them: probe_fid, probe_acc (conditional), probe_mean_pixel.
     null: sample a label-dropout model's null class (its unconditional score) instead."""
-    from guided.generation.generate import SampleOptions, plan_labels, sample_batch, to_uint8
+    from guided.generation import SampleOptions, plan_labels, sample_batch, to_uint8
     from guided.evaluation.judge import load_judge
 
     conditional = pipeline.model.num_classes is not None and not null

@@ -1,0 +1,219 @@
+"""Loading a pipeline from typed arguments: the shipped digits models, run folders and checkpoints of
+the trainers, and the paper's official ADM checkpoints (built from their published flags); the
+guide networks; class names; SDEdit's guide images.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from guided.diffusion.ladder import geometric_sigmas
+from guided.errors import GuidedError
+from guided.generation.pipeline import Pipeline
+from guided.networks import adm
+from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
+from guided.networks.unet import EncoderUNetModel, UNetModel
+from guided.samplers.sdedit import SDEdit, check_t0
+from guided.speed import speed_up
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
+# The shipped digits models (guided/assets/digits/<file>.pt) and their sampling defaults.
+# `uncond` is the null class of the label-dropout `cond` network (README "Digits models" measures it
+# against a separate unconditional model). The cosine-schedule eps models clip x0 again
+# (--clip-guided): without it their guided ddim / dpm++ and their pc / ode samples saturate
+# (README, "Official checkpoints"); every other model samples with the paper's arithmetic.
+_DIGITS = {"file": "cond", "clip_guided": True, "classifier": "classifier", "autoguide": "weak",
+           "x0_classifier": "clean_classifier"}
+SHIPPED_MODELS = {"cond": _DIGITS, "uncond": {**_DIGITS, "unconditional": True},
+                  "ncsn": {"file": "ncsn", "classifier": "ncsn_classifier"}}
+SHIPPED_NETWORKS = ("classifier", "ncsn_classifier", "clean_classifier", "weak", "early")  # by name, as --classifier etc.
+
+def official_flags(path: str, flags, option: str, classifier: bool):
+    """The ADM flag string to build `path` with: `flags` as given, with a warning naming each
+    difference from the published preset when `path` has a released file name; that preset
+    (with a note) when no flags were given and no config of a run sits beside the file; else None."""
+    name = adm.released_name(path)
+    if name is None or flags and adm.is_classifier_name(name) != classifier:
+        return flags
+    if flags:
+        diffs = adm.flag_differences(flags, name)
+        if diffs:
+            print(f"warning: {option} differ from the published flags of {name} (other images than the "
+                  f"paper's): " + "; ".join(diffs), file=sys.stderr)
+        return flags
+    if config_beside(path) is not None:  # a model trained here under a released name
+        return None
+    if adm.is_classifier_name(name) != classifier:
+        what, right = ("classifier", "--classifier") if adm.is_classifier_name(name) else ("score model", "--model")
+        raise GuidedError(f"{path} is the released {what} {name}: pass it as {right}")
+    print(f"note: {path}: no {option} given, using the published flags of the released {name} "
+          f"(guided.networks.adm.PUBLISHED)", file=sys.stderr)
+    return adm.PUBLISHED[name]
+
+
+def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_flags: Optional[str] = None,
+                  classifier_flags: Optional[str] = None, autoguide: Optional[str] = None,
+                  x0_classifier: Optional[str] = None, guides=(), optional_guides=(), device="cpu",
+                  channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False) -> Pipeline:
+    """The pipeline of a score model: a shipped name (SHIPPED_MODELS), a run folder or checkpoint of the
+    trainers, or an official ADM checkpoint (released names need no flags). `classifier`: None = the
+    shipped model's default, "none" = no classifier. `guides`: the guide networks to load ("autoguide",
+    "x0_classifier": as named, else the shipped default, else an error); `optional_guides`: load those
+    only where one is named or shipped."""
+    shipped = model in SHIPPED_MODELS
+    defaults = SHIPPED_MODELS.get(model, {})
+    net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags)
+    spec = classifier if classifier is not None else defaults.get("classifier", "none")
+    flags = classifier_flags
+    if flags and "--image_size" not in flags and model_flags:
+        flags += f" --image_size {net.cfg.image_size}"
+    if spec != "none" and spec not in SHIPPED_NETWORKS:
+        flags = official_flags(spec, flags, "--classifier-flags", classifier=True)
+    clf = None
+    if spec != "none":
+        clf, clf_labels = _classifier(spec, flags)
+        label_map = label_map or clf_labels
+    if label_map is None and clf is not None and flags:
+        label_map = _imagenet_labels(clf.cfg.num_classes)
+    named = {"autoguide": autoguide, "x0_classifier": x0_classifier}
+
+    def wanted(term):
+        return term in guides or (term in optional_guides and (named[term] or defaults.get(term)))
+    weak = guide_network(named["autoguide"], "autoguide", defaults, UNetModel, "a score model") \
+        if wanted("autoguide") else None
+    clean = guide_network(named["x0_classifier"], "x0_classifier", defaults, EncoderUNetModel, "a classifier") \
+        if wanted("x0_classifier") else None
+    fast = dict(channels_last=channels_last, compile=compile, cuda_graphs=cuda_graphs)
+    net, clf, weak, clean = (None if n is None else speed_up(n.eval().to(device), **fast)
+                             for n in (net, clf, weak, clean))
+    return Pipeline(net, diffusion_cfg, clf, label_map, name=str(model), weak_model=weak, x0_classifier=clean,
+                    unconditional=defaults.get("unconditional", False), **extra)
+
+
+def _score_network(model: str, adm_flags):
+    """(network, diffusion config, label map, Pipeline keywords, ADM flags or None) of --model."""
+    shipped = model in SHIPPED_MODELS
+    model_flags = None if shipped else official_flags(model, adm_flags, "--adm-flags", classifier=False)
+    if model_flags:
+        weights = read_state_dict(model)  # a damaged file is named before a large network is built
+        net = adm.load_state_dict_strict(adm.create_model(model_flags), weights, model)
+        return net, adm.diffusion_config(model_flags), _imagenet_labels(net.num_classes), {}, model_flags
+    path = SHIPPED / f"{SHIPPED_MODELS[model]['file']}.pt" if shipped else Path(model)
+    net, run_cfg, label_map = load_trained(path)
+    if not isinstance(net, UNetModel):
+        raise GuidedError(f"--model {model} holds a noise-aware classifier, not a score model "
+                          f"(pass it as --classifier)")
+    train = run_cfg.train
+    extra = {"objective": train.objective}
+    if train.objective == "ncsn":
+        extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
+    return net, run_cfg.diffusion, label_map, extra, None
+
+
+def _classifier(spec: str, flags):
+    """(classifier, its label map) of --classifier: built from ADM flags, or a trained/shipped one."""
+    if flags:
+        weights = read_state_dict(spec)
+        return adm.load_state_dict_strict(adm.create_classifier(flags), weights, spec), None
+    net, _, labels = load_trained(shipped_path(spec))
+    if not isinstance(net, EncoderUNetModel):
+        raise GuidedError(f"--classifier {spec} holds a score model (U-Net), not a noise-aware classifier")
+    return net, labels
+
+
+def classifier_spec(model: str, classifier: Optional[str]) -> str:
+    """The classifier named, or the shipped model's default ('none' for any other model)."""
+    if classifier is not None:
+        return classifier
+    return SHIPPED_MODELS.get(model, {}).get("classifier", "none")
+
+
+def guide_spec(model: str, term: str, named: Optional[str]) -> Optional[str]:
+    """The network of a guide term (autoguide, x0_classifier): as named, else the shipped model's default."""
+    return named or SHIPPED_MODELS.get(model, {}).get(term)
+
+
+def shipped_path(spec: str) -> Path:
+    """A shipped network's file for its name (SHIPPED_NETWORKS), else the path as given."""
+    return SHIPPED / f"{spec}.pt" if spec in SHIPPED_NETWORKS else Path(spec)
+
+
+def guide_network(named, option: str, defaults: dict, kind, what: str):
+    """The network of --autoguide / --x0-classifier: as given, else the shipped model's default."""
+    spec = named or defaults.get(option)
+    flag = "--" + option.replace("_", "-")
+    if spec is None:
+        raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")
+    net, _, _ = load_trained(shipped_path(spec))
+    if not isinstance(net, kind):
+        raise GuidedError(f"{flag} {spec} does not hold {what}")
+    return net
+
+
+def _imagenet_labels(num_classes):
+    if num_classes != 1000:
+        return None
+    from guided.data.labels import LabelMap, imagenet_classes
+    return LabelMap.from_keys(c.wnid for c in imagenet_classes())
+
+
+def parse_classes(text, pipeline: Pipeline) -> list[int]:
+    """--class values (a string, or the list of a repeated --class) as class indices, in order."""
+    n = pipeline.num_classes
+    if text is None:
+        return list(range(n)) if n is not None else []
+    if n is None:
+        raise GuidedError("--class needs a class-conditional model or a classifier")
+    out = []
+    for item in (s.strip() for s in ",".join([text] if isinstance(text, str) else text).split(",")):
+        if pipeline.label_map is not None:
+            out.append(pipeline.label_map.index(item))
+        elif item.isdigit():
+            out.append(int(item))
+        else:
+            raise GuidedError(f"class {item!r}: this model has no label map, give a class index 0..{n - 1}")
+        if not 0 <= out[-1] < n:
+            raise GuidedError(f"class {out[-1]} is outside the model's {n} classes (0..{n - 1})")
+    return out
+
+
+def read_image(path, size, channels, mode="RGB") -> torch.Tensor:
+    """A guide or mask image as a [C, size, size] tensor in [-1, 1] (mask: [1, size, size] in [0, 1])."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if mode == "L" else "RGB").resize((size, size), Image.BICUBIC)
+    except FileNotFoundError:
+        raise GuidedError(f"{path}: no such image") from None
+    except (UnidentifiedImageError, OSError):
+        raise GuidedError(f"{path} is not an image PIL can read") from None
+    a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    if mode == "L":
+        return (a[None] > 0.5).float()
+    a = a.permute(2, 0, 1)[:channels] * 2 - 1
+    return a
+
+
+def sdedit_request(pipeline: Pipeline, init_image: Optional[str], t0: float, mask: Optional[str] = None):
+    """The SDEdit of a guide image file (and a mask image file), sized for the pipeline; None without one."""
+    if init_image is None:
+        if mask is not None:
+            raise GuidedError("--mask goes with --init-image")
+        return None
+    t0 = check_t0(t0)
+    c, size, _ = pipeline.shape()
+    image = read_image(init_image, size, c)
+    if mask is None:
+        return SDEdit(image, t0)
+    from PIL import Image
+    with Image.open(init_image) as a, Image.open(mask) as b:
+        if a.size != b.size:
+            raise GuidedError(f"the mask is {b.size[0]}x{b.size[1]} but the image is {a.size[0]}x{a.size[1]}")
+    return SDEdit(image, t0, read_image(mask, size, 1, mode="L"))
+
+
