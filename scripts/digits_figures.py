@@ -257,7 +257,7 @@ def fewstep(args):
 
     ref = OUT / "reference_digits_16.npz"  # the sweeps' digits reference: 1,000 balanced training digits
     if not ref.exists():
-        sh(f"python -m guided.evaluation.reference_batch digits --image-size 16 --num-samples 1000 --out {ref.relative_to(ROOT)}")
+        sh(f"python -m guided.cli.reference_batch digits --image-size 16 --num-samples 1000 --out {ref.relative_to(ROOT)}")
     n = args.num_samples
     rows = []
     for sampler, steps in FEW:

@@ -7,7 +7,7 @@ scale, at the same steps for every method of a sampler (dpm++ quad25: all nine m
 six that differ most, for CPU time), scored in the
 digits judge's feature space against 1,000 class-balanced training digits. Then it prints the
 README table (each method's best FID and the judge accuracy, precision and recall there) and
-draws every method's trade-off curves into docs/guidance_study.png (guided.evaluation.plots, with its data
+draws every method's trade-off curves into docs/guidance_study.png (guided.cli.plots, with its data
 beside it). Reruns reuse finished sweeps.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     for s in samplers:
         dirs = [str(folder(s, m)) for m, (_, which) in METHODS.items() if s in which]
         labels = ",".join(m.replace(",", "") for m, (_, which) in METHODS.items() if s in which)  # comma-separated
-        subprocess.run([sys.executable, "-m", "guided.evaluation.plots", *dirs, "--out",
+        subprocess.run([sys.executable, "-m", "guided.cli.plots", *dirs, "--out",
                         str(ROOT / "docs" / f"guidance_study_{s.replace('+', 'p')}.png"), "--labels", labels],
                        cwd=ROOT, check=True)
     return 0

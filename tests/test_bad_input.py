@@ -27,12 +27,12 @@ def _main(command):
         from guided.cli.train import main_diffusion as main
     elif command == "train_classifier.py":
         from guided.cli.train import main_classifier as main
-    elif command == "python -m guided.evaluation.evaluate":
-        from guided.evaluation.evaluate import main
+    elif command == "python -m guided.cli.evaluate":
+        from guided.cli.evaluate import main
     elif command == "python -m guided.cli.sweep":
         from guided.cli.sweep import main
     else:
-        from guided.evaluation.conformance import main
+        from guided.cli.conformance import main
     return main
 
 
@@ -179,7 +179,7 @@ TRAINING = [
     (C, ["--resume", "train.out_dir={bad}/unet"], "--resume onto a U-Net run", "not a classifier one"),
     (C, ["classifier.pool=max"], "classifier.pool=max", "pool"),
 ]
-E, W, K = "python -m guided.evaluation.evaluate", "python -m guided.cli.sweep", "python -m guided.evaluation.conformance"
+E, W, K = "python -m guided.cli.evaluate", "python -m guided.cli.sweep", "python -m guided.cli.conformance"
 OTHERS = [
     (E, ["{bad}/missing.npz", "{bad}/samples.npz", "--features", "digits"], "samples file that does not exist",
      "missing.npz"),
@@ -376,8 +376,8 @@ def test_real_processes_exit_2_with_one_line(files):
         ([str(REPO / "sample_guided.py"), "--model", str(files / "truncated.pt"), "--out", str(files / "p1")],
          "is truncated or corrupt"),
         ([str(REPO / "train_diffusion.py"), "--config", str(files / "unknown_key.yaml")], "batch_sise"),
-        (["-m", "guided.evaluation.evaluate", str(files / "notes.txt"), str(files / "samples.npz")], "notes.txt"),
-        (["-m", "guided.evaluation.conformance", str(files / "garbage.pt")], "garbage.pt"),
+        (["-m", "guided.cli.evaluate", str(files / "notes.txt"), str(files / "samples.npz")], "notes.txt"),
+        (["-m", "guided.cli.conformance", str(files / "garbage.pt")], "garbage.pt"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, *argv], cwd=files, env=env, stdout=subprocess.PIPE,

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from guided.cli import conformance as conformance_cli
 from guided.evaluation import conformance
 from guided.errors import GuidedError
 
@@ -25,7 +26,7 @@ def test_file_within_tolerance(path):
 
 def test_cli_passes_on_shared_schedules(capsys):
     files = [str(p) for p in FILES if p.name.startswith("schedule")]
-    assert conformance.main(files) == 0
+    assert conformance_cli.main(files) == 0
     assert "within tolerance" in capsys.readouterr().out
 
 
@@ -33,7 +34,7 @@ def test_cli_fails_on_tampered_output(tmp_path, capsys):
     d = torch.load(SHARED / "schedule_cosine_250.pt", weights_only=True)
     d["betas"] = d["betas"] * 1.001
     torch.save(d, tmp_path / "bad.pt")
-    assert conformance.main([str(tmp_path / "bad.pt")]) == 1
+    assert conformance_cli.main([str(tmp_path / "bad.pt")]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -46,7 +47,7 @@ def test_cli_refuses_what_it_cannot_honour(tmp_path, capsys, change, message):
     d = torch.load(SHARED / "schedule_linear_ddim25.pt", weights_only=True)
     d.update(change)
     torch.save(d, tmp_path / "x.pt")
-    assert conformance.main([str(tmp_path / "x.pt")]) == 2
+    assert conformance_cli.main([str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 

@@ -9,7 +9,8 @@ import pytest
 
 import guided.evaluation.evaluate as ev
 from guided.errors import GuidedError
-from guided.evaluation.evaluate import NpzImages, evaluate, main, read_npz, stats_cache_path, write_npz
+from guided.cli.evaluate import main
+from guided.evaluation.evaluate import NpzImages, evaluate, read_npz, stats_cache_path, write_npz
 from guided.evaluation.features import INCEPTION_FILENAME, find_inception_weights, get_extractor
 from guided.evaluation.judge import digits_data, load_judge, split_indices, train_judge
 
@@ -216,7 +217,7 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(npzs, tmp_path, capsys):
 
 
 def test_cli_as_a_program_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "guided.evaluation.evaluate", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
+    proc = subprocess.run([sys.executable, "-m", "guided.cli.evaluate", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no such file") and "\n" not in proc.stderr.strip()

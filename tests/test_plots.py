@@ -1,4 +1,4 @@
-"""python -m guided.evaluation.plots: the paper's trade-off figures over one or several sweep folders, and their data."""
+"""python -m guided.cli.plots: the paper's trade-off figures over one or several sweep folders, and their data."""
 import csv
 import json
 from types import SimpleNamespace
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from guided.errors import GuidedError
-from guided.evaluation.plots import main, tradeoff
+from guided.cli.plots import main
+from guided.evaluation.plots import tradeoff
 from guided.cli.sweep import save_results
 
 PNG = b"\x89PNG\r\n\x1a\n"

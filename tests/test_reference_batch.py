@@ -1,4 +1,4 @@
-"""python -m guided.evaluation.reference_batch: class-balanced reference batches in the paper's layout."""
+"""python -m guided.cli.reference_batch: class-balanced reference batches in the paper's layout."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,7 +7,8 @@ from guided.data import center_crop_arr
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import evaluate, read_npz, stats_cache_path
 from guided.evaluation.judge import digits_data, load_judge, split_indices
-from guided.evaluation.reference_batch import balanced_plan, build_reference, main
+from guided.cli.reference_batch import main
+from guided.evaluation.reference_batch import balanced_plan, build_reference
 
 
 def _png(path, array):

@@ -1,18 +1,15 @@
 """Check the project against numbers produced by the paper's released code.
 
-    python -m guided.evaluation.conformance ../shared/conformance/*.pt
-
 Each file (format: ../shared/conformance/README.md) holds flags, weights,
 inputs and reference outputs of one kind: `unet`, `classifier`, `schedule` or
 `guided`. The networks are rebuilt from the file's flags with the project's
-own code, every stored output is recomputed, and a table of relative errors
-||ours - ref|| / ||ref|| is printed. Exit status 1 if any row is over its
-tolerance (1e-4; 1e-3 for the full DDIM loop), 2 for a file it cannot read.
+own code, every stored output is recomputed (`check_file`), and each
+relative error ||ours - ref|| / ||ref|| is a `Row` with its tolerance (1e-4;
+1e-3 for the full DDIM loop); `format_table` lays them out. The command line
+is guided.cli.conformance.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,28 +196,3 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         lines.append(f"{r.file:<28} {r.quantity:<30} {r.error:>11.3e} {r.tol:>8.0e}  {'ok' if r.ok else 'FAIL'}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    from guided.cli import Parser  # one-line argparse errors, exit 2
-
-    p = Parser(prog="python -m guided.evaluation.conformance", description=__doc__.split("\n\n")[0])
-    p.add_argument("files", nargs="+", help="conformance .pt files")
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(True)
-    rows = []
-    try:
-        for f in args.files:
-            rows += check_file(f)
-    except GuidedError as e:
-        print(format_table(rows)) if rows else None
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    bad = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(bad)} of {len(rows)} quantities within tolerance")
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

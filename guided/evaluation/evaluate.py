@@ -1,20 +1,16 @@
-"""Evaluate a sample batch against a reference batch: FID, sFID, IS, precision, recall.
+"""Sample batches against a reference batch: FID, sFID, IS, precision, recall, and the npz files behind them.
 
-    python -m guided.evaluation.evaluate SAMPLES.npz [SAMPLES2.npz ...] REFERENCE.npz
-        [--features inception|dinov2|digits] [--inception-weights PATH] [--dinov2-weights PATH]
-        [--batch-size N] [--json OUT]
-
-The files use the ADM paper's layout: `arr_0` uint8 N x H x W x C (C = 3, or 1),
-optional `arr_1` integer labels. The metrics are those of openai/guided-diffusion's
-`evaluations/evaluator.py` (see guided.evaluation.metrics), plus FD-DINOv2; each is printed with the
-sample count behind it, and distances from too few images come with a warning. Several
-sample files (one per seed) also give the mean, std, min and max of every metric.
-Reference features and statistics are cached next to the reference file as
+The files use the ADM paper's layout: `arr_0` uint8 N x H x W x C (C = 3, or 1), optional
+`arr_1` integer labels (`NpzImages` streams them, `read_npz` / `write_npz`). `evaluate`
+computes the metrics of openai/guided-diffusion's `evaluations/evaluator.py` (the formulas
+are guided.evaluation.metrics), plus FD-DINOv2, with warnings for distances from too few
+images; `evaluate_files` does so for several sample files (one per seed), and
+`format_result` / `format_summary` put the numbers into lines with the sample count behind
+each. Reference features and statistics are cached next to the reference file as
 REF.<features>.stats.npz and redone when the reference file (size, mtime) or the feature
-network changes.
+network changes. The command line is guided.cli.evaluate.
 """
 
-import json
 import os
 import sys
 import zipfile
@@ -24,7 +20,8 @@ import numpy as np
 
 from guided.networks.checkpoints import atomic_write
 from guided.errors import GuidedError
-from guided.evaluation.features import FEATURES, compute_features, get_extractor
+from guided.evaluation.extractor import compute_features
+from guided.evaluation.features import get_extractor
 from guided.evaluation.metrics import (fd_count_warnings, feature_stats, frechet_distance, inception_score, precision_recall,
                             summarize)
 
@@ -270,6 +267,17 @@ def evaluate(samples_npz, reference_npz, extractor="inception", *, inception_wei
     return result
 
 
+def evaluate_files(samples, reference_npz, features="inception", *, inception_weights=None, dinov2_weights=None,
+                   batch_size=64, use_cache=True, device=None):
+    """`evaluate` each of several sample files (one per seed) against one reference batch, the
+    feature network (named by `features`, sized for the first file) loaded once; one result each."""
+    _check_batch_size(batch_size)
+    first = NpzImages(samples[0])
+    extractor = get_extractor(features, first.shape[1], inception_weights, device, dinov2_weights)
+    return [evaluate(f, reference_npz, extractor, batch_size=batch_size, use_cache=use_cache, device=device)
+            for f in samples]
+
+
 # -- reporting ---------------------------------------------------------------------------------
 _LABELS = {"inception_score": "Inception Score", "fid": "FID", "fd_dinov2": "FD-DINOv2", "sfid": "sFID",
            "precision": "Precision", "recall": "Recall", "judge_accuracy": "Judge accuracy"}
@@ -306,62 +314,3 @@ def format_summary(runs, names):
     for stat in ("mean", "std", "min", "max"):
         lines.append(f"{stat:<{width}}  {'':>7}  " + "  ".join(cell(summary[k][stat]) for k in keys))
     return lines, summary
-
-
-def _parser():
-    from guided.cli import Parser  # one-line argparse errors, exit 2
-
-    p = Parser(prog="python -m guided.evaluation.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("samples", nargs="+", help="sample batch .npz (arr_0: uint8 N x H x W x C); several files "
-                                              "(one per seed) also give the mean, std, min and max")
-    p.add_argument("reference", help="reference batch .npz; statistics are cached next to it")
-    p.add_argument("--features", choices=FEATURES, default="inception",
-                   help="feature network: the paper's Inception-v3, DINOv2 ViT-L/14 (FD-DINOv2; pip install "
-                        "'.[dinov2]'), or the digits judge (default: inception)")
-    p.add_argument("--inception-weights", metavar="PATH",
-                   help="weights-inception-2015-12-05-6726825d.pth (else $GUIDED_INCEPTION_WEIGHTS, ~/.cache/guided/)")
-    p.add_argument("--dinov2-weights", metavar="PATH",
-                   help="dinov2_vitl14_pretrain.pth (else $GUIDED_DINOV2_WEIGHTS, ~/.cache/guided/)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: 64)")
-    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference statistics cache")
-    p.add_argument("--device", help="torch device for the feature network (default: cuda if available)")
-    return p
-
-
-def _run(args):
-    _check_batch_size(args.batch_size)
-    first = NpzImages(args.samples[0])
-    extractor = get_extractor(args.features, first.shape[1], args.inception_weights, args.device,
-                              args.dinov2_weights)
-    runs = [evaluate(f, args.reference, extractor, batch_size=args.batch_size, use_cache=not args.no_cache,
-                     device=args.device) for f in args.samples]
-    if len(runs) == 1:
-        res = runs[0]
-        print(f"{args.samples[0]}: {res['num_samples']} samples against {args.reference}: "
-              f"{res['num_reference']} images, {res['features']} features ({res['feature_dim']}-d)")
-        print("\n".join(format_result(res)))
-    else:
-        lines, summary = format_summary(runs, args.samples)
-        print(f"{len(runs)} sample files against {args.reference} ({runs[0]['features']} features); "
-              f"samples per file: {', '.join(str(r['num_samples']) for r in runs)}")
-        print("\n".join(lines))
-        res = {"runs": [dict(r, file=f) for r, f in zip(runs, args.samples)], "summary": summary}
-    for w in dict.fromkeys(w for r in runs for w in r["warnings"]):
-        print(f"warning: {w}", file=sys.stderr)
-    if args.json:
-        try:
-            atomic_write(Path(args.json), lambda f: f.write((json.dumps(res, indent=2) + "\n").encode()))
-        except OSError as e:
-            raise GuidedError(f"cannot write {args.json}: {e.strerror}") from None
-    return 0
-
-
-def main(argv=None):
-    from guided.cli import run_cli
-
-    return run_cli(_run, _parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

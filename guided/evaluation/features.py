@@ -1,16 +1,11 @@
-"""Feature extractors for the metrics: uint8 NHWC images in, three feature arrays out.
+"""Feature networks for the metrics, and the registry that makes one by name.
 
-A `FeatureExtractor` maps a batch of uint8 N x H x W x C images (C = 3, or 1 for
-grey) to a dict of float numpy arrays:
-
-    "pool"    N x D  pooled features      (FID or FD, precision/recall)
-    "spatial" N x S  spatial features     (sFID; optional)
-    "probs"   N x K  class probabilities  (Inception Score; optional)
-
-Three implementations: `InceptionFeatures`, the FID Inception-v3 network the ADM paper
-evaluates with (through torch-fidelity); `DINOv2Features`, DINOv2 ViT-L/14 (through
-timm) for FD-DINOv2 as EDM2 reports it; and the digits judge of `guided.evaluation.judge`, a small
-independent classifier for the embedded 8x8-digits data set. Weights are never
+Each is a `guided.evaluation.extractor.FeatureExtractor` (uint8 NHWC images in; "pool",
+"spatial" and "probs" feature arrays out). Three of them: `InceptionFeatures`, the FID
+Inception-v3 network the ADM paper evaluates with (through torch-fidelity);
+`DINOv2Features`, DINOv2 ViT-L/14 (through timm) for FD-DINOv2 as EDM2 reports it; and
+the digits judge of `guided.evaluation.judge`, a small independent classifier for the
+embedded 8x8-digits data set. `get_extractor` makes one by name. Weights are never
 downloaded: a missing file is one line that says where to put it.
 """
 
@@ -19,12 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from guided.errors import GuidedError
+from guided.evaluation.extractor import FeatureExtractor, check_images, compute_features  # noqa: F401 - re-exported
+from guided.evaluation.judge import load_judge
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 # pytorch-fid's name for the same converted network (same sha256 prefix 6726825d, same keys).
@@ -34,47 +29,6 @@ INCEPTION_URLS = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILENAME,
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
 )
-
-
-class FeatureExtractor:
-    """Interface: `extract(images_uint8_nhwc) -> {"pool", "spatial", "probs"}`.
-
-    `name` names the feature space in cache files; `cache_key` changes whenever the
-    features would (different weights), so cached reference statistics are redone.
-    """
-
-    name = "base"
-    fd_key = "fid"  # the name of the Frechet distance in this feature space
-    # True where a reference npz's own mu/sigma/mu_s/sigma_s (the paper's published
-    # reference batches carry them) were made in this feature space and may be used.
-    uses_npz_stats = False
-
-    @property
-    def cache_key(self):
-        return self.name
-
-    def extract(self, images):
-        raise NotImplementedError
-
-
-def check_images(images):
-    """Validate a uint8 N x H x W x C batch (C = 1 or 3); return it as a numpy array."""
-    images = np.require(images, requirements="W")  # writable: torch.from_numpy warns otherwise
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise GuidedError(
-            f"images must be uint8 N x H x W x C with C = 1 or 3, got {images.dtype} of shape {images.shape}")
-    return images
-
-
-def compute_features(extractor, batches, total=None, progress=True, desc="features"):
-    """Run `extractor` over an iterable of uint8 NHWC batches; concatenate each output."""
-    out = {}
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
-        for key, value in extractor.extract(check_images(batch)).items():
-            out.setdefault(key, []).append(np.asarray(value))
-    if not out:
-        raise GuidedError("no images to compute features from")
-    return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
 @dataclass(frozen=True)
@@ -273,6 +227,5 @@ def get_extractor(kind="inception", image_size=None, inception_weights=None, dev
     if kind == "dinov2":
         return DINOv2Features(dinov2_weights, device=device)
     if kind == "digits":
-        from guided.evaluation.judge import load_judge
         return load_judge(image_size or 16)
     raise GuidedError(f"unknown feature extractor {kind!r}; use one of {', '.join(FEATURES)}")

@@ -4,7 +4,7 @@ Not the project's noise-aware guidance classifier: a small CNN trained once, on 
 images only, on scikit-learn's `load_digits` (1,797 8x8 images, values 0..16, 10
 classes) upsampled bilinearly to `image_size`. It answers "is this sample recognisably
 the digit that was asked for?" (`judge.accuracy`), and doubles as a feature space for
-the metrics (`guided.evaluation.features.FeatureExtractor`): pool = penultimate layer (64 dims),
+the metrics (`guided.evaluation.extractor.FeatureExtractor`): pool = penultimate layer (64 dims),
 spatial = first 8 channels of the second conv map pooled to 4x4 (128 dims, the
 analogue of the evaluator's first 7 channels of `mixed_6/conv`), probs = softmax.
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guided.errors import GuidedError
-from guided.evaluation.features import FeatureExtractor
+from guided.evaluation.extractor import FeatureExtractor
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_judge.pt"
 JUDGE_VERSION = 2  # bump when the data, network or recipe below changes

@@ -1,21 +1,18 @@
 """Figures of guidance sweeps, and the data behind them.
 
-    python -m guided.evaluation.plots SWEEP_DIR [SWEEP_DIR ...] --out tradeoff.png [--labels A,B,...]
-
 `tradeoff` draws the paper's trade-off figures (Dhariwal & Nichol 2021, fig. 5: varying
 the classifier scale): precision against recall, and FID against Inception Score, one
 curve per sweep folder, each point labelled with its value of the swept parameter and
 with error bars of one standard deviation over seeds. A sweep folder is one method of a
 guidance study, so many can be overlaid; the figure's numbers go to tradeoff.csv and
 tradeoff.json beside the PNG. `plot_sweep` draws one sweep's metrics against the swept
-parameter (the sweep's own sweep.png).
+parameter (the sweep's own sweep.png). The command line is guided.cli.plots.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 from guided.errors import GuidedError
@@ -176,32 +173,3 @@ def _write_data(out: Path, rows: list[dict], warnings: list[str]) -> None:
     write_output(out.with_suffix(".csv"), lambda f: f.write(text.getvalue().encode()))
     blob = json.dumps({"points": rows, "warnings": warnings}, indent=1) + "\n"
     write_output(out.with_suffix(".json"), lambda f: f.write(blob.encode()))
-
-
-def _parser():
-    from guided.cli import Parser
-
-    p = Parser(prog="python -m guided.evaluation.plots", description=__doc__.split("\n\n")[0])
-    p.add_argument("sweeps", nargs="+", help="sweep folders of python -m guided.cli.sweep (one per method)")
-    p.add_argument("--out", default="tradeoff.png", help="the figure; its data go beside it as .csv and .json")
-    p.add_argument("--labels", default=None, help="comma list of method names (default: the folder names)")
-    return p
-
-
-def _run(args) -> int:
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    for w in tradeoff(args.sweeps, Path(args.out), labels):
-        print(f"warning: {w}", file=sys.stderr)
-    out = Path(args.out)
-    print(f"wrote {out}, {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
-    return 0
-
-
-def main(argv=None) -> int:
-    from guided.cli import run_cli
-
-    return run_cli(_run, _parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
