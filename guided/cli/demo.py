@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from guided.cli import Parser, run_cli
-from guided.cli.options import (ADAPTIVE, _number, add_guidance_args, add_model_args, add_sampler_args, options,
+from guided.cli.options import (_number, add_guidance_args, add_model_args, add_sampler_args, options,
                                 pipeline_keywords)
 from guided.errors import GuidedError
 from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
@@ -100,15 +100,13 @@ def request(p: Pipeline, args, class_text, method, scale, sampler, steps, num_sa
         raise GuidedError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
     if scale is None or not math.isfinite(scale) or scale < 0:
         raise GuidedError(f"the guidance scale must be a number of 0 or more, got {scale}")
-    if sampler not in SAMPLER_NAMES:
-        raise GuidedError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    spec = sampler_for(sampler, p.score_model)  # an unknown one, or one the model cannot serve: one line
     n = _whole(num_samples, "the number of samples", 1, MAX_SAMPLES)
     seed = _whole(seed, "the seed", 0)
     classes = parse_classes(str(class_text or "").strip() or None, p)  # empty: every class
-    steps = None if sampler in ADAPTIVE else str(steps).strip()  # ode and langevin choose their own
+    steps = None if spec.adaptive else str(steps).strip()  # ode and langevin choose their own
     opts = replace(options(args, 0.0, sampler=sampler, steps=steps), **{**OFF, **METHODS[method](float(scale))})
     labels = plan_labels(classes, n)
-    sampler_for(sampler, p.score_model)
     check_labels(p, [y for y in labels if y >= 0], opts)
     return labels, seed + np.arange(n), opts
 
@@ -209,13 +207,9 @@ def read_sweep(folder):
     return rows[0], rows[1:], [(im, cap) for im, cap in plots if im is not None]
 
 
-def build_page(p: Pipeline, args, device):
-    """The Gradio Blocks of the two tabs."""
+def generate_handler(p: Pipeline, args, device):
+    """The Generate button: yields (samples grid, previews, status) as the sampling goes."""
     import gradio as gr
-
-    names = class_choices(p)
-    start_sampler = args.sampler if p.score_model.kind in SAMPLERS[args.sampler].kinds else DEFAULT[p.score_model.kind]
-    first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
 
     def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
         start = time.perf_counter()
@@ -237,13 +231,42 @@ def build_page(p: Pipeline, args, device):
                     yield gr.skip(), gr.skip(), f"sampling: {percent}%"
         except GuidedError as e:
             yield None, None, f"**Error:** {e}"
+    return on_generate
 
-    def on_sweep(folder):
-        try:
-            header, rows, plots = read_sweep(folder)
-        except GuidedError as e:
-            return gr.update(value=None), [], f"**Error:** {e}"
-        return gr.update(value=rows, headers=header), plots, f"{len(rows)} rows from {folder}/results.csv"
+
+def on_sweep(folder):
+    """The Show button of the Sweep tab: the folder's table and plots."""
+    import gradio as gr
+
+    try:
+        header, rows, plots = read_sweep(folder)
+    except GuidedError as e:
+        return gr.update(value=None), [], f"**Error:** {e}"
+    return gr.update(value=rows, headers=header), plots, f"{len(rows)} rows from {folder}/results.csv"
+
+
+def generate_fields(gr, p: Pipeline, args) -> list:
+    """The Generate tab's inputs: class, method, scale, sampler, steps, samples, seed."""
+    names = class_choices(p)
+    kind = p.score_model.kind
+    start_sampler = args.sampler if kind in SAMPLERS[args.sampler].kinds else DEFAULT[kind]
+    first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
+    return [gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
+                        interactive=bool(names),
+                        info="a name, an index, or a comma list" if names else "this model has no classes"),
+            gr.Radio(available_methods(p), value=args.method or default_method(p), label="guidance method",
+                     elem_id="method"),
+            gr.Number(args.scale, label="guidance scale", elem_id="scale"),
+            gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler", elem_id="sampler"),
+            gr.Textbox(args.steps, label="steps", elem_id="steps",
+                       info="a count (50), section counts (10,15,20), ddimN or quadN"),
+            gr.Number(args.num_samples, label="samples", precision=0, elem_id="num-samples"),
+            gr.Number(args.seed, label="seed", precision=0, elem_id="seed")]
+
+
+def build_page(p: Pipeline, args, device):
+    """The Gradio Blocks of the two tabs."""
+    import gradio as gr
 
     with gr.Blocks(title="guided demo", analytics_enabled=False) as page:
         gr.Markdown(f"## guided: {p.name}  \nPick a class, a guidance method and its scale, and watch the "
@@ -251,19 +274,7 @@ def build_page(p: Pipeline, args, device):
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    cls = gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
-                                      interactive=bool(names),
-                                      info="a name, an index, or a comma list" if names else "this model has no "
-                                      "classes")
-                    method = gr.Radio(available_methods(p), value=args.method or default_method(p),
-                                      label="guidance method", elem_id="method")
-                    scale = gr.Number(args.scale, label="guidance scale", elem_id="scale")
-                    sampler = gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler",
-                                          elem_id="sampler")
-                    steps = gr.Textbox(args.steps, label="steps", elem_id="steps",
-                                       info="a count (50), section counts (10,15,20), ddimN or quadN")
-                    num = gr.Number(args.num_samples, label="samples", precision=0, elem_id="num-samples")
-                    seed = gr.Number(args.seed, label="seed", precision=0, elem_id="seed")
+                    fields = generate_fields(gr, p, args)
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
                     status = gr.Markdown(elem_id="status")
@@ -273,7 +284,7 @@ def build_page(p: Pipeline, args, device):
                                 f"estimate at {', '.join(f'{m:.0%}' for m in PREVIEW_AT)} of the reverse "
                                 "process, then the sample")
                     previews = gr.Image(format="png", interactive=False, show_label=False, elem_id="previews")
-            go.click(on_generate, [cls, method, scale, sampler, steps, num, seed], [samples, previews, status])
+            go.click(generate_handler(p, args, device), fields, [samples, previews, status])
         with gr.Tab("Sweep"):
             with gr.Row():
                 folder = gr.Textbox(args.sweep, label="sweep folder", elem_id="sweep-folder", scale=4)

@@ -157,14 +157,13 @@ def options(args, scale, **override) -> SampleOptions:
 def clip_guided(args, sampler: str) -> bool:
     """--clip-guided as given, else the shipped model's default; off (the paper's arithmetic) for
     every model not in SHIPPED_MODELS and for the samplers it does not change."""
-    changed = clip_guided_samplers()
-    score_ddpm = sampler == "ddpm" and getattr(args, "ddpm_form", "mean") == "score"
+    changed, applies = clip_guided_samplers(), SAMPLERS[sampler].clips(getattr(args, "ddpm_form", "mean"))
     if args.clip_guided is None:
         default = SHIPPED_MODELS.get(args.model, {}).get("clip_guided", False)
-        return default and (sampler in changed or score_ddpm) and not args.no_clip
+        return default and applies and not args.no_clip
     if args.clip_guided and args.no_clip:
         raise GuidedError("--clip-guided clips x0 to [-1, 1]; it cannot go with --no-clip")
-    if args.clip_guided and sampler not in changed and not score_ddpm:
+    if args.clip_guided and not applies:
         raise GuidedError(f"--clip-guided does not change the {sampler} sampler; it applies to {', '.join(changed)}")
     return args.clip_guided
 

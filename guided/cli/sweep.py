@@ -11,7 +11,7 @@ Samples go to OUT/<param>_<value>/seed_<s>/ (samples.npz, grid.png, settings.jso
 repetition j draws sample i with seed `seed + j * num_samples + i`, so repetitions share
 no noise and the first is the single-seed sweep. Metrics per run go to OUT/runs.csv; their
 mean, std, min and max over seeds per value to OUT/results.csv and OUT/results.json, and
-their curves to OUT/sweep.png (guided.evaluation.plots; python -m guided.evaluation.plots overlays sweeps).
+their curves to OUT/sweep.png (guided.evaluation.plots; python -m guided.cli.plots overlays sweeps).
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ from typing import Callable, Optional
 import torch
 
 from guided.cli import Parser, run_cli
+from guided.cli.evaluation_options import add_feature_options
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
                                 interval, options, pipeline_keywords)
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import METRICS, evaluate
-from guided.evaluation.features import FEATURES, get_extractor
+from guided.evaluation.features import get_extractor
 from guided.evaluation.metrics import summarize
 from guided.evaluation.plots import label, plot_sweep
 from guided.generation import SampleOptions, generate, load_pipeline
@@ -41,7 +42,7 @@ from guided.generation.options import METHODS
 from guided.generation.runtime import processes
 from guided.generation.writer import write_output
 
-DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.evaluation.reference_batch digits
+DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.cli.reference_batch digits
 RESULT_FILES = ("settings.json", "results.json", "results.csv", "runs.csv", "sweep.png")
 
 
@@ -108,12 +109,10 @@ def build_parser() -> Parser:
     add_sampler_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--reference", default="digits",
-                   help="reference batch (.npz in the paper's layout; python -m guided.evaluation.reference_batch makes one), or "
+                   help="reference batch (.npz in the paper's layout; python -m guided.cli.reference_batch makes one), or "
                         "'digits': 1,000 class-balanced training digits built into OUT")
-    e.add_argument("--features", choices=FEATURES, default=None,
-                   help="feature network (default: digits for the digits reference, else inception)")
-    e.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
-    e.add_argument("--dinov2-weights", default=None, help="dinov2_vitl14_pretrain.pth (--features dinov2)")
+    add_feature_options(e, default=None, batch_size=False,
+                        features_help="feature network (default: digits for the digits reference, else inception)")
     p.add_argument("--out", default="sweep", help="sweep folder (default: sweep)")
     p.add_argument("--overwrite", action="store_true", help="delete the sweep in --out and start afresh")
     return p

@@ -2,7 +2,7 @@
 
 `SAMPLERS[name]` is a `Sampler`: how to run it (`run(job) -> x_0`), whether it takes a fixed step
 count or chooses its own, whether it is stochastic, which model kinds it serves (eps networks,
-NCSN score ladders), and whether the extra clip of the guided x0 (`clip_guided`) changes it.
+NCSN score ladders), and when the extra clip of the guided x0 (`clip_guided`) changes it.
 A `Job` holds one batch's request: the adapted model, the guided model function and gradient
 function (guided/guidance), the per-sample noise, the steps, SDEdit and a preview callback.
 Two families run here: the paper's samplers on a respaced discrete chain (guided/samplers/
@@ -52,7 +52,7 @@ class Sampler:
     kinds: tuple  # ScoreModel.kind values it serves
     adaptive: Optional[str] = None  # how it chooses its own steps; None = a fixed count (--steps)
     stochastic: bool = True
-    clip_guided: bool = False  # whether the extra clip of the guided x0 changes it
+    clip_guided: str = "never"  # when the extra clip of the guided x0 changes it: never | always | score form
     plain_count: bool = False  # its --steps is a plain count, not a respacing
     keywords: Optional[Callable[[Job], dict]] = None  # a discrete sampler's own keywords (eta, guidance form, ...)
 
@@ -67,6 +67,10 @@ class Sampler:
         if not str(steps).isdigit() or int(steps) < 1:  # "quad25" and the like are respacings
             raise GuidedError(f"--sampler {self.name} takes a plain step count (e.g. --steps 1000), not {steps!r}")
         return int(steps)
+
+    def clips(self, ddpm_form: str = "mean") -> bool:
+        """Whether the extra clip of the guided x0 (clip_guided) changes this sampler."""
+        return self.clip_guided == "always" or (self.clip_guided == "score form" and ddpm_form == "score")
 
 
 def autocast(device: torch.device, precision: str):
@@ -161,14 +165,14 @@ def _ddpm_keywords(job: Job) -> dict:
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("ddpm", _discrete("ddpm", discrete.ddpm), ("eps",), keywords=_ddpm_keywords),
-    Sampler("ddim", _discrete("ddim", discrete.ddim), ("eps",), stochastic=False, clip_guided=True,  # unless eta > 0
+    Sampler("ddpm", _discrete("ddpm", discrete.ddpm), ("eps",), clip_guided="score form", keywords=_ddpm_keywords),
+    Sampler("ddim", _discrete("ddim", discrete.ddim), ("eps",), stochastic=False, clip_guided="always",  # unless eta > 0
             keywords=lambda job: {"eta": job.eta, **_score_form(job)}),
-    Sampler("dpm++", _discrete("dpm++", discrete.dpmpp_2m), ("eps",), stochastic=False, clip_guided=True,
+    Sampler("dpm++", _discrete("dpm++", discrete.dpmpp_2m), ("eps",), stochastic=False, clip_guided="always",
             keywords=_score_form),
-    Sampler("pc", _continuous("pc", _pc), ("eps", "score"), clip_guided=True, plain_count=True),
+    Sampler("pc", _continuous("pc", _pc), ("eps", "score"), clip_guided="always", plain_count=True),
     Sampler("ode", _continuous("ode", _ode), ("eps",), adaptive="adaptive RK45, rtol = atol = 1e-5", stochastic=False,
-            clip_guided=True),
+            clip_guided="always"),
     Sampler("langevin", _continuous("langevin", _langevin), ("score",), adaptive="the model's noise ladder"),
 )}
 
@@ -192,4 +196,5 @@ def sampler_for(name: str, model: ScoreModel) -> Sampler:
 
 
 def clip_guided_samplers() -> tuple:
-    return tuple(s for s in SAMPLERS if SAMPLERS[s].clip_guided)
+    """The samplers the extra clip always changes."""
+    return tuple(s for s in SAMPLERS if SAMPLERS[s].clip_guided == "always")
