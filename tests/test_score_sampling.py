@@ -23,8 +23,9 @@ from scipy import integrate
 from guided.errors import GuidedError
 from guided.samplers.score import (cfg_score, classifier_grad_fn, eps_model_score, guided_score,
                           ncsn_score, score_from_eps)
-from guided.samplers.continuous import (SCORE_SAMPLERS, annealed_langevin, dsm_loss,
-                                   geometric_sigmas, ncsn_loss, ode_likelihood, ode_sampler,
+from guided.diffusion.ladder import geometric_sigmas
+from guided.diffusion.losses import dsm_loss, ncsn_loss
+from guided.samplers.continuous import (SCORE_SAMPLERS, annealed_langevin, ode_likelihood, ode_sampler,
                                    pc_sampler, sdedit)
 from guided.diffusion.sde import DiscreteVPSDE, SubVPSDE, VESDE, VPSDE, make_sde
 

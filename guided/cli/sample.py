@@ -297,11 +297,12 @@ def load_pipeline(args, device) -> Pipeline:
         if not isinstance(model, UNetModel):
             raise GuidedError(f"--model {args.model} holds a noise-aware classifier, not a score model "
                               f"(pass it as --classifier)")
-        diffusion_cfg, train = run_cfg.diffusion, run_cfg.train
-        extra = {"objective": train.objective}
-        if train.objective == "ncsn":
+        diffusion_cfg, objective = run_cfg.diffusion, run_cfg.train.objective
+        extra = {"objective": objective.name}
+        if objective.name == "ncsn":
             from guided.diffusion.ladder import geometric_sigmas
-            extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
+            extra["ncsn_sigmas"] = geometric_sigmas(objective.ncsn_sigma_max, objective.ncsn_sigma_min,
+                                                    objective.ncsn_levels)
     classifier = None
     defaults = SHIPPED_MODELS.get(args.model, {})
     spec = classifier_spec(args)

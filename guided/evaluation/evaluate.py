@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guided.networks.checkpoints import atomic_write
+from guided.files import atomic_write
 from guided.errors import GuidedError
 from guided.evaluation.features import FEATURES, compute_features, get_extractor
 from guided.evaluation.metrics import (fd_count_warnings, feature_stats, frechet_distance, inception_score, precision_recall,

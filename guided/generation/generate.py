@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from guided.networks.checkpoints import atomic_write
+from guided.files import atomic_write
 from guided.diffusion.gaussian import create_diffusion
 from guided.errors import GuidedError
 from guided.guidance.terms import Guidance, Term, ladder_sigma, vp_denoiser, vp_sigma
