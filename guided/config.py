@@ -181,6 +181,15 @@ def migrate(values):
     return OmegaConf.create(d)
 
 
+def migrate_override(item: str) -> str:
+    """`train.<old key>=value` as `train.<node>.<key>=value` (RENAMED_TRAIN_KEYS); others unchanged."""
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) == 2 and parts[0] == "train" and parts[1] in RENAMED_TRAIN_KEYS:
+        return "train.{}.{}={}".format(*RENAMED_TRAIN_KEYS[parts[1]], value)
+    return item
+
+
 def saved_config(text: str) -> DictConfig:
     """The RunConfig stored (as YAML text) in a checkpoint or weights file, old layouts included."""
     return merge(structured(), migrate(OmegaConf.create(text)))
@@ -227,7 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
             raise GuidedError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=32)")
     if overrides:
         try:
-            cfg = merge(cfg, migrate(OmegaConf.from_dotlist(list(overrides))))
+            cfg = merge(cfg, OmegaConf.from_dotlist([migrate_override(item) for item in overrides]))
         except GuidedError:
             raise
         except OmegaConfBaseException as e:
