@@ -104,7 +104,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tiny, log_every):
 
 def with_fused_adamw(monkeypatch):
     """The trainers with a fused AdamW on the CPU: the optimizer they get on CUDA by default."""
-    import guided.training.trainer as training
+    import guided.training.steps as training
 
     monkeypatch.setattr(training, "adamw", lambda params, *, lr, weight_decay, device, fused=True:
                         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True))

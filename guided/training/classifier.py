@@ -77,8 +77,8 @@ class ClassifierTrainer(Trainer):
         n = len(x0)
         if not self.cfg.train.objective.noised:
             return dict(x=x0, t=torch.zeros(n, dtype=torch.long, device=self.device), y=y)
-        t = self.objective.draw_levels(n, self.device, self.gen)
-        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
+        t = self.objective.draw_levels(n, self.device, self.rngs.gen)
+        noise = torch.randn(x0.shape, generator=self.rngs.noise_gen, device=self.device)
         return dict(x=self.objective.noise(x0, t, noise), t=t, y=y)
 
     def scores(self, model, x, t, y) -> dict:

@@ -34,10 +34,10 @@ class DiffusionTrainer(Trainer):
 
     def prepare_batch(self, x0, y):
         n, dropout = len(x0), self.cfg.train.objective.label_dropout
-        batch = dict(x=x0, **self.objective.prepare(x0, self.gen, self.noise_gen))
+        batch = dict(x=x0, **self.objective.prepare(x0, self.rngs.gen, self.rngs.noise_gen))
         if self.cfg.model.num_classes is not None:
             if dropout > 0:  # the null label for classifier-free guidance
-                drop = torch.rand(n, generator=self.gen) < dropout
+                drop = torch.rand(n, generator=self.rngs.gen) < dropout
                 y = torch.where(drop.to(y.device, non_blocking=True), torch.full_like(y, self.cfg.model.num_classes), y)
             batch["y"] = y
         return batch
@@ -47,7 +47,7 @@ class DiffusionTrainer(Trainer):
         return lambda x, t: self.model(x, t, **kwargs).float()
 
     def losses(self, b):
-        return self.objective.loss(self.network(b.get("y")), b, self.noise_gen)
+        return self.objective.loss(self.network(b.get("y")), b, self.rngs.noise_gen)
 
     def after_step(self, t, values, took):
         self.objective.observe(t, values["loss"], took, self.accel.gather)

@@ -18,7 +18,6 @@ reads batch_size / N images of its own shard per step.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -26,59 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guided.data import build_dataset, infinite_batches
 from guided.diffusion.objectives import objective_from_config
-from guided.errors import GuidedError
-from guided.locks import check_world_size, first_rank, lock_folder
+from guided.locks import first_rank, lock_folder
 from guided.signals import StopRequest
-from guided.speed import adamw, speed_up
-from guided.training import checkpoints as ck
-from guided.training.meters import QuarterMeter, flat_hparams
+from guided.training.meters import QuarterMeter
 from guided.training.run_state import EMA, RunState
-
-
-def check_train_config(tc) -> None:
-    """Refuse train.* values out of range in one line, before anything is built."""
-    o, ev, pr = tc.objective, tc.eval, tc.probe
-    rules = [("steps", tc.steps >= 0, "0 (just save the initial weights) or more"),
-             ("batch_size", tc.batch_size >= 1, "at least 1"),
-             ("microbatch", tc.microbatch >= 0, "0 (whole batch) or more"), ("lr", tc.lr >= 0, "0 or more"),
-             ("weight_decay", tc.weight_decay >= 0, "0 or more"), ("log_every", tc.log_every >= 1, "at least 1"),
-             ("save_every", tc.save_every >= 1, "at least 1"), ("eval.every", ev.every >= 0, "0 or more"),
-             ("eval.images", ev.images >= 1, "at least 1"), ("probe.every", pr.every >= 0, "0 (off) or more"),
-             ("probe.samples", pr.samples >= 2, "at least 2"),
-             ("keep_checkpoints", tc.keep_checkpoints >= 1, "at least 1"),
-             ("max_bad_steps", tc.max_bad_steps >= 1, "at least 1"), ("grad_clip", tc.grad_clip >= 0, "0 or more"),
-             ("objective.label_dropout", 0 <= o.label_dropout <= 1, "in [0, 1]"),
-             ("num_threads", tc.num_threads >= 0, "0 (default) or more"),
-             ("ema_rates", all(0 <= r <= 1 for r in tc.ema_rates), "a list of rates in [0, 1]"),
-             ("seed", 0 <= tc.seed < 2**63, "in 0 .. 2**63 - 1"),
-             ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16")]
-    for key, ok, want in rules:
-        if not ok:
-            value = list(tc.ema_rates) if key == "ema_rates" else OmegaConf.select(tc, key)
-            raise GuidedError(f"train.{key} must be {want}, not {value!r}")
-    if not all(math.isfinite(v) for v in (tc.lr, tc.weight_decay, tc.grad_clip)):
-        raise GuidedError("train.lr, train.weight_decay and train.grad_clip must be finite numbers")
-
-
-def start_accelerate(tc):
-    """The Accelerator of train.mixed_precision and train.tracker, or a one-line GuidedError."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    if tc.mixed_precision not in ("no", "bf16", "fp16"):
-        raise GuidedError(f"train.mixed_precision must be no, bf16 or fp16, not {tc.mixed_precision!r}")
-    AcceleratorState._reset_state()  # allow a new mixed-precision setting in the same process
-    tracker = None if str(tc.tracker).lower() in ("none", "", "null") else tc.tracker
-    try:
-        return Accelerator(mixed_precision=tc.mixed_precision, log_with=tracker, project_dir=tc.out_dir)
-    except (ValueError, RuntimeError, ImportError) as e:
-        raise GuidedError(f"cannot start Accelerate with mixed_precision={tc.mixed_precision}, "
-                          f"tracker={tc.tracker}: {str(e).splitlines()[0]}") from None
+from guided.training.steps import (BadSteps, RunLog, check_fits, check_train_config, local_batch, microbatches,
+                                   optimizer_step, prepare_network, set_lr, start_accelerate, stop_agreed)
 
 
 @dataclass
@@ -104,18 +60,13 @@ class Trainer:
         tc = self.cfg.train
         check_train_config(tc)
         self.accel = start_accelerate(tc)
-        if tc.mixed_precision == "fp16" and self.accel.device.type == "cpu":
-            self.print("note: fp16 mixed precision does nothing on the CPU; bf16 does")
-        if tc.num_threads > 0:  # after Accelerate, which sets its own count for CPU processes
-            torch.set_num_threads(tc.num_threads)
         self.rank, self.world, self.device = self.accel.process_index, self.accel.num_processes, self.accel.device
         self.out_dir = Path(tc.out_dir)
+        self.runlog = RunLog(self.accel, self.out_dir)
+        self.print = self.runlog.print
         self.print(f"{self.kind} training: {self.world} process{'es' if self.world > 1 else ''}, device {self.device}; "
                    f"run folder {self.out_dir} (train.out_dir)")
-        check_world_size(self.world, self.device)
-        if tc.batch_size % self.world:
-            raise GuidedError(f"train.batch_size={tc.batch_size} does not split evenly over {self.world} processes")
-        self.local_batch = tc.batch_size // self.world
+        self.local_batch = local_batch(tc, self.world, self.device)
         self.dataset = build_dataset(self.cfg.data)
         self.label_map = self.dataset.label_map
         self.fit_config_to_data()
@@ -125,32 +76,25 @@ class Trainer:
         """The network, optimizer, EMA and run state; then resume (or check the run folder)."""
         tc = self.cfg.train
         torch.manual_seed(tc.seed)  # the same initial weights in every process
-        net = self.build_model()
-        opt = adamw(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, device=self.accel.device,
-                    fused=tc.fused_optimizer)
-        self.model, self.opt = self.accel.prepare(speed_up(net, channels_last=tc.channels_last), opt)
-        self.net = self.accel.unwrap_model(self.model)
-        if tc.compile:
-            self.model = torch.compile(self.model)
+        self.model, self.opt, self.net = prepare_network(self.accel, self.build_model(), tc)
         self.ema = EMA(self.net, tc.ema_rates, tc.ema_warmup)
         self.params = self.ema.params
         self.run_state = RunState(self.accel, self.cfg, kind=self.kind, label_map=self.label_map, net=self.net,
                                   opt=self.opt, ema=self.ema, note=self.print)
         for name, part in self.state_parts().items():
             self.run_state.register(name, part)
-        self.step, self.bad_total, self.bad_in_row, self.last_ckpt = 0, 0, 0, None
-        self.unread_flags: list[torch.Tensor] = []  # per step since the last read: took the step?
+        self.rngs, self.step, self.last_ckpt, self.stopped_by = self.run_state.rngs, 0, None, None
+        self.bad_steps = BadSteps(tc.max_bad_steps, self.print)
         self.meter = QuarterMeter(self.objective.num_levels, self.device)
         self.stop = StopRequest(lambda: self.print(f"Ctrl-C: saving a checkpoint after step {self.step + 1} "
                                                    "(press it again to stop at once)"))
-        self.stopped_by = None
         # rank 0 holds the run folder's lock from here to the end of run(): no second run may
         # write (or --resume from and clean up) this folder meanwhile
         self.lock = first_rank(lambda: lock_folder(self.out_dir, "train.out_dir"), self.rank, self.world)
         try:
             resumed = self.run_state.resume(resume)
             if resumed is not None:
-                self.step, self.bad_total, self.last_ckpt = resumed.step, resumed.bad_total, resumed.path
+                self.step, self.bad_steps.total, self.last_ckpt = resumed.step, resumed.bad_total, resumed.path
             self.stream = infinite_batches(self.dataset, self.local_batch, self.rank, self.world, tc.seed,
                                            self.cfg.data.num_workers, None if resumed is None else resumed.data)
             self.batches = iter(self.stream)
@@ -159,14 +103,8 @@ class Trainer:
             raise
 
     @property
-    def gen(self) -> torch.Generator:
-        """The CPU generator of the loop's draws (timesteps, label dropout)."""
-        return self.run_state.rngs.gen
-
-    @property
-    def noise_gen(self) -> torch.Generator:
-        """The device generator of the loop's noise."""
-        return self.run_state.rngs.noise_gen
+    def bad_total(self) -> int:
+        return self.bad_steps.total
 
     def release(self):
         """Give up the run folder's lock (rank 0)."""
@@ -174,13 +112,12 @@ class Trainer:
             self.lock.release()
             self.lock = None
 
-    # -- hooks --------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
     def prepare_batch(self, x0, y) -> dict:
-        """Draw this step's randomness for the whole per-process batch (so it does not depend on
-        the microbatch size): a dict of tensors with a leading batch dimension: x (the network input), t (if any), ..."""
+        """This step's randomness for the whole per-process batch (not per microbatch): tensors
+        with a leading batch dimension: x (the network input), t (if any), ..."""
         raise NotImplementedError
 
     def losses(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -202,12 +139,7 @@ class Trainer:
 
     def fit_config_to_data(self):
         """Check that the network fits the images, and build the objective."""
-        net, data = self.cfg[self.net_cfg_key], self.cfg.data
-        if data.image_size != net.image_size:
-            raise GuidedError(f"data.image_size={data.image_size} but {self.net_cfg_key}.image_size="
-                              f"{net.image_size}; set them equal")
-        if data.channels != net.in_channels:
-            raise GuidedError(f"data.channels={data.channels} but {self.net_cfg_key}.in_channels={net.in_channels}")
+        check_fits(self.cfg, self.net_cfg_key)
         self.objective = objective_from_config(self.cfg)
 
     def set_num_classes(self, node):
@@ -217,24 +149,12 @@ class Trainer:
             self.print(f"note: {self.net_cfg_key}.num_classes {node.num_classes} -> {n} (the classes in the data)")
         node.num_classes = n
 
-    # -- one optimisation step ----------------------------------------------------------------
-    def set_lr(self):
-        tc = self.cfg.train
-        lr = tc.lr * (1 - self.step / tc.steps) if tc.anneal_lr else tc.lr  # linear to 0, as the reference
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-
-    def microbatches(self, batch: dict):
-        n, size = len(batch["x"]), self.cfg.train.microbatch
-        size = n if size <= 0 else size
-        return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
-
     def train_step(self, x0, y) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """Forward/backward over microbatches, clip, check, step. Returns (took, logs, t), `took` a
         flag on the device: nothing here waits for the device (the flags are read every log_every
         steps, see read_bad_steps), so the host can queue the next step while this one runs."""
         batch = self.prepare_batch(x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-        parts, n = self.microbatches(batch), len(batch["x"])
+        parts, n = microbatches(batch, self.cfg.train.microbatch), len(batch["x"])
         self.opt.zero_grad(set_to_none=True)
         total, logs = 0.0, []
         for i, part in enumerate(parts):
@@ -248,33 +168,13 @@ class Trainer:
         bad = ~torch.isfinite(total) | ~torch.isfinite(norm.to(total.device))
         if self.world > 1:  # the same decision in every process
             bad = self.accel.reduce(bad.float(), reduction="sum") > 0
-        took = self.optimizer_step(bad)
+        took = optimizer_step(self.accel, self.opt, bad)
         self.opt.zero_grad(set_to_none=True)
         values = {k: torch.cat([v[k] for v in logs]) for k in logs[0]}
         values["grad_norm"] = norm.detach().float().expand(n)
         self.ema.update(took, self.step)
         return took, values, batch.get("t")
 
-    def optimizer_step(self, bad: torch.Tensor) -> torch.Tensor:
-        """The optimizer step unless `bad` (a non-finite loss or gradient); returns `took` on the device.
-        A fused AdamW skips it on the device through its found_inf input (the GradScaler's way: neither
-        weights, moments nor step count move); fp16's scaler skips a non-finite step itself and backs
-        off its scale; any other optimizer needs `bad` on the host: free on the CPU, a wait on a GPU."""
-        inner = self.opt.optimizer  # under Accelerate's wrapper
-        if self.accel.scaler is not None:
-            self.opt.step()
-            return ~bad & (not self.accel.optimizer_step_was_skipped)
-        if inner.defaults.get("fused"):
-            inner.found_inf = bad.float()
-            try:
-                self.opt.step()
-            finally:
-                del inner.found_inf
-        elif not bad.item():
-            self.opt.step()
-        return ~bad
-
-    # -- the loop -----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> str:
         """Train to train.steps. Returns "done", or "stopped" after SIGTERM or Ctrl-C (or
         `stop_after` steps of this call), in both cases with a checkpoint saved. The run
@@ -286,7 +186,7 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> str:
         tc = self.cfg.train
-        self.start_run()
+        self.runlog.start(self.cfg, self.label_map)
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.accel.is_main_process, dynamic_ncols=True)
         window, start, done_here = [time.time(), 0], self.step, 0
         try:
@@ -294,7 +194,7 @@ class Trainer:
                 while self.step < tc.steps:
                     read = self.one_step(bar, window)
                     done_here += 1
-                    if self.stop_requested(read) or (stop_after and done_here >= stop_after):
+                    if stop_agreed(self.stop, self.accel, read) or (stop_after and done_here >= stop_after):
                         self.stopped_by = self.stop.by
                         self.save()
                         self.print(f"stopped at step {self.step} ({self.stop.by or 'stop_after'}); "
@@ -311,112 +211,42 @@ class Trainer:
             bar.close()
             self.accel.end_training()
 
-    def start_run(self):
-        """config.yaml and label_map.json into the run folder; the trackers."""
-        if self.accel.is_main_process:
-            ck.write_run_files(self.out_dir, self.cfg, self.label_map)
-            self.print(f"writing config.yaml, label_map.json, metrics.jsonl and every {self.cfg.train.save_every} "
-                       f"steps (train.save_every) ckpt-*.pt, model.pt and ema.pt into {self.out_dir}")
-        if self.accel.log_with:
-            self.accel.init_trackers("tb", config=flat_hparams(self.cfg))
-
     def one_step(self, bar, window) -> bool:
         """One training step and the hooks due after it; returns whether the log was read."""
         tc = self.cfg.train
         with torch.random.fork_rng(devices=[]):  # DataLoader draws a seed from the global RNG
             x0, y = next(self.batches)
-        self.set_lr()
+        set_lr(self.opt, tc, self.step)
         took, values, t = self.train_step(x0, y)
         self.step, window[1] = self.step + 1, window[1] + len(x0) * self.world
         bar.update(1)
-        self.unread_flags.append(took)
+        self.bad_steps.unread.append(took)
         self.meter.add(None if t is None else self.objective.log_t(t), values, took)
         self.after_step(t, values, took)
         read = self.step % tc.log_every == 0 or self.step == tc.steps
         if read:
-            self.log(bar, window)
+            self.read_bad_steps()
+            self.runlog.log(self.meter, bar, window, step=self.step, bad_total=self.bad_total,
+                            lr=self.opt.param_groups[0]["lr"], last_ckpt=self.last_ckpt)
         if tc.eval.every and self.step % tc.eval.every == 0:
             self.evaluate()
         if tc.probe.every and self.step % tc.probe.every == 0:
             self.probe()
-        if self.step in tc.snapshot_steps:
-            self.export_snapshot()
+        if self.step in tc.snapshot_steps and (path := self.run_state.export_snapshot(self.step)):
+            self.print(f"step {self.step}: EMA snapshot {path}")
         return read
 
     def read_bad_steps(self):
-        """Read the took-flags of the steps since the last read (one host read per log interval) and
-        count the skipped ones, step by step, as they happened."""
-        if not self.unread_flags:
-            return
-        flags, first = torch.stack(self.unread_flags).tolist(), self.step - len(self.unread_flags) + 1
-        self.unread_flags = []
-        for i, took in enumerate(flags):
-            self.count_bad(first + i, took)
-
-    def count_bad(self, step: int, took: bool):
-        if took:
-            self.bad_in_row = 0
-            return
-        self.bad_total, self.bad_in_row = self.bad_total + 1, self.bad_in_row + 1
-        self.print(f"step {step}: non-finite loss or gradient, step skipped "
-                   f"({self.bad_in_row} in a row, {self.bad_total} in all)")
-        if self.bad_in_row >= self.cfg.train.max_bad_steps:
-            raise GuidedError(f"stopping at step {step}: {self.bad_in_row} non-finite steps in a row "
-                              f"(train.max_bad_steps); last good checkpoint: {self.last_ckpt or 'none saved yet'}")
-
-    def stop_requested(self, read: bool) -> bool:
-        """A stop request (SIGTERM): in one process as soon as it comes; with several, all must stop at
-        the same step, so they agree on it at the reads of the log interval."""
-        if self.world == 1:
-            return self.stop.by is not None
-        if not read:
-            return False
-        flag = self.accel.reduce(torch.tensor(float(self.stop.by is not None), device=self.device), reduction="sum")
-        if flag.item() > 0 and self.stop.by is None:
-            self.stop.by = "a stop request in another process"
-        return self.stop.by is not None
-
-    def log(self, bar, window):
-        self.read_bad_steps()
-        stats = self.meter.flush(self.accel)
-        now = time.time()
-        stats["images_per_s"] = window[1] / max(now - window[0], 1e-9)
-        stats["bad_steps"] = self.bad_total
-        stats["lr"] = self.opt.param_groups[0]["lr"]
-        window[:] = [now, 0]
-        self.record(stats)
-        if "loss" in stats:
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", img_s=f"{stats['images_per_s']:.1f}", refresh=False)
-        quarters = " ".join(f"{stats[f'loss_q{i}']:.4g}" for i in range(4) if f"loss_q{i}" in stats)
-        self.print(f"step {self.step}: loss {stats.get('loss', float('nan')):.4g} (quarters {quarters}) "
-                   f"{stats['images_per_s']:.1f} img/s")
+        self.bad_steps.read(self.step, self.last_ckpt)
 
     def record(self, stats: dict):
         """Send to the trackers and append to out_dir/metrics.jsonl (main process)."""
-        if self.accel.log_with:
-            self.accel.log(stats, step=self.step)
-        if self.accel.is_main_process:
-            try:
-                with open(self.out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": self.step, **stats}) + "\n")
-            except OSError as e:  # disk full: stop with one line (the last checkpoint is intact)
-                raise GuidedError(f"cannot write {self.out_dir / 'metrics.jsonl'}: {e.strerror or e}; "
-                                  f"last checkpoint: {self.last_ckpt or 'none saved yet'}") from None
+        self.runlog.record(stats, self.step, self.last_ckpt)
 
-    def print(self, *args):
-        if self.accel.is_main_process:
-            tqdm.write(" ".join(str(a) for a in args))
-
-    # -- checkpoints --------------------------------------------------------------------------
     def save(self):
         self.read_bad_steps()  # bad_total goes into the checkpoint
         path = self.run_state.save(self.step, self.bad_total, self.stream)
         self.last_ckpt = path if path is not None else self.last_ckpt
-
-    def export_snapshot(self):
-        path = self.run_state.export_snapshot(self.step)
-        if path is not None:
-            self.print(f"step {self.step}: EMA snapshot {path}")
 
     def result(self, status: str) -> TrainResult:
         return TrainResult(status, self.stopped_by, self.step, self.out_dir, self.last_ckpt, self.cfg, self)
