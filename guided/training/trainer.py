@@ -50,6 +50,11 @@ class TrainResult:
     cfg: object = field(repr=False)
     trainer: "Trainer" = field(repr=False)  # for tests and notebooks that look inside
 
+    def __getattr__(self, name):  # code written when these functions returned the trainer
+        if name == "trainer":
+            raise AttributeError(name)
+        return getattr(self.trainer, name)
+
 
 class Trainer:
     kind = "unet"  # or "classifier": which network and config node
