@@ -3,7 +3,11 @@
 `load_config(path, overrides)` merges a YAML file from `configs/` and dotted
 command-line overrides (`train.batch_size=32`) onto the structured defaults
 below in OmegaConf struct mode, so a misspelt key or a wrong type is a
-one-line `GuidedError` instead of a silently ignored setting.
+one-line `GuidedError` instead of a silently ignored setting. `train` holds the
+settings every run shares, with one node per concern under it: `objective`,
+`eval` (the classifier's) and `probe` (the score model's); the flat keys of the
+older layout (`train.objective=ncsn`, `train.eval_images=64`) are moved there
+by `migrate`, in files, overrides and saved configs alike.
 """
 from __future__ import annotations
 
@@ -90,8 +94,37 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """train.objective: what the network learns (guided.diffusion.objectives)."""
+
+    name: str = "eps"  # eps | vp_dsm | ncsn
+    schedule_sampler: str = "uniform"  # uniform | loss-second-moment (eps)
+    label_dropout: float = 0.0  # > 0 trains a null class for classifier-free guidance
+    noised: bool = True  # classifier: train on x_t (the noise-aware objective)
+    ncsn_sigma_max: float = 50.0  # name=ncsn: the geometric noise ladder (Song & Ermon 2019)
+    ncsn_sigma_min: float = 0.01
+    ncsn_levels: int = 232
+
+
+@dataclass
+class EvalConfig:
+    """train.eval: the classifier's held-out evaluation and calibration."""
+
+    every: int = 0  # held-out top-1/top-5 per noise quarter every N steps (0 = at the end)
+    images: int = 1024  # held-out images per evaluation (each scored at one t in every quarter)
+    calibration_bands: int = 8  # temperatures fitted per band of timesteps at the end (0 = off)
+
+
+@dataclass
+class ProbeConfig:
+    """train.probe: the score model's sample-quality probe on digits (guided/training/probe.py)."""
+
+    every: int = 0  # judge-space FID of EMA samples every N steps (0 = off)
+    samples: int = 300  # samples per probe
+
+
+@dataclass
 class TrainConfig:
-    objective: str = "eps"  # eps | vp_dsm | ncsn
     batch_size: int = 64  # global: split evenly over the processes
     microbatch: int = 0  # gradient accumulation: per-process chunk size, 0 = whole batch at once
     lr: float = 1e-4
@@ -99,18 +132,11 @@ class TrainConfig:
     ema_rates: List[float] = field(default_factory=lambda: [0.9999])
     ema_warmup: bool = False  # rate_k = min(rate, (1 + k) / (10 + k)) at step k: the initial weights wash out early
     steps: int = 10000
-    schedule_sampler: str = "uniform"  # uniform | loss-second-moment
-    label_dropout: float = 0.0  # > 0 trains a null class for classifier-free guidance
     grad_clip: float = 0.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     log_every: int = 100
     save_every: int = 1000
-    eval_every: int = 0  # classifier: held-out top-1/top-5 per noise quarter every N steps (0 = at the end)
-    eval_images: int = 1024  # held-out images per evaluation (each scored at one t in every quarter)
-    probe_every: int = 0  # score model on digits: judge-space FID of EMA samples every N steps (guided/probe.py)
-    probe_samples: int = 300  # samples per probe
-    calibration_bands: int = 8  # classifier: temperatures fitted per band of timesteps at the end (0 = off)
     snapshot_steps: List[int] = field(default_factory=list)  # also keep the EMA weights of these steps (weak guides)
     out_dir: str = "runs/default"
     keep_checkpoints: int = 2  # full checkpoints kept in out_dir (the newest ones)
@@ -118,14 +144,55 @@ class TrainConfig:
     tracker: str = "tensorboard"  # an Accelerate tracker name, or none
     num_threads: int = 0  # CPU: torch threads per process (0 = torch's default)
     anneal_lr: bool = False
-    noised: bool = True  # classifier: train on x_t (the noise-aware objective)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     channels_last: bool = False  # speed switches (guided/speed.py); all off = the reference's computation
     compile: bool = False
     fused_optimizer: bool = True  # fused AdamW where the device has it (CUDA)
-    ncsn_sigma_max: float = 50.0  # objective=ncsn: the geometric noise ladder (Song & Ermon 2019)
-    ncsn_sigma_min: float = 0.01
-    ncsn_levels: int = 232
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+# The flat train.* keys of configs and checkpoints written before train.objective / eval / probe
+# were nodes: old key -> (node, key). `migrate` moves them; they keep working everywhere.
+RENAMED_TRAIN_KEYS = {
+    "objective": ("objective", "name"), "schedule_sampler": ("objective", "schedule_sampler"),
+    "label_dropout": ("objective", "label_dropout"), "noised": ("objective", "noised"),
+    "ncsn_sigma_max": ("objective", "ncsn_sigma_max"), "ncsn_sigma_min": ("objective", "ncsn_sigma_min"),
+    "ncsn_levels": ("objective", "ncsn_levels"), "eval_every": ("eval", "every"),
+    "eval_images": ("eval", "images"), "calibration_bands": ("eval", "calibration_bands"),
+    "probe_every": ("probe", "every"), "probe_samples": ("probe", "samples"),
+}
+
+
+def migrate(values):
+    """A config (DictConfig or dict) with the old flat train.* keys moved to their nodes
+    (RENAMED_TRAIN_KEYS); interpolations are kept. Returns a new DictConfig."""
+    d = OmegaConf.to_container(values, resolve=False) if isinstance(values, DictConfig) else dict(values)
+    train = d.get("train")
+    if isinstance(train, dict):
+        train = d["train"] = dict(train)
+        for old, (group, key) in RENAMED_TRAIN_KEYS.items():
+            if old not in train or (old == "objective" and isinstance(train[old], dict)):
+                continue
+            value = train.pop(old)
+            node = train.get(group)
+            train[group] = {**(node if isinstance(node, dict) else {}), key: value}
+    return OmegaConf.create(d)
+
+
+def migrate_override(item: str) -> str:
+    """`train.<old key>=value` as `train.<node>.<key>=value` (RENAMED_TRAIN_KEYS); others unchanged."""
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) == 2 and parts[0] == "train" and parts[1] in RENAMED_TRAIN_KEYS:
+        return "train.{}.{}={}".format(*RENAMED_TRAIN_KEYS[parts[1]], value)
+    return item
+
+
+def saved_config(text: str) -> DictConfig:
+    """The RunConfig stored (as YAML text) in a checkpoint or weights file, old layouts included."""
+    return merge(structured(), migrate(OmegaConf.create(text)))
 
 
 @dataclass
@@ -163,13 +230,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), schem
             raise GuidedError(f"cannot read config {path}: {_one_line(e)}") from None
         if not loaded:  # an empty file would silently train the structured defaults
             raise GuidedError(f"config {path} is empty: start from one of the shipped configs (e.g. digits.yaml)")
-        cfg = merge(cfg, loaded)
+        cfg = merge(cfg, migrate(loaded))
     for item in overrides:
         if "=" not in item:
             raise GuidedError(f"override {item!r} is not of the form key=value (e.g. train.batch_size=32)")
     if overrides:
         try:
-            cfg = merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = merge(cfg, OmegaConf.from_dotlist([migrate_override(item) for item in overrides]))
         except GuidedError:
             raise
         except OmegaConfBaseException as e:

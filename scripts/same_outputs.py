@@ -112,7 +112,7 @@ def fingerprints(only=None) -> dict:
                 continue
             folder = tmp / name.replace(" ", "_")
             run(f"{cmd} train.out_dir={folder}", tmp)
-            out[name] = [digest_weights(folder / f) for f in ("model.pt", "ema.pt")]
+            out[name] = [digest_weights(folder / f) for f in ("model.pt", "ema.pt") if (folder / f).exists()]
             print(f"{name}: {out[name]}", flush=True)
     return out
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from guided.diffusion.models import EpsModel, LadderModel, adapt
+from guided.diffusion.models import EpsModel, LadderModel
+from guided.diffusion.objectives import adapt
 from guided.errors import GuidedError
 from guided.generation import SampleOptions, load_pipeline, sample_batch
 from guided.generation.options import METHODS

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from guided import files
 from guided.networks import checkpoints as ck
+from guided.training import checkpoints as run_ck
 from guided.data import LabelMap
 from guided.errors import GuidedError
 from guided.networks.unet import UNetModel
@@ -26,7 +28,7 @@ def run_dir(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "ckpt-0000001.pt"
-    ck.atomic_save({"w": torch.ones(3)}, path)
+    files.atomic_save({"w": torch.ones(3)}, path)
     real_save = torch.save
 
     def half_then_crash(obj, f, *a, **k):
@@ -34,7 +36,7 @@ def test_a_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", half_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        ck.atomic_save({"w": torch.zeros(3)}, path)
+        files.atomic_save({"w": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(ck.read_file(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
@@ -42,9 +44,9 @@ def test_a_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
 
 def test_save_keeps_only_the_newest(tmp_path):
     for step in (1, 2, 3):
-        ck.save_checkpoint(tmp_path, step, {"kind": "unet"}, keep=2)
-    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2, 3]
-    assert ck.load_checkpoint(ck.checkpoint_path(tmp_path, 3))["step"] == 3
+        run_ck.save_checkpoint(tmp_path, step, {"kind": "unet"}, keep=2)
+    assert [s for s, _ in run_ck.list_checkpoints(tmp_path)] == [2, 3]
+    assert run_ck.load_checkpoint(run_ck.checkpoint_path(tmp_path, 3))["step"] == 3
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -54,22 +56,22 @@ def test_save_keeps_only_the_newest(tmp_path):
     (lambda p: p.write_bytes(b"not a checkpoint at all" * 10), "truncated or corrupt"),
 ])
 def test_damaged_files_are_one_line_errors(tmp_path, damage, message):
-    path = ck.save_checkpoint(tmp_path, 5, {"kind": "unet", "model": {"w": torch.randn(1000)}})
+    path = run_ck.save_checkpoint(tmp_path, 5, {"kind": "unet", "model": {"w": torch.randn(1000)}})
     damage(path)
     with pytest.raises(GuidedError, match=message) as err:
-        ck.load_checkpoint(path)
+        run_ck.load_checkpoint(path)
     assert "\n" not in str(err.value)
     with pytest.raises(GuidedError, match=message):
         ck.load_trained(path)
 
 
 def test_latest_skips_an_unreadable_newest_checkpoint(tmp_path):
-    ck.save_checkpoint(tmp_path, 1, {"kind": "unet"}, keep=5)
-    ck.save_checkpoint(tmp_path, 2, {"kind": "unet"}, keep=5).write_bytes(b"")
+    run_ck.save_checkpoint(tmp_path, 1, {"kind": "unet"}, keep=5)
+    run_ck.save_checkpoint(tmp_path, 2, {"kind": "unet"}, keep=5).write_bytes(b"")
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint.*ckpt-0000002.pt"):
-        path, state = ck.latest_checkpoint(tmp_path)
+        path, state = run_ck.latest_checkpoint(tmp_path)
     assert state["step"] == 1 and path.name == "ckpt-0000001.pt"
-    assert ck.latest_checkpoint(tmp_path / "none") is None
+    assert run_ck.latest_checkpoint(tmp_path / "none") is None
 
 
 def test_load_trained_from_a_run_folder_exports_and_checkpoints(run_dir):

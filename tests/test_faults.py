@@ -23,7 +23,9 @@ import torch
 
 from conftest import TINY_TRAIN, TINY_UNET
 from fault_harness import REPO, Child, one_error_line, record_fault, wait_for
+from guided import files
 from guided.networks import checkpoints as ck
+from guided.training import checkpoints as run_ck
 from guided.cli.sample import main as sample_main
 from guided.cli.train import main_diffusion
 from guided.training.diffusion import DiffusionTrainer
@@ -45,7 +47,7 @@ def same(a, b) -> bool:
 
 
 def newest(run: Path) -> int | None:
-    found = ck.list_checkpoints(run)
+    found = run_ck.list_checkpoints(run)
     return found[-1][0] if found else None
 
 
@@ -54,9 +56,9 @@ def temp_files(run: Path) -> list[Path]:
 
 
 def check_every_checkpoint_loads(run: Path) -> int:
-    found = ck.list_checkpoints(run)
+    found = run_ck.list_checkpoints(run)
     for step, path in found:
-        assert ck.load_checkpoint(path)["step"] == step
+        assert run_ck.load_checkpoint(path)["step"] == step
     for name in ("model.pt", "ema.pt"):
         if (run / name).exists():
             ck.read_file(run / name)
@@ -67,7 +69,7 @@ def check_every_checkpoint_loads(run: Path) -> int:
 def test_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path):
     ref = tmp_path / "ref"  # the uninterrupted run, same command line (so the same config)
     assert main_diffusion(RUN_ARGS + [f"train.out_dir={ref}"]) == 0
-    ref_state = ck.load_checkpoint(ck.checkpoint_path(ref, STEPS))
+    ref_state = run_ck.load_checkpoint(run_ck.checkpoint_path(ref, STEPS))
 
     run, log = tmp_path / "run", tmp_path / "run.log"
     argv = RUN_ARGS + [f"train.out_dir={run}", "--resume"]
@@ -83,7 +85,7 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path)
             kind = "kill_in_write"  # near the end: kill every checkpoint write, so the run cannot finish
         env = dict(CHILD_ENV)
         if kind.endswith("in_write"):
-            env[ck.PAUSE_ENV] = "0.3"
+            env[files.PAUSE_ENV] = "0.3"
         left = set(temp_files(run))  # temp files an earlier kill left behind (the child removes them)
         real = cycle in (1, 8)  # two cycles run the real script in a fresh interpreter
         if real:
@@ -122,7 +124,7 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path)
             assert code in (-signal.SIGKILL, 0), (code, out)
         assert code != 0 or after == STEPS
         if before is not None and "resumed from" in out:  # every resume starts from the last complete one
-            assert f"resumed from {ck.checkpoint_path(run, before)} at step {before}" in out, out
+            assert f"resumed from {run_ck.checkpoint_path(run, before)} at step {before}" in out, out
             resumes_checked += 1
         stale_seen += len(temp_files(run))
         loads += check_every_checkpoint_loads(run)
@@ -136,7 +138,7 @@ def test_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path)
     assert final.wait() == 0, final.output()
     assert not temp_files(run)  # the resume removed what the killed writes left
     loads += check_every_checkpoint_loads(run)
-    state = ck.load_checkpoint(ck.checkpoint_path(run, STEPS))
+    state = run_ck.load_checkpoint(run_ck.checkpoint_path(run, STEPS))
     for key in ("model", "ema", "optimizer", "step"):
         assert same(state[key], ref_state[key]), key
     assert same(ck.read_file(run / "ema.pt")["state_dict"], ck.read_file(ref / "ema.pt")["state_dict"])
@@ -187,9 +189,9 @@ def test_nonfinite_steps_are_skipped_counted_logged_and_a_run_of_them_stops(tiny
         trainer.run()
     msg = str(info.value)
     assert "stopping at step 9: 3 non-finite steps in a row (train.max_bad_steps)" in msg, msg
-    last = ck.checkpoint_path(cfg.train.out_dir, 8)  # saved after two skipped steps: the weights of step 6
+    last = run_ck.checkpoint_path(cfg.train.out_dir, 8)  # saved after two skipped steps: the weights of step 6
     assert msg.endswith(f"last good checkpoint: {last}"), msg
-    saved = ck.load_checkpoint(last)
+    saved = run_ck.load_checkpoint(last)
     names = [n for n, _ in trainer.net.named_parameters()]
     assert saved["bad_total"] == 4 and all(torch.equal(saved["model"][n], p) for n, p in zip(names, snapshots[7]))
     assert trainer.bad_total == 5
@@ -403,7 +405,7 @@ def test_a_really_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path,
         assert not (run / ".lock").exists()
         assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0  # room again
         assert main_diffusion(argv + [f"train.out_dir={run}", "--resume"]) == 0
-        state, ref_state = (ck.load_checkpoint(ck.checkpoint_path(d, 4)) for d in (run, ref))
+        state, ref_state = (run_ck.load_checkpoint(run_ck.checkpoint_path(d, 4)) for d in (run, ref))
         assert all(same(state[k], ref_state[k]) for k in ("model", "ema", "optimizer"))
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
@@ -447,7 +449,7 @@ def test_torch_saves_runtime_error_is_a_failed_write(tmp_path, monkeypatch, caps
 def test_two_trainers_cannot_share_a_run_folder_and_a_dead_ones_lock_is_reclaimed(tmp_path, capsys):
     run = tmp_path / "run"
     argv = TINY_UNET + TINY_TRAIN + ["train.steps=40", "train.save_every=4", f"train.out_dir={run}"]
-    slow = {**CHILD_ENV, ck.PAUSE_ENV: "0.3"}  # the first run stays busy while the others try
+    slow = {**CHILD_ENV, files.PAUSE_ENV: "0.3"}  # the first run stays busy while the others try
     first = Child("guided.cli.train:main_diffusion", argv, tmp_path / "first.log", slow)
     wait_for(lambda: (run / ".lock").exists(), timeout=60, child=first)
     refused = []
@@ -494,7 +496,7 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_stops(tmp_path):
     assert f"stopped at step {stopped} (SIGINT)" in out and newest(run) == stopped
     assert not (run / ".lock").exists()
     resumed = Child("guided.cli.train:main_diffusion", argv + ["--resume"], tmp_path / "resume.log", CHILD_ENV)
-    assert resumed.wait(120) == 0 and f"resumed from {ck.checkpoint_path(run, stopped)} at step {stopped}" in \
+    assert resumed.wait(120) == 0 and f"resumed from {run_ck.checkpoint_path(run, stopped)} at step {stopped}" in \
         resumed.output()
     record_fault("sigint_training", "Ctrl-C (SIGINT) during training", "SIGINT once training was under way", 1,
                  "the step finished and a checkpoint of it was saved, exit 130, lock released; --resume "
@@ -570,7 +572,7 @@ def test_multi_gpu_launch_without_gpus_is_refused_by_every_process(tmp_path):
                 "copy, all writing the same files; on CPUs launch with ACCELERATE_USE_CPU=1 accelerate launch "
                 "--multi_gpu --num_processes 2 ...")
     assert proc.returncode != 0 and errors == [expected] * 2, proc.stderr
-    assert proc.stdout.count("unet training: 1 process, device cpu") == 2 and not ck.list_checkpoints(run)
+    assert proc.stdout.count("unet training: 1 process, device cpu") == 2 and not run_ck.list_checkpoints(run)
     record_fault("two_rank0", "two processes that each believe they are rank 0 of 1",
                  "`accelerate launch --multi_gpu --num_processes 2 train_diffusion.py` on a machine without GPUs", 1,
                  "each printed its world size and device and stopped with `" + expected + "`; nothing was trained")

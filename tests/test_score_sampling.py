@@ -21,10 +21,10 @@ import torch
 from scipy import integrate
 
 from guided.errors import GuidedError
-from guided.diffusion.ladder import Ladder
+from guided.diffusion.ladder import Ladder, geometric_sigmas
+from guided.diffusion.losses import dsm_loss, ncsn_loss
 from guided.diffusion.models import LadderModel, eps_model_score, score_from_eps
-from guided.samplers.continuous import (annealed_langevin, dsm_loss,
-                                   geometric_sigmas, ncsn_loss, ode_likelihood, ode_sampler,
+from guided.samplers.continuous import (annealed_langevin, ode_likelihood, ode_sampler,
                                    pc_sampler, sdedit)
 from guided.diffusion.sde import DiscreteVPSDE, SubVPSDE, VESDE, VPSDE, make_sde
 

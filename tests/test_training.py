@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import guided.files
 from guided.networks import checkpoints as ck
+from guided.training import checkpoints as run_ck
 from guided.cli.train import main_classifier, main_diffusion
 from guided.errors import GuidedError
 from guided.training.classifier import train_classifier
@@ -26,7 +28,7 @@ TRAIN = {"diffusion": train_diffusion, "classifier": train_classifier}
 
 
 def same_weights(a, b) -> bool:
-    sa, sb = a.net.state_dict(), b.net.state_dict()
+    sa, sb = a.trainer.net.state_dict(), b.trainer.net.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -34,7 +36,8 @@ def test_diffusion_trainer_writes_a_run_folder(tiny):
     cfg = tiny("diffusion")
     trainer = train_diffusion(cfg)
     out = Path(cfg.train.out_dir)
-    assert trainer.status == "done" and trainer.step == 4
+    assert trainer.status == "done" and trainer.step == 4 and trainer.out_dir == out
+    assert trainer.checkpoint == run_ck.checkpoint_path(out, 4) and trainer.stopped_by is None
     names = {p.name for p in out.iterdir()}
     assert {"config.yaml", "label_map.json", "ckpt-0000002.pt", "ckpt-0000004.pt", "model.pt", "ema.pt"} <= names
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -45,7 +48,7 @@ def test_diffusion_trainer_writes_a_run_folder(tiny):
 
 
 def test_classifier_trainer_reports_heldout_accuracy_per_quarter(tiny):
-    trainer = train_classifier(tiny("classifier"))
+    trainer = train_classifier(tiny("classifier")).trainer
     ev = trainer.last_eval
     assert {f"val_acc@1_q{q}" for q in range(4)} <= ev.keys() and "val_acc@5" in ev
     assert all(0 <= ev[f"val_acc@1_q{q}"] <= 1 for q in range(4))
@@ -64,15 +67,16 @@ def test_interrupted_then_resumed_run_reaches_the_same_weights(tiny, kind, extra
     assert TRAIN[kind](cut, stop_after=4).status == "stopped"
     resumed = TRAIN[kind](cut, resume=True)
     assert resumed.step == 6 and same_weights(whole, resumed)
-    assert all(torch.equal(x, y) for r in whole.ema for x, y in zip(whole.ema[r], resumed.ema[r]))
+    a, b = whole.trainer.ema.averages, resumed.trainer.ema.averages
+    assert all(torch.equal(x, y) for r in a for x, y in zip(a[r], b[r]))
 
 
 @pytest.mark.parametrize("objective", ["vp_dsm", "ncsn"])
 def test_score_matching_objectives_train(tiny, objective):
     cfg = tiny("diffusion", f"train.objective={objective}", "model.learn_sigma=false", "diffusion.variance=fixed_small",
                "train.ncsn_levels=10", "train.ncsn_sigma_max=1.0", "train.label_dropout=0.1")
-    trainer = train_diffusion(cfg)
-    assert trainer.status == "done" and trainer.bad_total == 0
+    result = train_diffusion(cfg)
+    assert result.status == "done" and result.trainer.bad_total == 0
     with pytest.raises(GuidedError, match="learn_sigma=false"):
         DiffusionTrainer(tiny("diffusion", f"train.objective={objective}"))
 
@@ -100,7 +104,7 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_the_run(tiny, log_every):
 
 def with_fused_adamw(monkeypatch):
     """The trainers with a fused AdamW on the CPU: the optimizer they get on CUDA by default."""
-    import guided.training.trainer as training
+    import guided.training.steps as training
 
     monkeypatch.setattr(training, "adamw", lambda params, *, lr, weight_decay, device, fused=True:
                         torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True))
@@ -120,7 +124,7 @@ def test_a_fused_adamw_skips_a_nonfinite_step_on_the_device(tiny, monkeypatch, c
     def faulty(b):
         loss, values = losses(b)
         opt = [t.clone() for st in trainer.opt.optimizer.state.values() for t in st.values()]
-        seen[trainer.step + 1] = [p.detach().clone() for p in trainer.params + trainer.ema["0.9"]] + opt
+        seen[trainer.step + 1] = [p.detach().clone() for p in trainer.params + trainer.ema.averages["0.9"]] + opt
         return {2: loss * float("nan"), 4: InfGrad.apply(loss)}.get(trainer.step + 1, loss), values
     trainer.losses = faulty
     trainer.run()
@@ -187,7 +191,7 @@ def test_on_cuda_a_training_step_never_waits_for_the_device(tiny):
     try:
         for x0, y in batches[2:]:
             took, values, t = trainer.train_step(x0, y)
-            trainer.meter.add(trainer.diffusion.original_t(t), values, took)
+            trainer.meter.add(trainer.objective.log_t(t), values, took)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert bool(took)
@@ -203,7 +207,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny):
         return prepare(x0, y)
     trainer.prepare_batch = prepare_then_signal
     assert trainer.run() == "stopped" and trainer.step == 3
-    assert [s for s, _ in ck.list_checkpoints(trainer.out_dir)] == [3]
+    assert [s for s, _ in run_ck.list_checkpoints(trainer.out_dir)] == [3]
 
 
 # -- two processes (gloo on CPU) ----------------------------------------------------------------------
@@ -214,8 +218,8 @@ def _two_process_body(out_dir):
     AcceleratorState._reset_state(reset_partial_state=True)  # forked: forget the parent's single process
 
     writes = []
-    real = ck.atomic_write
-    ck.atomic_write = lambda path, write: (writes.append(str(path)), real(path, write))[1]
+    real = guided.files.atomic_write
+    guided.files.atomic_write = lambda path, write: (writes.append(str(path)), real(path, write))[1]
     try:
         trainer = DiffusionTrainer(tiny_config("diffusion", out_dir, "train.steps=2", "train.save_every=1"))
         seen = []
@@ -223,7 +227,7 @@ def _two_process_body(out_dir):
         trainer.prepare_batch = lambda x0, y: (seen.append(x0.clone()), prepare(x0, y))[1]
         trainer.run()
     finally:
-        ck.atomic_write = real
+        guided.files.atomic_write = real
     flat = torch.cat([p.detach().flatten() for p in trainer.net.parameters()])
     report = gather_object([dict(rank=trainer.rank, world=trainer.world, seen=seen[0], weights=flat, writes=writes)])
     if trainer.rank == 0:
@@ -239,7 +243,7 @@ def test_two_processes_shard_data_agree_on_weights_and_one_writes(tmp_path):
     assert not torch.equal(r0["seen"], r1["seen"])  # each process read its own shard
     assert torch.equal(r0["weights"], r1["weights"])
     assert r0["writes"] and not r1["writes"]
-    assert {s for s, _ in ck.list_checkpoints(tmp_path)} == {1, 2}
+    assert {s for s, _ in run_ck.list_checkpoints(tmp_path)} == {1, 2}
 
 
 # -- the command line ----------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def test_resume_refuses_another_architecture_and_corrupt_checkpoints(tmp_path, c
     assert code == 2 and "does not fit this architecture" in err and "\n" not in err
     code, err = run_main(main_diffusion, argv, capsys)  # no --resume: never overwrite a run
     assert code == 2 and "--resume" in err
-    for _, path in ck.list_checkpoints(tmp_path / "run"):
+    for _, path in run_ck.list_checkpoints(tmp_path / "run"):
         path.write_bytes(path.read_bytes()[:1000])  # truncated
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
         code, err = run_main(main_diffusion, argv + ["--resume"], capsys)
@@ -348,7 +352,7 @@ def test_ctrl_c_saves_and_stops_like_sigterm(tiny):
         return prepare(x0, y)
     trainer.prepare_batch = prepare_then_interrupt
     assert trainer.run() == "stopped" and trainer.step == 3 and trainer.stopped_by == "SIGINT"
-    assert [s for s, _ in ck.list_checkpoints(trainer.out_dir)] == [3]
+    assert [s for s, _ in run_ck.list_checkpoints(trainer.out_dir)] == [3]
     assert signal.getsignal(signal.SIGINT) is before  # put back
 
 

@@ -3,18 +3,15 @@
 `run_cli(fn)` runs a program's body and turns a GuidedError (bad input) into
 one line, `error: <message>`, and exit status 2: never a traceback. SIGTERM
 and Ctrl-C stop it the same way (exit 143 and 130), after the `finally`
-blocks on the way out have released locks and closed files.
+blocks on the way out have released locks and closed files (guided/signals.py).
 """
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 
 from guided.errors import GuidedError
-
-STOPPED_BY = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal number
+from guided.signals import Stopped, sigterm_raises, stop_status
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -38,29 +35,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-class Stopped(BaseException):
-    """Raised in the main thread by SIGTERM (as KeyboardInterrupt is by SIGINT)."""
-
-
-def _raise_stopped(signum, frame):
-    raise Stopped()
-
-
 def run_cli(fn, *args) -> int:
-    old = signal.signal(signal.SIGTERM, _raise_stopped) if threading.current_thread() is threading.main_thread() \
-        else None
     try:
-        return fn(*args) or 0
+        with sigterm_raises():
+            return fn(*args) or 0
     except GuidedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Stopped:
-        print("error: stopped by SIGTERM; what was finished is kept (rerun the same command to continue)",
-              file=sys.stderr)
-        return STOPPED_BY[signal.SIGTERM]
-    except KeyboardInterrupt:
-        print("error: interrupted; what was finished is kept (rerun the same command to continue)", file=sys.stderr)
-        return STOPPED_BY[signal.SIGINT]
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+    except (Stopped, KeyboardInterrupt) as e:
+        code, line = stop_status(e)
+        print(f"error: {line}", file=sys.stderr)
+        return code

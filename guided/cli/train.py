@@ -12,12 +12,12 @@ input (one `error:` line), 143 / 130 stopped by SIGTERM / Ctrl-C after saving a 
 from __future__ import annotations
 
 import importlib.resources
-import signal
 from pathlib import Path
 
+from guided.cli import Parser, run_cli
 from guided.config import load_config, to_yaml
 from guided.errors import GuidedError
-from guided.cli import STOPPED_BY, Parser, run_cli
+from guided.signals import exit_status
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # a checkout; an install has guided/configs
 
@@ -67,10 +67,8 @@ def _main(kind: str, argv) -> int:
         from guided.training.diffusion import train_diffusion as train
     else:
         from guided.training.classifier import train_classifier as train
-    trainer = train(cfg, resume=args.resume)
-    if trainer.status == "done":
-        return 0
-    return STOPPED_BY[signal.SIGINT if trainer.stopped_by == "SIGINT" else signal.SIGTERM]
+    result = train(cfg, resume=args.resume)
+    return 0 if result.status == "done" else exit_status(result.stopped_by)
 
 
 def main_diffusion(argv=None) -> int:

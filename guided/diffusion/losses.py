@@ -1,8 +1,11 @@
-"""Training objectives of the ADM score model and the timestep samplers.
+"""The training losses of the score models, and the timestep samplers.
 
 `training_losses` is the reference's: the eps-MSE (Ho et al. eq. 14), plus,
 when the variance is learned, the variational-bound term L_vb on the variance
 with a stop-gradient on the mean (the hybrid loss, Nichol & Dhariwal eq. 16).
+`dsm_loss` is continuous-time denoising score matching on an SDE ([SDE]: Song
+et al. 2021), `ncsn_loss` NCSN's over a noise ladder ([NCSN]: Song & Ermon 2019).
+The objects that choose among them are in guided.diffusion.objectives.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 import torch
 
 from guided.diffusion.gaussian import GaussianDiffusion
+from guided.diffusion.sde import expand_as
 from guided.errors import GuidedError
 
 
@@ -78,6 +82,50 @@ def training_losses(diffusion: GaussianDiffusion, model, x0, t, noise=None, mode
     return terms
 
 
+def _randn_like(x, generator):
+    if hasattr(generator, "randn_like"):  # one generator per sample (guided.samplers.discrete.SampleNoise)
+        return generator.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def dsm_loss(score_fn, sde, x0, *, weighting="sigma2", reduce="sum", eps=1e-5, generator=None):
+    """Continuous-time denoising score matching ([SDE] eq. 7), t ~ U(eps, T):
+    lambda(t) E ||s(x_t, t) + z / sigma_t||^2 with x_t = alpha_t x0 + sigma_t z.
+    weighting='sigma2': lambda = sigma_t^2, i.e. ||sigma_t s + z||^2 (score_sde's
+    default); 'likelihood': lambda = g(t)^2 (Song et al. 2021b, a bound on the NLL).
+    reduce: 'sum' or 'mean' over data dimensions; the batch is averaged.
+    """
+    if weighting not in ("sigma2", "likelihood"):
+        raise GuidedError(f"unknown DSM weighting {weighting!r}: use 'sigma2' or 'likelihood'")
+    if reduce not in ("sum", "mean"):
+        raise GuidedError(f"unknown reduction {reduce!r}: use 'sum' or 'mean'")
+    n = x0.shape[0]
+    t = torch.rand(n, generator=generator, device=x0.device, dtype=x0.dtype) * (sde.T - eps) + eps
+    z = _randn_like(x0, generator)
+    alpha, sigma = sde.marginal(t)
+    xt = expand_as(alpha, x0) * x0 + expand_as(sigma, x0) * z
+    s = score_fn(xt, t)
+    if weighting == "sigma2":
+        per = (expand_as(sigma, x0) * s + z) ** 2
+    else:
+        per = expand_as(sde.diffusion(t) ** 2, x0) * (s + z / expand_as(sigma, x0)) ** 2
+    per = per.reshape(n, -1)
+    return (per.sum(dim=1) if reduce == "sum" else per.mean(dim=1)).mean()
+
+
+def ncsn_loss(model, sigmas, x0, *, generator=None):
+    """NCSN's DSM over the noise ladder ([NCSN] Sec. 4.2): a level index i ~ U{0..L-1}
+    per sample, x~ = x0 + sigma_i z, loss 1/2 sigma_i^2 ||s(x~, i) + z / sigma_i||^2
+    = 1/2 ||sigma_i s + z||^2 (lambda(sigma) = sigma^2), averaged over the batch.
+    `model(x, labels)` is the label-conditioned network (see score.ncsn_score)."""
+    sigmas = torch.as_tensor(sigmas, device=x0.device, dtype=x0.dtype)
+    labels = torch.randint(0, sigmas.numel(), (x0.shape[0],), generator=generator, device=x0.device)
+    sigma = expand_as(sigmas[labels], x0)
+    z = _randn_like(x0, generator)
+    s = model(x0 + sigma * z, labels)
+    return 0.5 * ((sigma * s + z) ** 2).reshape(x0.shape[0], -1).sum(dim=1).mean()
+
+
 class UniformSampler:
     """t ~ U{0..T-1}, importance weights 1."""
 
@@ -129,11 +177,13 @@ class LossSecondMomentResampler(UniformSampler):
                 self.loss_counts[t] += 1
 
     def state_dict(self):
-        return dict(loss_history=self.loss_history.copy(), loss_counts=self.loss_counts.copy())
+        """Tensors (a checkpoint is read with torch.load(weights_only=True))."""
+        return dict(loss_history=torch.from_numpy(self.loss_history.copy()),
+                    loss_counts=torch.from_numpy(self.loss_counts.copy()))
 
     def load_state_dict(self, state):
-        self.loss_history[...] = state["loss_history"]
-        self.loss_counts[...] = state["loss_counts"]
+        self.loss_history[...] = np.asarray(state["loss_history"])
+        self.loss_counts[...] = np.asarray(state["loss_counts"])
 
 
 def create_schedule_sampler(name: str, num_timesteps: int) -> UniformSampler:

@@ -160,12 +160,3 @@ class LadderModel(ScoreModel):
     def prior(self, noise, shape):
         return noise.randn(shape) * self.sde.sigma_max
 
-
-def adapt(diffusion_cfg, objective: str = "eps", sigmas=None, learned_variance: bool = False) -> ScoreModel:
-    """The ScoreModel of a network trained with `objective`: an eps network on the chain of
-    diffusion_cfg (eps, vp_dsm), or a score network on the ladder `sigmas` (ncsn)."""
-    if objective == "ncsn":
-        if sigmas is None:
-            raise GuidedError("an NCSN model needs its noise ladder (train.ncsn_* of its config)")
-        return LadderModel(sigmas if isinstance(sigmas, Ladder) else Ladder(sigmas))
-    return EpsModel(diffusion_cfg, learned_variance)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guided.networks.checkpoints import atomic_write
+from guided.files import atomic_write
 from guided.errors import GuidedError
 from guided.evaluation.extractor import compute_features
 from guided.evaluation.features import get_extractor

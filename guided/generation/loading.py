@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from guided.diffusion.ladder import geometric_sigmas
+from guided.diffusion.objectives import objective_from_config
 from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
 from guided.networks import adm
@@ -107,11 +107,7 @@ def _score_network(model: str, adm_flags):
     if not isinstance(net, UNetModel):
         raise GuidedError(f"--model {model} holds a noise-aware classifier, not a score model "
                           f"(pass it as --classifier)")
-    train = run_cfg.train
-    extra = {"objective": train.objective}
-    if train.objective == "ncsn":
-        extra["ncsn_sigmas"] = geometric_sigmas(train.ncsn_sigma_max, train.ncsn_sigma_min, train.ncsn_levels)
-    return net, run_cfg.diffusion, label_map, extra, None
+    return net, run_cfg.diffusion, label_map, objective_from_config(run_cfg).pipeline_kwargs(), None
 
 
 def _classifier(spec: str, flags):

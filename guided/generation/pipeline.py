@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from guided.diffusion.models import ScoreModel, adapt
+from guided.diffusion.models import ScoreModel
+from guided.diffusion.objectives import adapt
 from guided.errors import GuidedError
 from guided.generation.options import METHODS, SampleOptions
 from guided.guidance.terms import Guidance, Term

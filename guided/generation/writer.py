@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guided.errors import GuidedError
-from guided.networks.checkpoints import atomic_write
+from guided.files import atomic_write
 from guided.generation.images import grid_image, labels_of, say, to_uint8
 from guided.generation.options import SampleOptions
 from guided.generation.pipeline import Pipeline, check_labels, sample_batch

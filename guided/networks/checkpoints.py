@@ -1,202 +1,30 @@
-"""Checkpoints: atomic writes, resumable training states, compact weight exports, `load_trained`.
+"""Trained networks on disk: compact weight exports, `load_trained`, `ship`.
 
-A run directory (train.out_dir) holds
-
-    config.yaml        the resolved RunConfig of the run
-    label_map.json     class index -> key and name (guided.data.LabelMap)
-    ckpt-0001000.pt    the full training state after step 1000 (the newest `keep` are kept)
-    model.pt, ema.pt   weights-only exports of the newest state (ema.pt: the first EMA rate)
-
-Every file is written atomically: into a temporary file in the same folder,
-flushed and fsync'ed, then renamed over its target with os.replace. A crash
-leaves the old file or the new one, never a truncated one, and an old
-checkpoint is deleted only once a newer one is complete.
-
-Files are plain dicts of tensors, numbers and strings, read with
-torch.load(weights_only=True). A weights file carries its config and label
-map, so it is self-contained; a `<stem>.yaml` or `config.yaml` beside it wins.
+A run directory (train.out_dir) holds config.yaml (the resolved RunConfig), label_map.json,
+the training checkpoints ckpt-*.pt (guided.training.checkpoints) and the weights-only
+exports model.pt / ema.pt (ema.pt: the first EMA rate) written here. Every file is written
+atomically (guided.files). Files are plain dicts of tensors, numbers and strings, read with
+torch.load(weights_only=True). A weights file carries its config and label map, so it is
+self-contained; a `<stem>.yaml` or `config.yaml` beside it wins.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import shutil
-import tempfile
-import time
-import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from guided.networks.adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
-from guided.config import load_config, merge, structured, to_yaml
+from guided.config import load_config, saved_config, to_yaml
 from guided.errors import GuidedError
+from guided.files import atomic_save, atomic_write_text, read_file
+from guided.networks.adm import clean_state_dict, load_state_dict_strict
+from guided.training.checkpoints import CKPT_FORMAT, list_checkpoints
 
-CKPT_FORMAT, WEIGHTS_FORMAT = "guided-checkpoint", "guided-weights"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_CKPT_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
-# Test hook (fault injection, tests/test_faults.py): pause this many seconds between writing a
-# ckpt-*.pt temp file and renaming it, so a harness can kill the process mid-checkpoint.
-PAUSE_ENV = "GUIDED_FAULT_PAUSE_CKPT_WRITE"
-
-
-# -- atomic writes ------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable) -> Path:
-    """write(f) into a temporary file beside `path`, fsync it, then os.replace it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if path.name.startswith("ckpt-") and os.environ.get(PAUSE_ENV):
-                time.sleep(float(os.environ[PAUSE_ENV]))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:  # make the rename itself durable (not possible on every platform)
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: _torch_save(obj, f, Path(path)))
-
-
-def _torch_save(obj, f, path: Path) -> None:
-    """torch.save, whose write failures become OSError. Its zip writer reports a failed write
-    (ENOSPC on a full disk) as RuntimeError "... unexpected pos ...", not as the OSError it was."""
-    try:
-        torch.save(obj, f)
-    except RuntimeError as e:
-        if shutil.disk_usage(path.parent).free < 1 << 20:  # under 1 MiB left: the disk filled up
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
-        raise OSError(errno.EIO, f"torch.save failed: {(str(e).strip().splitlines() or ['?'])[-1][:200]}") from e
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text.encode()))
-
-
-# -- reading ------------------------------------------------------------------------------------
-def _remedy(path: Path, what: str) -> str:
-    """What to do about a damaged file: a training checkpoint has earlier ones, a weights file
-    was copied or downloaded, a released ADM checkpoint comes from the paper's site."""
-    if what == "checkpoint":
-        return "delete it and resume from an earlier one"
-    if (name := released_name(path)) is not None:
-        return f"download it again ({RELEASE_URL}{name})"
-    return "copy, export or download it again"
-
-
-def read_file(path: str | Path, what: str = "checkpoint"):
-    """torch.load(weights_only=True) whose failures are one-line GuidedErrors."""
-    path = Path(path)
-    if not path.exists():
-        name = released_name(path)
-        where = f" (download it from {RELEASE_URL}{name})" if name else ""
-        raise GuidedError(f"{what} {path} does not exist{where}")
-    if path.is_dir():
-        raise GuidedError(f"{what} {path} is a folder, not a file")
-    if path.stat().st_size == 0:
-        raise GuidedError(f"{what} {path} is empty (0 bytes): {_remedy(path, what)}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # zipfile, pickle, EOF and storage errors of a damaged file
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        fix = "" if what == "checkpoint" else f": {_remedy(path, what)}"  # (training skips to an older one)
-        raise GuidedError(f"{what} {path} is truncated or corrupt ({why[:100]}){fix}") from None
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A full training state written by `save_checkpoint`."""
-    state = read_file(path)
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise GuidedError(f"{path} is not a training checkpoint of this project (no '{CKPT_FORMAT}' header)")
-    return state
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every ckpt-*.pt in run_dir, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT_NAME.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint and its state; unreadable newer ones are skipped with a warning.
-    None when there is none at all; a GuidedError when none of them can be read."""
-    found = list_checkpoints(run_dir)
-    errors = []
-    for _, path in reversed(found):
-        try:
-            return path, load_checkpoint(path)
-        except GuidedError as e:
-            errors.append(str(e))
-            warnings.warn(f"skipping unreadable checkpoint: {e}", stacklevel=2)
-    if errors:
-        raise GuidedError(f"no readable checkpoint in {run_dir}: {errors[0]}")
-    return None
+WEIGHTS_FORMAT = "guided-weights"
 
 
 # -- writing ------------------------------------------------------------------------------------
-def remove_stale_temp_files(run_dir: str | Path) -> list[Path]:
-    """Delete the temporary files of writes that a killed run left half-done (.<name>.*.tmp)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    stale = [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-{step:07d}.pt"
-
-
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ckpt-<step>.pt atomically, then delete all but the newest `keep` (>= 1)."""
-    path = atomic_save({"format": CKPT_FORMAT, "version": 1, "step": step, **state}, checkpoint_path(run_dir, step))
-    for _, old in list_checkpoints(run_dir)[:-max(1, keep)]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def write_run_files(run_dir: str | Path, cfg, label_map) -> None:
-    """config.yaml and label_map.json, the files load_trained reads beside the weights."""
-    try:
-        atomic_write_text(Path(run_dir) / "config.yaml", to_yaml(cfg))
-        if label_map is not None:
-            atomic_write_text(Path(run_dir) / "label_map.json", json.dumps(label_map.to_dict(), indent=1) + "\n")
-    except OSError as e:  # a read-only or full output folder
-        raise GuidedError(f"cannot write into {run_dir}: {e.strerror or e}") from None
-
-
 def export_weights(path: str | Path, state_dict: dict, *, kind: str, cfg, label_map=None, which: str = "model",
                    step: int = 0, dtype: str = "fp32", calibration: dict | None = None) -> Path:
     """A compact, self-contained weights file for sampling (fp32 or fp16 floats); a classifier's
@@ -245,7 +73,7 @@ def _config_for(path: Path, embedded: str | None, kind: str):
         return load_config(side)
     if embedded:
         try:
-            return merge(structured(), OmegaConf.create(embedded))
+            return saved_config(embedded)
         except OmegaConfBaseException as e:
             raise GuidedError(f"the config stored in {path} is unreadable: {e}") from None
     option = "--adm-flags" if kind == "unet" else "--classifier-flags"

@@ -1,11 +1,12 @@
-"""Samplers, likelihood and training losses for score-based models.
+"""Samplers and the likelihood of score-based models, on continuous SDE time.
 
 Every sampler is a short function with one signature,
 
     sampler(score_fn, sde, x_T, *, steps, generator=None, progress=False, **opts) -> x_0
 
-over a score callable `score_fn(x, t)` (guided/score.py) and an SDE
-(guided/sde.py). Guidance is applied by wrapping `score_fn`, never here.
+over a score callable `score_fn(x, t)` (guided.diffusion.models.ScoreModel.score) and an SDE
+(guided/diffusion/sde.py). Guidance is applied by wrapping `score_fn`, never here; the sampler
+registry (guided/samplers/registry.py) does that and lists these samplers with their traits.
 References: [SDE] Song et al. 2021 (ICLR), score-based generative modeling
 through SDEs; [NCSN] Song & Ermon 2019; [SDEdit] Meng et al. 2022.
 All randomness comes from `generator` (a torch.Generator on x's device).
@@ -309,43 +310,5 @@ def sdedit(score_fn, sde, x_guide, *, steps=500, t0=0.5, mask=None, predictor="r
                         project=None if mask is None else project, desc="sdedit")
 
 
-
-# --- training losses ---
-
-
-def dsm_loss(score_fn, sde, x0, *, weighting="sigma2", reduce="sum", eps=1e-5, generator=None):
-    """Continuous-time denoising score matching ([SDE] eq. 7), t ~ U(eps, T):
-    lambda(t) E ||s(x_t, t) + z / sigma_t||^2 with x_t = alpha_t x0 + sigma_t z.
-    weighting='sigma2': lambda = sigma_t^2, i.e. ||sigma_t s + z||^2 (score_sde's
-    default); 'likelihood': lambda = g(t)^2 (Song et al. 2021b, a bound on the NLL).
-    reduce: 'sum' or 'mean' over data dimensions; the batch is averaged.
-    """
-    if weighting not in ("sigma2", "likelihood"):
-        raise GuidedError(f"unknown DSM weighting {weighting!r}: use 'sigma2' or 'likelihood'")
-    if reduce not in ("sum", "mean"):
-        raise GuidedError(f"unknown reduction {reduce!r}: use 'sum' or 'mean'")
-    n = x0.shape[0]
-    t = torch.rand(n, generator=generator, device=x0.device, dtype=x0.dtype) * (sde.T - eps) + eps
-    z = _randn(x0, generator)
-    alpha, sigma = sde.marginal(t)
-    xt = expand_as(alpha, x0) * x0 + expand_as(sigma, x0) * z
-    s = score_fn(xt, t)
-    if weighting == "sigma2":
-        per = (expand_as(sigma, x0) * s + z) ** 2
-    else:
-        per = expand_as(sde.diffusion(t) ** 2, x0) * (s + z / expand_as(sigma, x0)) ** 2
-    per = per.reshape(n, -1)
-    return (per.sum(dim=1) if reduce == "sum" else per.mean(dim=1)).mean()
-
-
-def ncsn_loss(model, sigmas, x0, *, generator=None):
-    """NCSN's DSM over the noise ladder ([NCSN] Sec. 4.2): a level index i ~ U{0..L-1}
-    per sample, x~ = x0 + sigma_i z, loss 1/2 sigma_i^2 ||s(x~, i) + z / sigma_i||^2
-    = 1/2 ||sigma_i s + z||^2 (lambda(sigma) = sigma^2), averaged over the batch.
-    `model(x, labels)` is the label-conditioned network (see score.ncsn_score)."""
-    sigmas = torch.as_tensor(sigmas, device=x0.device, dtype=x0.dtype)
-    labels = torch.randint(0, sigmas.numel(), (x0.shape[0],), generator=generator, device=x0.device)
-    sigma = expand_as(sigmas[labels], x0)
-    z = _randn(x0, generator)
-    s = model(x0 + sigma * z, labels)
-    return 0.5 * ((sigma * s + z) ** 2).reshape(x0.shape[0], -1).sum(dim=1).mean()
+SCORE_SAMPLERS = {"pc": pc_sampler, "ode": ode_sampler, "langevin": annealed_langevin,
+                  "sdedit": sdedit}

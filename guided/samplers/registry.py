@@ -186,13 +186,18 @@ def sampler_for(name: str, model: ScoreModel) -> Sampler:
         raise GuidedError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     spec = SAMPLERS[name]
     if model.kind not in spec.kinds:
-        serves = [s for s in SAMPLERS if model.kind in SAMPLERS[s].kinds]
+        serves = serving(model.kind)
         if model.kind == "score":
             raise GuidedError(f"an NCSN model (a noise-conditional score network) cannot use the {name} sampler, "
                               f"which needs an eps-prediction model: use --sampler {' or '.join(reversed(serves))}")
         raise GuidedError(f"annealed Langevin dynamics needs an NCSN model (train.objective=ncsn); "
                           f"for this eps-prediction model use {', '.join(serves[:-1])} or {serves[-1]}")
     return spec
+
+
+def serving(kind: str) -> tuple:
+    """The samplers that serve a model kind ("eps" or "score"), in registry order."""
+    return tuple(name for name, s in SAMPLERS.items() if kind in s.kinds)
 
 
 def clip_guided_samplers() -> tuple:

@@ -1,13 +1,14 @@
 """Training the noise-aware classifier p(y | x_t, t) (the reference's classifier_train.py).
 
-With train.objective=ncsn the noise is NCSN's instead: x = x_0 + sigma_i z over the
-geometric ladder of the NCSN score model (train.ncsn_*), and the classifier sees the
-ladder index i, as the score model does, so it can guide annealed Langevin dynamics.
+The noise is the objective's (guided.diffusion.objectives): with train.objective.name=ncsn
+it is NCSN's, x = x_0 + sigma_i z over the geometric ladder of the NCSN score model
+(train.objective.ncsn_*), and the classifier sees the ladder index i, as the score model
+does, so it can guide annealed Langevin dynamics.
 
 Each step noises the clean batch to x_t = q_sample(x_0, t) at original timesteps
 t ~ U{0..T-1} and minimises the cross-entropy of the clean label (Dhariwal & Nichol
 sec. 4.1); the paper trains it with AdamW (lr 3e-4, weight decay 0.05), the
-learning rate annealed linearly to 0 (train.anneal_lr). Every train.eval_every
+learning rate annealed linearly to 0 (train.anneal_lr). Every train.eval.every
 steps the held-out images (the digits' heldout split, or data.val_root) are
 scored once in each quarter of the timestep range: top-1 and top-5 per quarter.
 """
@@ -21,11 +22,9 @@ from omegaconf import OmegaConf
 
 from guided.data import build_dataset, shard_indices
 from guided.errors import GuidedError
-from guided.diffusion.losses import UniformSampler
-from guided.diffusion.ladder import geometric_sigmas
-from guided.training.meters import QuarterMeter, derive_seed
-from guided.training.trainer import Trainer
 from guided.networks.unet import EncoderUNetModel
+from guided.training.meters import QuarterMeter, derive_seed
+from guided.training.trainer import TrainResult, Trainer, train
 
 
 def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,34 +38,24 @@ class ClassifierTrainer(Trainer):
 
     def fit_config_to_data(self):
         super().fit_config_to_data()
-        if self.cfg.train.schedule_sampler != "uniform":
+        if self.cfg.train.objective.schedule_sampler != "uniform":
             raise GuidedError("the classifier is trained at uniform timesteps: set train.schedule_sampler=uniform")
-        if self.cfg.train.objective not in ("eps", "ncsn"):
+        if not self.objective.noises_classifier:
             raise GuidedError("the classifier trains on the diffusion's noise (train.objective=eps) or an NCSN "
-                              f"ladder (ncsn), not {self.cfg.train.objective!r}")
+                              f"ladder (ncsn), not {self.objective.name!r}")
         self.set_num_classes(self.cfg.classifier)
-
-    def num_noise_levels(self) -> int:
-        return self.noise.num_timesteps
-
-    @property
-    def noise(self):
-        """The noising process: the diffusion's q(x_t | x_0), or the NCSN ladder."""
-        if self.cfg.train.objective != "ncsn":
-            return self.diffusion
-        if not hasattr(self, "_ladder"):
-            tc = self.cfg.train
-            self._ladder = LadderNoise(geometric_sigmas(tc.ncsn_sigma_max, tc.ncsn_sigma_min, tc.ncsn_levels))
-        return self._ladder
+        self.calibration = CalibrationPart()
 
     def build_model(self):
-        self.sampler = UniformSampler(self.noise.num_timesteps)
         self.val = self.build_val()
         self.last_eval = {}
         try:
             return EncoderUNetModel(self.cfg.classifier)
         except ValueError as e:
             raise GuidedError(f"cannot build the classifier of this config: {e}") from None
+
+    def state_parts(self) -> dict:
+        return {**super().state_parts(), "calibration": self.calibration}
 
     def build_val(self):
         """The held-out images, with the training classes, unaugmented; None when there are none."""
@@ -86,14 +75,14 @@ class ClassifierTrainer(Trainer):
 
     def prepare_batch(self, x0, y):
         n = len(x0)
-        if not self.cfg.train.noised:
+        if not self.cfg.train.objective.noised:
             return dict(x=x0, t=torch.zeros(n, dtype=torch.long, device=self.device), y=y)
-        t, _ = self.sampler.sample(n, self.device, generator=self.gen)
-        noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
-        return dict(x=self.noise.q_sample(x0, t, noise), t=t, y=y)
+        t = self.objective.draw_levels(n, self.device, self.rngs.gen)
+        noise = torch.randn(x0.shape, generator=self.rngs.noise_gen, device=self.device)
+        return dict(x=self.objective.noise(x0, t, noise), t=t, y=y)
 
     def scores(self, model, x, t, y) -> dict:
-        logits = model(x, self.noise.model_t(t)).float()
+        logits = model(x, self.objective.network_t(t)).float()
         loss = F.cross_entropy(logits, y, reduction="none")
         return {"loss": loss, "acc@1": top_k(logits, y, 1), "acc@5": top_k(logits, y, 5)}
 
@@ -107,10 +96,11 @@ class ClassifierTrainer(Trainer):
         in every quarter; the same images and draws at every evaluation."""
         if self.val is None:
             return
-        tc, T = self.cfg.train, self.noise.num_timesteps
-        order = shard_indices(len(self.val), 0, 1, tc.seed)[:tc.eval_images][self.rank::self.world]
+        tc, ev, T = self.cfg.train, self.cfg.train.eval, self.objective.num_levels
+        noised = tc.objective.noised
+        order = shard_indices(len(self.val), 0, 1, tc.seed)[:ev.images][self.rank::self.world]
         gen = torch.Generator().manual_seed(derive_seed(tc.seed, self.rank, 7))
-        meter, quarters = QuarterMeter(T, self.device), range(4) if tc.noised else [None]
+        meter, quarters = QuarterMeter(T, self.device), range(4) if noised else [None]
         self.net.eval()
         for i in range(0, len(order), self.local_batch):
             items = [self.val[j] for j in order[i:i + self.local_batch]]
@@ -121,16 +111,16 @@ class ClassifierTrainer(Trainer):
                     t, x = torch.zeros(len(y), dtype=torch.long), x0
                 else:
                     t = torch.randint(q * T // 4, (q + 1) * T // 4, (len(y),), generator=gen)
-                    x = self.noise.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
+                    x = self.objective.noise(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
                 meter.add(t, self.scores(self.net, x, t.to(self.device), y))
         self.net.train()
-        if self.step >= tc.steps and tc.noised and tc.calibration_bands:
+        if self.step >= tc.steps and noised and ev.calibration_bands:
             self.fit_calibration(order, gen)
         stats = {f"val_{k}": v for k, v in meter.flush(self.accel).items()}
         self.last_eval = stats
         self.record(stats)
         line = " ".join(f"{stats.get(f'val_acc@1_q{q}', float('nan')):.1%}" for q in range(4))
-        self.print(f"eval step {self.step} ({len(self.val)} held-out, {min(tc.eval_images, len(self.val))} used): "
+        self.print(f"eval step {self.step} ({len(self.val)} held-out, {min(ev.images, len(self.val))} used): "
                    f"top-1 {stats.get('val_acc@1', 0):.1%} (quarters {line}), top-5 {stats.get('val_acc@5', 0):.1%}")
 
 
@@ -142,8 +132,8 @@ class ClassifierTrainer(Trainer):
 
         if not self.accel.is_main_process:
             return
-        T = self.noise.num_timesteps
-        edges = torch.linspace(0, T, min(self.cfg.train.calibration_bands, T) + 1).round().unique()  # whole steps
+        T = self.objective.num_levels
+        edges = torch.linspace(0, T, min(self.cfg.train.eval.calibration_bands, T) + 1).round().unique()  # whole steps
         K = len(edges) - 1
         logits, labels, ts = [], [], []
         self.net.eval()
@@ -154,16 +144,13 @@ class ClassifierTrainer(Trainer):
             for k in range(K * draws):
                 lo, hi = int(edges[k // draws]), int(edges[k // draws + 1])
                 t = torch.randint(lo, hi, (len(y),), generator=gen)
-                x = self.noise.q_sample(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
-                logits.append(self.net(x, self.noise.model_t(t.to(self.device))).float().cpu())
+                x = self.objective.noise(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
+                logits.append(self.net(x, self.objective.network_t(t.to(self.device))).float().cpu())
                 labels.append(y)
-                ts.append(self.noise.model_t(t).double())
+                ts.append(self.objective.network_t(t).double())
         self.net.train()
-        if self.cfg.train.objective == "ncsn":  # bands in the ladder index the classifier sees (runs the other way)
-            edges = (T - edges).flip(0)
-        elif self.cfg.diffusion.rescale_timesteps:
-            edges = edges * (1000.0 / T)
-        self.calibration, report = calibrate(torch.cat(logits), torch.cat(labels), torch.cat(ts), edges)
+        edges = self.objective.band_edges(edges)  # in the timestep the classifier sees
+        self.calibration.fitted, report = calibrate(torch.cat(logits), torch.cat(labels), torch.cat(ts), edges)
         self.record({f"calib_{r['band']}_{k}": r[k] for r in report
                      for k in ("temperature", "accuracy", "ece_before", "ece_after")})
         for r in report:
@@ -172,24 +159,22 @@ class ClassifierTrainer(Trainer):
                        f"{r['ece_after']:.4f} ({r['n']} held-out draws)")
 
 
-class LadderNoise:
-    """NCSN's perturbation x = x_0 + sigma_i z (Song & Ermon 2019) with the diffusion's interface:
-    t = 0 is the smallest sigma, so quarters run from little to much noise as for a diffusion;
-    the network sees the ladder index i = L - 1 - t (sigmas are stored largest first)."""
+class CalibrationPart:
+    """The calibration fitted at the end (guided.guidance.calibration.Calibration, or None), as a
+    part of the run state: saved in checkpoints and exported with the weights."""
 
-    def __init__(self, sigmas: torch.Tensor):
-        self.sigmas = sigmas.float()
-        self.num_timesteps = len(sigmas)
+    def __init__(self):
+        self.fitted = None
 
-    def model_t(self, t):
-        return self.num_timesteps - 1 - t
+    def state_dict(self):
+        return self.fitted.to_dict() if self.fitted is not None else None
 
-    def q_sample(self, x0, t, noise):
-        return x0 + self.sigmas.to(x0.device)[self.model_t(t)].view(-1, *[1] * (x0.dim() - 1)) * noise
+    def load_state_dict(self, d):
+        from guided.guidance.calibration import Calibration
+
+        self.fitted = Calibration.from_dict(d)
 
 
-def train_classifier(cfg, resume: bool = False, stop_after: int | None = None) -> ClassifierTrainer:
-    """Train (or with resume, continue) the noise-aware classifier of `cfg`; returns the trainer."""
-    trainer = ClassifierTrainer(cfg, resume=resume)
-    trainer.status = trainer.run(stop_after=stop_after)
-    return trainer
+def train_classifier(cfg, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Train (or with resume, continue) the noise-aware classifier of `cfg`; says how the run ended."""
+    return train(ClassifierTrainer, cfg, resume=resume, stop_after=stop_after)

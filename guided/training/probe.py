@@ -17,6 +17,8 @@ import functools
 import numpy as np
 import torch
 
+PROBE_OPTIONS = {"eps": dict(sampler="dpm++", steps="quad25"),  # per ScoreModel kind
+                 "score": dict(sampler="langevin", steps="100")}
 PROBE_SEED = 1_000_003  # fixed: every probe of a run draws the same noise
 
 
@@ -60,8 +62,7 @@ def probe(pipeline, n: int, device="cpu", batch_size: int = 300, null: bool = Fa
     labels = plan_labels(list(range(10)) if conditional else [], n)
     if null:
         labels = np.full(n, pipeline.model.num_classes)
-    opts = (SampleOptions(sampler="langevin", steps="100") if pipeline.objective == "ncsn"
-            else SampleOptions(sampler="dpm++", steps="quad25"))
+    opts = SampleOptions(**PROBE_OPTIONS[pipeline.score_model.kind])
     out = []
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
