@@ -23,7 +23,7 @@ from guided.cli import Parser, run_cli
 from guided.cli.evaluation_options import add_feature_options
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import evaluate_files, format_result, format_summary
-from guided.networks.checkpoints import atomic_write
+from guided.files import atomic_write
 
 
 def build_parser() -> Parser:
