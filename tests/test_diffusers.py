@@ -245,24 +245,71 @@ def test_a_unet_folder_needs_its_scheduler(tiny_pair):
     assert p.score_model.base.num_timesteps == 100
 
 
-def test_cli_refusals_are_one_line(tiny_pair, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def classifier_run(tiny_pair, tmp_path_factory):
+    """train_classifier.py for the tiny diffusers model's chain: diffusion.betas_from names its folder."""
+    from conftest import TINY_CLASSIFIER, TINY_TRAIN
+    from guided.cli.train import main_classifier
+
+    main, _, _ = tiny_pair
+    out = tmp_path_factory.mktemp("clf") / "run"
+    argv = TINY_CLASSIFIER + TINY_TRAIN + ["train.steps=2", "train.eval_images=8", "train.calibration_bands=0",
+                                           f"diffusion.betas_from={main}", f"train.out_dir={out}"]
+    assert main_classifier(argv) in (0, None)
+    return out
+
+
+def test_the_classifier_trains_on_the_schedulers_chain(tiny_pair, classifier_run):
+    from guided.config import load_config
+    from guided.diffusion.gaussian import create_diffusion
+
+    main, _, _ = tiny_pair
+    cfg = load_config(classifier_run / "config.yaml")
+    assert cfg.diffusion.betas_from == str(main)
+    ref = DDPMScheduler.from_pretrained(str(main / "scheduler"))
+    chain = create_diffusion(cfg.diffusion, "")
+    assert np.allclose(chain.alphas_cumprod.numpy(), ref.alphas_cumprod.numpy(), rtol=1e-5)
+    with pytest.raises(GuidedError, match="diffusion.steps=1000 but the scheduler config"):
+        create_diffusion(node_of({"steps": 1000, "betas_from": str(main)}))
+
+
+def test_cli_refusals_are_one_line(tiny_pair, classifier_run, tmp_path, capsys):
     from fault_harness import one_error_line, record_bad_input
     from guided.cli.sample import main as sample_main
 
     main, _, _ = tiny_pair
-    cases = [("--class 3 on an unconditional diffusers unet without --classifier",
-              ["--model", str(main), "--classifier", "none", "--class", "3"], "--class needs"),
-             ("--model a folder that is not a diffusers model", ["--model", str(tmp_path)], "")]
-    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model_index.json").write_text("{}")
+    cfg = json.loads((main / "scheduler" / "scheduler_config.json").read_text())
+    for key, value in (("prediction_type", "flow"), ("beta_schedule", "sigmoid")):
+        (tmp_path / f"{key}.json").write_text(json.dumps({**cfg, key: value}))
+    unet = ["--model", str(main / "unet"), "--scheduler"]
+    big = save(tmp_path, UNet2DModel(**{**TINY, "sample_size": 16}), DDPMScheduler(num_train_timesteps=100), "big")
+    cases = [
+        ("--model a folder that is not a diffusers model", ["--model", str(tmp_path / "junk")],
+         "is not a diffusers model: no unet/config.json"),
+        ("--scheduler with prediction_type flow", unet + [str(tmp_path / "prediction_type.json")],
+         "prediction_type 'flow' is not supported; one of epsilon, v_prediction, sample"),
+        ("--scheduler with beta_schedule sigmoid", unet + [str(tmp_path / "beta_schedule.json")],
+         "beta_schedule 'sigmoid' is not supported"),
+        ("--class 3 to an unconditional diffusers unet without --classifier",
+         ["--model", str(main), "--classifier", "none", "--class", "3"], "--class needs a class-conditional model"),
+        ("--classifier for 8x8 images with a 16x16 diffusers unet",
+         ["--model", str(big), "--classifier", str(classifier_run), "--class", "3", "--scale", "1"],
+         "the classifier takes 8x8x1 images but the score model makes 16x16x1"),
+    ]
     for given, argv, expected in cases:
         capsys.readouterr()
         try:
-            code = sample_main(argv + ["--out", str(tmp_path / "o.npz"), "--num-samples", "2", "--steps", "2"])
+            code = sample_main(argv + ["--out", str(tmp_path / "o"), "--num-samples", "2", "--steps", "2"])
         except SystemExit as e:
             code = e.code
-        line = one_error_line(capsys.readouterr().err)
+        err = capsys.readouterr().err
+        assert "error: " in err, given
+        line = one_error_line(err)
         assert code == 2 and expected in line, line
-        record_bad_input(f"sample_guided.py {given}", "sample_guided.py", given, code, line.replace(str(tmp_path), "…"))
+        record_bad_input(f"sample_guided.py {given}", "sample_guided.py", given, code,
+                         line.replace(str(tmp_path), "…").replace(str(main), "…/tiny"))
 
 
 def test_a_mismatched_classifier_is_one_line(tiny_pair):
