@@ -77,8 +77,9 @@ def add_model_args(p):
 def add_sampler_args(p):
     s = p.add_argument_group("sampler")
     s.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="the reverse-process solver")
-    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN or quadN "
-                                                 "(default: 100; the ode and langevin samplers choose their own)")
+    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN or quadN, "
+                                                 "leadingN / trailingN / linspaceN (diffusers' spacings; a diffusers "
+                                                 "model's count takes its scheduler's) (default: 100; the ode and langevin samplers choose their own)")
     s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
     s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
     s.add_argument("--clip-guided", action=argparse.BooleanOptionalAction, default=None,
