@@ -76,6 +76,7 @@ class DiffusionConfig:
     loss: str = "mse"  # mse (hybrid when the variance is learned) | rescaled_mse | kl | rescaled_kl
     rescale_timesteps: bool = False
     timestep_respacing: str = ""
+    betas_from: Optional[str] = None  # a diffusers scheduler_config.json (or pipeline folder): its betas and spacing
 
 
 @dataclass

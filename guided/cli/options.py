@@ -56,8 +56,11 @@ def add_model_args(p):
     src = p.add_argument_group("models")
     src.add_argument("--model", default="cond",
                      help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
-                          "train_diffusion.py, or an official ADM checkpoint (the released file names need no "
-                          "--adm-flags)")
+                          "train_diffusion.py, an official ADM checkpoint (the released file names need no "
+                          "--adm-flags), or a diffusers UNet2DModel folder (README: Guiding a diffusers model)")
+    src.add_argument("--scheduler", default=None,
+                     help="a diffusers model's scheduler_config.json, for a unet folder without its pipeline's "
+                          "scheduler/ (default: the pipeline folder's)")
     src.add_argument("--classifier", default=None,
                      help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one (the "
                           "released file names need no --classifier-flags), or 'none'; default: the shipped digits "
@@ -74,8 +77,9 @@ def add_model_args(p):
 def add_sampler_args(p):
     s = p.add_argument_group("sampler")
     s.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="the reverse-process solver")
-    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN or quadN "
-                                                 "(default: 100; the ode and langevin samplers choose their own)")
+    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN or quadN, "
+                                                 "leadingN / trailingN / linspaceN (diffusers' spacings; a diffusers "
+                                                 "model's count takes its scheduler's) (default: 100; the ode and langevin samplers choose their own)")
     s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
     s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
     s.add_argument("--clip-guided", action=argparse.BooleanOptionalAction, default=None,
@@ -178,7 +182,7 @@ def guides(args, optional=()) -> dict:
 
 def pipeline_keywords(args, device, optional=()) -> dict:
     """Every keyword of guided.generation.load_pipeline from parsed options."""
-    return dict(model=args.model, classifier=args.classifier, adm_flags=args.adm_flags,
+    return dict(model=args.model, classifier=args.classifier, adm_flags=args.adm_flags, scheduler=args.scheduler,
                 classifier_flags=args.classifier_flags, device=device, channels_last=args.channels_last,
                 compile=args.compile, cuda_graphs=args.cuda_graphs, **guides(args, optional))
 

@@ -149,6 +149,7 @@ def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
     return {"sweep": param, "model": args.model, "model_weights": weights_digest(pipeline.model),
             "classifier": args.classifier, "classifier_weights": weights_digest(pipeline.classifier),
             "adm_flags": args.adm_flags, "classifier_flags": args.classifier_flags, "classes": classes,
+            **({"scheduler": args.scheduler} if args.scheduler else {}),
             "class_sampling": args.class_sampling, "num_samples": args.num_samples, "seed": args.seed,
             **{k: v for k, v in guide_settings(args).items() if k != "classifier"}, "autoguide_weights": weights_digest(pipeline.weak_model),
             "x0_classifier_weights": weights_digest(pipeline.x0_classifier),

@@ -40,15 +40,19 @@ def named_beta_schedule(name: str, n: int) -> np.ndarray:
     raise GuidedError(f"unknown noise schedule {name!r}; choose linear or cosine")
 
 
-def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
+def space_timesteps(num_timesteps: int, section_counts, steps_offset: int = 0) -> list[int]:
     """The original timesteps kept by a respacing (the reference's `space_timesteps`).
 
     "ddimN": an integer stride giving exactly N steps; "N" or "a,b,c": the
     process cut into equal sections, each strided to its count; "quadN": N
     steps quadratically spaced, t_i ~ (i / (N-1))^2 (the DDIM paper's "quadratic"
-    selection, dense at low noise where few-step solvers need it). Sorted list.
+    selection, dense at low noise where few-step solvers need it); "leadingN",
+    "trailingN", "linspaceN": diffusers' set_timesteps spacings (Lin et al. 2024,
+    Table 2; `steps_offset` shifts leading). Sorted list.
     """
     text = str(section_counts).strip() if section_counts not in (None, "") else str(num_timesteps)
+    if text.startswith(_DIFFUSERS_SPACINGS):
+        return _diffusers_steps(num_timesteps, text, steps_offset)
     if text.startswith("quad"):
         return _quadratic_steps(num_timesteps, text)
     if text.startswith("ddim"):
@@ -79,6 +83,31 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
         steps += [start + round(stride * j) for j in range(count)]
         start += size
     return sorted(set(steps))
+
+
+_DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _diffusers_steps(num_timesteps: int, text: str, offset: int) -> list[int]:
+    """diffusers' DDPMScheduler.set_timesteps, same integers (same numpy arithmetic)."""
+    kind = next(k for k in _DIFFUSERS_SPACINGS if text.startswith(k))
+    try:
+        n = int(text[len(kind):])
+    except ValueError:
+        raise GuidedError(f"respacing {text!r}: expected {kind}N, e.g. {kind}50") from None
+    if not 1 <= n <= num_timesteps:
+        raise GuidedError(f"respacing {text!r}: {kind}N needs 1 <= N <= {num_timesteps}")
+    if kind == "linspace":
+        steps = np.linspace(0, num_timesteps - 1, n).round().astype(np.int64)
+    elif kind == "leading":
+        steps = (np.arange(0, n) * (num_timesteps // n)).round().astype(np.int64) + offset
+    else:
+        steps = np.round(np.arange(num_timesteps, 0, -num_timesteps / n)).astype(np.int64) - 1
+    steps = sorted(set(int(s) for s in steps))
+    if steps[0] < 0 or steps[-1] >= num_timesteps:
+        raise GuidedError(f"respacing {text!r} with steps_offset {offset} reaches timestep {steps[-1]} "
+                          f"of a {num_timesteps}-step process")
+    return steps
 
 
 def _quadratic_steps(num_timesteps: int, text: str) -> list[int]:
@@ -217,6 +246,20 @@ class GaussianDiffusion:
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
 
+def _scheduler_chain(path, steps: int, respacing):
+    """(betas, respacing, steps_offset) of a diffusers scheduler config (guided/diffusion/scheduler_config.py)."""
+    from guided.diffusion import scheduler_config as sc
+
+    cfg = sc.read(path)
+    base = sc.betas(cfg)
+    if len(base) != steps:
+        raise GuidedError(f"diffusion.steps={steps} but the scheduler config {path} has {len(base)} "
+                          f"timesteps: set diffusion.steps={len(base)}")
+    spacing, offset = sc.spacing(cfg)
+    text = str(respacing).strip() if respacing not in (None, "") else ""
+    return base, (f"{spacing}{text}" if text.isdigit() else text), offset
+
+
 def create_diffusion(cfg, timestep_respacing: str | None = None) -> GaussianDiffusion:
     """A (respaced) process from a DiffusionConfig node. Respacing keeps the
     chosen timesteps and recomputes betas so that the kept alpha-bars are
@@ -224,8 +267,12 @@ def create_diffusion(cfg, timestep_respacing: str | None = None) -> GaussianDiff
     respacing = cfg.timestep_respacing if timestep_respacing is None else timestep_respacing
     if cfg.steps < 2:  # the posterior variance at t = 0 is clipped to the one at t = 1 (Ho et al.)
         raise GuidedError(f"diffusion.steps must be at least 2, got {cfg.steps}")
-    base = named_beta_schedule(cfg.noise_schedule, cfg.steps)
-    kept = space_timesteps(cfg.steps, respacing)
+    betas_from, offset = getattr(cfg, "betas_from", None), 0
+    if betas_from:  # a diffusers scheduler's betas; a plain count takes its own spacing
+        base, respacing, offset = _scheduler_chain(betas_from, cfg.steps, respacing)
+    else:
+        base = named_beta_schedule(cfg.noise_schedule, cfg.steps)
+    kept = space_timesteps(cfg.steps, respacing, offset)
     if len(kept) < 2:  # one step would keep only t = 0, a denoiser of almost clean images
         raise GuidedError(f"respacing {respacing!r} keeps a single step (timestep {kept[0]}), which cannot "
                           f"denoise from pure noise: use at least 2 steps (--steps 2)")

@@ -16,6 +16,7 @@ from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
 from guided.networks import adm
 from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
+from guided.networks.diffusers import is_diffusers_folder
 from guided.networks.unet import EncoderUNetModel, UNetModel
 from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
@@ -58,15 +59,17 @@ def official_flags(path: str, flags, option: str, classifier: bool):
 def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_flags: Optional[str] = None,
                   classifier_flags: Optional[str] = None, autoguide: Optional[str] = None,
                   x0_classifier: Optional[str] = None, guides=(), optional_guides=(), device="cpu",
-                  channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False) -> Pipeline:
+                  channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
+                  scheduler: Optional[str] = None) -> Pipeline:
     """The pipeline of a score model: a shipped name (SHIPPED_MODELS), a run folder or checkpoint of the
-    trainers, or an official ADM checkpoint (released names need no flags). `classifier`: None = the
+    trainers, an official ADM checkpoint (released names need no flags), or a diffusers UNet2DModel (a
+    pipeline folder, or a unet folder and `scheduler`, its scheduler_config.json). `classifier`: None = the
     shipped model's default, "none" = no classifier. `guides`: the guide networks to load ("autoguide",
     "x0_classifier": as named, else the shipped default, else an error); `optional_guides`: load those
     only where one is named or shipped."""
     shipped = model in SHIPPED_MODELS
     defaults = SHIPPED_MODELS.get(model, {})
-    net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags)
+    net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags, scheduler)
     spec = classifier if classifier is not None else defaults.get("classifier", "none")
     flags = classifier_flags
     if flags and "--image_size" not in flags and model_flags:
@@ -94,8 +97,10 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
                     unconditional=defaults.get("unconditional", False), **extra)
 
 
-def _score_network(model: str, adm_flags):
+def _score_network(model: str, adm_flags, scheduler=None):
     """(network, diffusion config, label map, Pipeline keywords, ADM flags or None) of --model."""
+    if scheduler is not None or is_diffusers_folder(model):
+        return _diffusers_network(model, scheduler)
     shipped = model in SHIPPED_MODELS
     model_flags = None if shipped else official_flags(model, adm_flags, "--adm-flags", classifier=False)
     if model_flags:
@@ -108,6 +113,15 @@ def _score_network(model: str, adm_flags):
         raise GuidedError(f"--model {model} holds a noise-aware classifier, not a score model "
                           f"(pass it as --classifier)")
     return net, run_cfg.diffusion, label_map, objective_from_config(run_cfg).pipeline_kwargs(), None
+
+
+def _diffusers_network(model: str, scheduler):
+    """A diffusers UNet2DModel adapted to the project's networks (guided/networks/diffusers.py)."""
+    from guided.config import DiffusionConfig, node
+    from guided.networks.diffusers import load_unet
+
+    net, values = load_unet(model, scheduler)
+    return net, node(DiffusionConfig, values), None, {}, None
 
 
 def _classifier(spec: str, flags):
@@ -144,6 +158,9 @@ def guide_network(named, option: str, defaults: dict, kind, what: str):
     flag = "--" + option.replace("_", "-")
     if spec is None:
         raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")
+    if kind is UNetModel and is_diffusers_folder(spec):  # a second diffusers model (its own scheduler folder)
+        net, _ = _diffusers_network(spec, None)[:2]
+        return net
     net, _, _ = load_trained(shipped_path(spec))
     if not isinstance(net, kind):
         raise GuidedError(f"{flag} {spec} does not hold {what}")
