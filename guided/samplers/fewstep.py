@@ -7,7 +7,7 @@ prediction D(x; sigma) is the x0 estimate. The levels are those of the respaced 
 (any respacing of guided.diffusion.gaussian, e.g. "20", "quad20", "karras20", "logsnr20"), so the
 networks only ever see the original timesteps they were trained on; EDM's stochastic sampler
 rounds its raised level to the nearest timestep of the whole chain (EDM's round_sigma for
-discrete-time models, App. C.3.4 of the paper).
+discrete-time models).
 
   dpm++2m-sde  DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", App. on SDE solvers; the
                midpoint form): per step, with h = lambda_next - lambda, lambda = -log sigma,
