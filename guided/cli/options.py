@@ -13,6 +13,7 @@ from guided.errors import GuidedError
 from guided.generation.loading import SHIPPED_MODELS, classifier_spec, guide_spec
 from guided.generation.options import METHODS, SampleOptions
 from guided.guidance.terms import SCHEDULES
+from guided.samplers.fewstep import FUNCTIONS as FEWSTEP, settings as fewstep_settings
 from guided.samplers.registry import SAMPLERS, clip_guided_samplers
 
 LOADER_HELP = {
@@ -77,9 +78,14 @@ def add_model_args(p):
 def add_sampler_args(p):
     s = p.add_argument_group("sampler")
     s.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="the reverse-process solver")
-    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN or quadN, "
-                                                 "leadingN / trailingN / linspaceN (diffusers' spacings; a diffusers "
-                                                 "model's count takes its scheduler's) (default: 100; the ode and langevin samplers choose their own)")
+    s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN, quadN, on the "
+                                                 "noise level karrasN (EDM's rho = 7) or logsnrN (uniform in log-SNR), "
+                                                 "or leadingN / trailingN / linspaceN (diffusers' spacings; a diffusers "
+                                                 "model's count takes its scheduler's) (default: 100; the ode and "
+                                                 "langevin samplers choose their own)")
+    s.add_argument("--sampler-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="a setting of the few-step samplers (dpm++2m-sde, dpm++3m, edm): threshold=dynamic|static|"
+                        "none, percentile, eta, churn, s_noise, s_tmin, s_tmax; repeat for more")
     s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
     s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
     s.add_argument("--clip-guided", action=argparse.BooleanOptionalAction, default=None,
@@ -155,7 +161,18 @@ def options(args, scale, **override) -> SampleOptions:
     parsed = {f.name: getattr(args, f.name) for f in fields(SampleOptions) if hasattr(args, f.name)}
     return SampleOptions(**{**parsed, "sampler": sampler, "steps": steps, "scale": scale,
                             "clip_denoised": not args.no_clip, "clip_guided": clip_guided(args, sampler),
-                            "calibration": not args.no_calibration, "extra": {}})
+                            "calibration": not args.no_calibration, "extra": sampler_settings(args, sampler)})
+
+
+def sampler_settings(args, sampler: str) -> dict:
+    """--sampler-arg KEY=VALUE ... as SampleOptions.extra, for the few-step samplers only."""
+    given = getattr(args, "sampler_arg", None) or []
+    if given and sampler not in FEWSTEP:
+        raise GuidedError(f"--sampler-arg is for the few-step samplers ({', '.join(FEWSTEP)}), not {sampler}")
+    pairs = [g.split("=", 1) for g in given]
+    if any(len(p) != 2 for p in pairs):
+        raise GuidedError(f"--sampler-arg takes KEY=VALUE, not {next(g for g in given if '=' not in g)!r}")
+    return fewstep_settings({k.strip(): v.strip() for k, v in pairs})
 
 
 def clip_guided(args, sampler: str) -> bool:

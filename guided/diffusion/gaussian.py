@@ -107,6 +107,46 @@ def _diffusers_steps(num_timesteps: int, text: str, offset: int) -> list[int]:
     if steps[0] < 0 or steps[-1] >= num_timesteps:
         raise GuidedError(f"respacing {text!r} with steps_offset {offset} reaches timestep {steps[-1]} "
                           f"of a {num_timesteps}-step process")
+
+
+SIGMA_SCHEDULES = ("karras", "logsnr")  # respacings chosen on the noise level (sigma_steps)
+KARRAS_SIGMA_MAX, KARRAS_RHO = 80.0, 7.0  # Karras et al. 2022 (EDM) Table 1 and eq. 5
+
+
+def sigma_steps(alphas_cumprod, text: str) -> list[int]:
+    """The original timesteps of a respacing chosen on sigma = sqrt((1 - abar) / abar), for any sampler:
+    "karrasN": N levels on Karras et al.'s rho = 7 schedule (EDM eq. 5),
+    sigma_i = (smax^(1/rho) + i / (N-1) (smin^(1/rho) - smax^(1/rho)))^rho, and "logsnrN": N levels
+    uniform in log-SNR = -2 log sigma (Lu et al. 2022's uniform-lambda steps). smin is the chain's
+    smallest sigma, smax its largest capped at EDM's 80; each level goes to the timestep of nearest
+    log sigma (EDM's round_sigma for discrete-time models), nudged apart where two would coincide."""
+    name = next(n for n in SIGMA_SCHEDULES if text.startswith(n))
+    try:
+        want = int(text[len(name):])
+    except ValueError:
+        raise GuidedError(f"respacing {text!r}: expected {name}N, e.g. {name}20") from None
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    log_sigma = 0.5 * np.log((1 - abar) / abar)
+    if not 2 <= want <= len(abar):
+        raise GuidedError(f"respacing {text!r}: {name}N needs 2 <= N <= {len(abar)}")
+    lo, hi = log_sigma[0], min(log_sigma[-1], math.log(KARRAS_SIGMA_MAX))
+    ramp = np.linspace(0, 1, want)
+    if name == "karras":
+        a, b = math.exp(hi) ** (1 / KARRAS_RHO), math.exp(lo) ** (1 / KARRAS_RHO)
+        levels = np.log((a + ramp * (b - a)) ** KARRAS_RHO)
+    else:
+        levels = hi + ramp * (lo - hi)
+    steps = sorted(int(np.abs(log_sigma - v).argmin()) for v in levels)
+    return _distinct(steps, len(abar))
+
+
+def _distinct(steps: list[int], num_timesteps: int) -> list[int]:
+    """Sorted timesteps made strictly increasing within [0, num_timesteps), moving as few as needed."""
+    for i in range(1, len(steps)):
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    steps[-1] = min(steps[-1], num_timesteps - 1)
+    for i in range(len(steps) - 2, -1, -1):
+        steps[i] = min(steps[i], steps[i + 1] - 1)
     return steps
 
 
@@ -272,11 +312,12 @@ def create_diffusion(cfg, timestep_respacing: str | None = None) -> GaussianDiff
         base, respacing, offset = _scheduler_chain(betas_from, cfg.steps, respacing)
     else:
         base = named_beta_schedule(cfg.noise_schedule, cfg.steps)
-    kept = space_timesteps(cfg.steps, respacing, offset)
+    abar = np.cumprod(1.0 - base)
+    text = str(respacing or "").strip()
+    kept = sigma_steps(abar, text) if text.startswith(SIGMA_SCHEDULES) else space_timesteps(cfg.steps, respacing, offset)
     if len(kept) < 2:  # one step would keep only t = 0, a denoiser of almost clean images
         raise GuidedError(f"respacing {respacing!r} keeps a single step (timestep {kept[0]}), which cannot "
                           f"denoise from pure noise: use at least 2 steps (--steps 2)")
-    abar = np.cumprod(1.0 - base)
     last, betas = 1.0, []
     for i in kept:
         betas.append(1 - abar[i] / last)

@@ -5,9 +5,11 @@ count or chooses its own, whether it is stochastic, which model kinds it serves 
 NCSN score ladders), and when the extra clip of the guided x0 (`clip_guided`) changes it.
 A `Job` holds one batch's request: the adapted model, the guided model function and gradient
 function (guided/guidance), the per-sample noise, the steps, SDEdit and a preview callback.
-Two families run here: the paper's samplers on a respaced discrete chain (guided/samplers/
-discrete.py, exact to the paper's code) and the score samplers on continuous SDE time
-(guided/samplers/continuous.py); both report previews as (share done, x0 estimate).
+Three families run here: the paper's samplers on a respaced discrete chain (guided/samplers/
+discrete.py, exact to the paper's code), the few-step samplers on the noise levels of that chain
+(guided/samplers/fewstep.py: DPM-Solver++(2M) SDE, DPM-Solver++(3M), EDM's stochastic sampler) and
+the score samplers on continuous SDE time (guided/samplers/continuous.py); all report previews as
+(share done, x0 estimate).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from guided.diffusion.models import ScoreModel
 from guided.diffusion.sde import expand_as
 from guided.errors import GuidedError
 from guided.samplers import continuous as ss
-from guided.samplers import discrete
+from guided.samplers import discrete, fewstep
 from guided.samplers.sdedit import SDEdit
 
 
@@ -142,6 +144,16 @@ def _continuous(name: str, solve: Callable):
     return run
 
 
+def _fewstep(name: str):
+    """Run a few-step sampler of guided/samplers/fewstep.py on the levels of the model's respaced chain."""
+    run = fewstep.runner(name)
+
+    def run_cast(job: Job) -> torch.Tensor:
+        with autocast(job.noise.device, job.precision):
+            return run(job)
+    return run_cast
+
+
 def _pc(job, score, sde, x_T, steps):
     return ss.pc_sampler(score, sde, x_T, steps=steps, generator=job.noise, progress=job.progress, **job.extra)
 
@@ -170,6 +182,9 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
             keywords=lambda job: {"eta": job.eta, **_score_form(job)}),
     Sampler("dpm++", _discrete("dpm++", discrete.dpmpp_2m), ("eps",), stochastic=False, clip_guided="always",
             keywords=_score_form),
+    Sampler("dpm++2m-sde", _fewstep("dpm++2m-sde"), ("eps",)),
+    Sampler("dpm++3m", _fewstep("dpm++3m"), ("eps",), stochastic=False),
+    Sampler("edm", _fewstep("edm"), ("eps",)),
     Sampler("pc", _continuous("pc", _pc), ("eps", "score"), clip_guided="always", plain_count=True),
     Sampler("ode", _continuous("ode", _ode), ("eps",), adaptive="adaptive RK45, rtol = atol = 1e-5", stochastic=False,
             clip_guided="always"),

@@ -1,0 +1,76 @@
+"""The table and Pareto plot of scripts/fewstep_study.py's rows (docs/fewstep_study.jsonl)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+PILOT_SEED = 100000
+
+
+def confirmed(rows: list[dict]) -> dict:
+    """(method, sampler, steps, scale) -> its rows on the confirming seeds."""
+    out = defaultdict(list)
+    for r in rows:
+        if r["seed"] != PILOT_SEED:
+            out[(r["method"], r["sampler"], r["steps"], r["scale"])].append(r)
+    return out
+
+
+def summary(group: list[dict]) -> dict:
+    fd = np.array([r["fd"] for r in group])
+    wall = [r["wall_s"] / r["num_samples"] for r in group if "wall_s" in r]
+    cpu = [r["cpu_s"] / r["num_samples"] for r in group if "cpu_s" in r]
+    return {"fd": fd.mean(), "fd_sd": fd.std(ddof=1) if len(fd) > 1 else float("nan"), "seeds": len(fd),
+            "samples": sum(r["num_samples"] for r in group), "acc": np.mean([r["judge_accuracy"] for r in group]),
+            "score": group[0]["score_evals"], "classifier": group[0]["classifier_evals"],
+            "wall": np.median(wall) if wall else float("nan"), "cpu": np.median(cpu) if cpu else float("nan")}
+
+
+def table(rows: list[dict]) -> str:
+    groups = {k: summary(v) for k, v in confirmed(rows).items()}
+    refs = {k[0]: g for k, g in groups.items() if k[1] == "ddpm" and k[2] == "250"}
+    lines = ["| method | sampler | steps | scale | score-model evals | classifier evals | FD (mean ± sd) | "
+             "FD / DDPM 250 | judge accuracy | seeds x samples | ms per sample (wall / CPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (method, sampler, steps, scale), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1]["score"], kv[1]["fd"])):
+        ref = refs.get(method)
+        ratio = f"{g['fd'] / ref['fd']:.2f}" if ref else "no reference yet"
+        lines.append(f"| {method} | {sampler} | {steps} | {scale:g} | {g['score']:g} | {g['classifier']:g} | "
+                     f"{g['fd']:.1f} ± {g['fd_sd']:.1f} | {ratio} | {g['acc']:.1%} | {g['seeds']} x "
+                     f"{g['samples'] // g['seeds']} | {1000 * g['wall']:.0f} / {1000 * g['cpu']:.0f} |")
+    return "\n".join(lines)
+
+
+def pareto(rows: list[dict], path) -> None:
+    """FD against score-model evaluations, one line per sampler (its best configuration at each count)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = defaultdict(dict)
+    for (method, sampler, steps, scale), group in confirmed(rows).items():
+        if method != "classifier":
+            continue
+        g = summary(group)
+        cur = best[sampler].get(g["score"])
+        if cur is None or g["fd"] < cur["fd"]:
+            best[sampler][g["score"]] = g
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for sampler, points in sorted(best.items()):
+        xs = sorted(points)
+        ax.errorbar(xs, [points[x]["fd"] for x in xs], yerr=[np.nan_to_num(points[x]["fd_sd"]) for x in xs],
+                    marker="o", capsize=3, label=sampler)
+    ax.set_xscale("log")
+    ax.set_xlabel("score-model evaluations per sample")
+    ax.set_ylabel("FD (digits judge features)")
+    ax.set_title("Classifier-guided digits: FD against network evaluations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(rows: list[dict], path) -> None:
+    print(table(rows))
+    pareto(rows, path)
+    print(f"wrote {path}")

@@ -1,0 +1,220 @@
+"""The few-step study of README "Guided sampling in few steps": sampler x schedule x steps against DDPM 250.
+
+    OMP_NUM_THREADS=1 python scripts/fewstep_study.py [--pilot-samples 100] [--samples 500] [--budget-min 600]
+    OMP_NUM_THREADS=1 python scripts/fewstep_study.py --report      # the table and docs/fewstep_pareto.png
+
+Each configuration (model, guidance method, sampler, respacing) is first drawn on one pilot seed
+(100000 + i, disjoint from the rest) at every scale of its grid; the scale of lowest judge-space FD
+among those at or above the reference's judge accuracy is then confirmed on seeds 0, 500 and 1000
+(500 samples each: disjoint). Points run in a fixed order of priority (the 20- and 10-evaluation
+points first, the reference's other seeds, then the wider grid), each appended to
+docs/fewstep_study.jsonl as it finishes, so a rerun resumes and a stopped run keeps every point.
+Per point: FD in the digits judge's features against 1,000 class-balanced training digits (as
+`guided.cli.sweep --features digits`), judge accuracy, score-model and classifier evaluations per
+sample (counted by forward hooks on a 2-sample probe of the same configuration; a classifier-free
+pass counts twice, autoguidance's weak model counts as a score model), wall and CPU seconds of the
+drawing on this machine. Samples go to sweeps/fewstep/ (not committed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from guided.evaluation.evaluate import evaluate  # noqa: E402
+from guided.evaluation.features import get_extractor  # noqa: E402
+from guided.evaluation.reference_batch import build_reference, write_reference  # noqa: E402
+from guided.generation import SampleOptions, generate, load_pipeline, sample_batch  # noqa: E402
+from guided.samplers.registry import SAMPLERS  # noqa: E402
+
+RESULTS = ROOT / "docs" / "fewstep_study.jsonl"
+OUT = ROOT / "sweeps" / "fewstep"
+PILOT_SEED, SEEDS = 100000, (0, 500, 1000)
+CLS = (1.0, 2.0, 4.0)
+METHOD = {  # method -> (model, the SampleOptions field of its scale, default grid)
+    "classifier": ("uncond", "scale", CLS),
+    "cfg": ("cond", "cfg_scale", (1.0, 1.5, 2.0)),
+    "autoguide": ("cond", "autoguide_scale", (1.5, 2.0, 3.0)),
+}
+REFERENCE = {"classifier": 2.0, "cfg": 1.0, "autoguide": 2.0}  # DDPM 250's scale (README guidance study's best)
+
+
+def steps_for(sampler: str, schedule: str, nfe: int) -> str:
+    """The respacing whose network evaluations are about nfe: Heun (edm) evaluates 2N - 1 times."""
+    n = (nfe + 1) // 2 if sampler == "edm" else nfe
+    return f"{schedule}{n}" if schedule else str(n)
+
+
+def plan() -> list[tuple]:
+    """(priority class, method, sampler, steps) configurations in the order they run."""
+    out = []
+    for nfe in (20, 10):
+        for sampler in ("dpm++3m", "dpm++2m-sde", "edm"):
+            out.append(("core", "classifier", sampler, steps_for(sampler, "karras", nfe)))
+    out.append(("ref", "classifier", "ddpm", "250"))
+    for method in ("cfg", "autoguide"):
+        out += [("ref", method, "ddpm", "250"), ("core", method, "dpm++3m", "karras20"),
+                ("core", method, "dpm++3m", "karras10")]
+    for nfe in (20, 10, 8, 12, 16, 25, 50):
+        for sampler in ("dpm++3m", "dpm++2m-sde", "edm", "dpm++"):
+            for schedule in ("karras", "logsnr", "quad"):
+                if sampler == "dpm++" and schedule != "quad" and nfe not in (10, 20):
+                    continue
+                out.append(("wide", "classifier", sampler, steps_for(sampler, schedule, nfe)))
+    seen, ordered = set(), []
+    for c in out:
+        if c[1:] not in seen:
+            seen.add(c[1:])
+            ordered.append(c)
+    return ordered
+
+
+def load_rows() -> list[dict]:
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] if RESULTS.exists() else []
+
+
+def append_row(row: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def options(method: str, sampler: str, steps: str, scale: float) -> SampleOptions:
+    field = METHOD[method][1]
+    return SampleOptions(sampler=sampler, steps=steps, clip_guided=SAMPLERS[sampler].clips(), **{field: scale})
+
+
+def count_evaluations(p, opts: SampleOptions) -> tuple[float, float]:
+    """(score-model, classifier) network evaluations per sample, counted on a 2-sample probe."""
+    rows = {"score": 0, "classifier": 0}
+    hooks = []
+    for net, kind in ((p.model, "score"), (p.weak_model, "score"), (p.classifier, "classifier")):
+        if net is not None:
+            hooks.append(net.register_forward_hook(lambda m, i, o, k=kind: rows.__setitem__(k, rows[k] + len(i[0]))))
+    try:
+        sample_batch(p, [3, 7], [0, 1], opts)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows["score"] / 2, rows["classifier"] / 2
+
+
+class Study:
+    def __init__(self, args):
+        self.args, self.pipelines, self.counts = args, {}, {}
+        self.rows = load_rows()
+        self.extractor = get_extractor("digits", 16)
+        self.reference = OUT / "reference_digits_16px_3ch.npz"
+        if not self.reference.exists():
+            OUT.mkdir(parents=True, exist_ok=True)
+            images, labels = build_reference("digits", 16, 1000, channels=3, seed=0, progress=False)
+            write_reference(self.reference, images, labels)
+
+    def pipeline(self, model: str):
+        if model not in self.pipelines:
+            self.pipelines[model] = load_pipeline(model, guides=("autoguide",) if model == "cond" else ())
+        return self.pipelines[model]
+
+    def done(self, key: dict) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
+
+    def run_point(self, method, sampler, steps, scale, seed, n) -> dict:
+        key = dict(method=method, sampler=sampler, steps=steps, scale=scale, seed=seed, num_samples=n)
+        model = METHOD[method][0]
+        p, opts = self.pipeline(model), options(method, sampler, steps, scale)
+        folder = OUT / model / method / f"{sampler}_{steps}" / f"scale_{scale:g}" / f"seed_{seed}"
+        cfg = (method, sampler, steps, scale)
+        if cfg not in self.counts:
+            self.counts[cfg] = count_evaluations(p, opts)
+        timing = {}
+        if not (folder / "samples.npz").exists():
+            wall, cpu = time.perf_counter(), time.process_time()
+            generate(p, folder, classes=list(range(10)), num_samples=n, batch_size=100, seed=seed, opts=opts,
+                     settings={"model": model, "study": "fewstep"}, grid=0)
+            timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        elif (folder / "time.json").exists():  # drawn by the command line under /usr/bin/time
+            timing = json.loads((folder / "time.json").read_text())
+        m = evaluate(folder / "samples.npz", self.reference, self.extractor, batch_size=100, progress=False)
+        score, classifier = self.counts[cfg]
+        row = {**key, "model": model, "fd": m["fid"], "judge_accuracy": m["judge_accuracy"], "score_evals": score,
+               "classifier_evals": classifier, **timing}
+        append_row(row)
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def reference_accuracy(self, method: str) -> float:
+        acc = [r["judge_accuracy"] for r in self.rows if r["method"] == method and r["sampler"] == "ddpm"
+               and r["steps"] == "250"]
+        return float(np.mean(acc)) if acc else 0.95
+
+    def best_scale(self, method, sampler, steps) -> float:
+        """The pilot scale of lowest FD at >= the reference's accuracy (else the most accurate one)."""
+        pilot = [r for r in self.rows if (r["method"], r["sampler"], r["steps"]) == (method, sampler, steps)
+                 and r["seed"] == PILOT_SEED]
+        ok = [r for r in pilot if r["judge_accuracy"] >= self.reference_accuracy(method) - 1e-9]
+        pick = min(ok, key=lambda r: r["fd"]) if ok else max(pilot, key=lambda r: r["judge_accuracy"])
+        return pick["scale"]
+
+
+def tasks(study: Study):
+    """Points in order of priority: each configuration's pilot, then its first confirming seed; the
+    other confirming seeds after every core configuration has one."""
+    a = study.args
+    configs = plan()
+    for stage in ("core", "seeds", "wide"):
+        for kind, method, sampler, steps in configs:
+            if stage == "core" and kind == "wide" or stage == "wide" and kind != "wide":
+                continue
+            ref = kind == "ref"
+            grid = (REFERENCE[method],) if ref else METHOD[method][2]
+            if stage != "seeds" and not ref:
+                for scale in grid:
+                    yield (method, sampler, steps, scale, PILOT_SEED, a.pilot_samples)
+            seeds = SEEDS[1:] if stage == "seeds" else SEEDS[:1]
+            if stage == "wide":
+                seeds = SEEDS
+            for seed in seeds:
+                scale = REFERENCE[method] if ref else None
+                yield (method, sampler, steps, scale, seed, a.samples)
+
+
+def run(args) -> None:
+    study = Study(args)
+    deadline = time.time() + 60 * args.budget_min
+    for method, sampler, steps, scale, seed, n in tasks(study):
+        if time.time() > deadline:
+            print("budget spent; rerun to continue", flush=True)
+            return
+        scale = study.best_scale(method, sampler, steps) if scale is None else scale
+        key = dict(method=method, sampler=sampler, steps=steps, scale=scale, seed=seed, num_samples=n)
+        if not study.done(key):
+            study.run_point(method, sampler, steps, scale, seed, n)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=500, help="samples per confirming seed")
+    p.add_argument("--pilot-samples", type=int, default=100, help="samples per pilot point (scale choice)")
+    p.add_argument("--budget-min", type=float, default=600.0, help="start no point after this many minutes")
+    p.add_argument("--report", action="store_true", help="print the table and draw the plot of the rows so far")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.report:
+        from fewstep_report import report
+        report(load_rows(), ROOT / "docs" / "fewstep_pareto.png")
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
