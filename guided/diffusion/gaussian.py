@@ -107,6 +107,7 @@ def _diffusers_steps(num_timesteps: int, text: str, offset: int) -> list[int]:
     if steps[0] < 0 or steps[-1] >= num_timesteps:
         raise GuidedError(f"respacing {text!r} with steps_offset {offset} reaches timestep {steps[-1]} "
                           f"of a {num_timesteps}-step process")
+    return steps
 
 
 SIGMA_SCHEDULES = ("karras", "logsnr")  # respacings chosen on the noise level (sigma_steps)
