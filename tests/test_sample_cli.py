@@ -158,7 +158,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("guidance scale s (0 = none) (default: 1.0)", "(default: 100; the ode and langevin",
+    for shown in ("guidance scale s (0 = none) (default: 1 where the model has a noise-aware classifier and no other guidance method is named, else 0)", "(default: 100; the ode and langevin",
                   "(default: out)", "how many samples to draw (default: 100)", "(default: ddpm)"):
         assert shown in text, shown
 
@@ -198,3 +198,99 @@ def test_two_cpu_processes_under_the_readme_recipe(tmp_path):
     two, one = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
     assert np.array_equal(two["arr_1"], one["arr_1"])
     assert np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int)).max() <= 2
+
+
+# -- what runs is what was asked: guidance defaults --------------------------------------------------
+def _active(settings: dict) -> set:
+    from guided.generation.options import METHODS
+
+    return {m.term for m in METHODS if settings["options"][m.scale] != m.off}
+
+
+def readme_sampling_commands() -> list[str]:
+    """Every `python sample_guided.py ...` line of the README's bash blocks (continuations joined,
+    comments dropped), but those that need files nobody has here (official checkpoints, runs/)."""
+    import re
+    import shlex
+
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "python sample_guided.py" not in line:
+                continue
+            command = line[line.index("python sample_guided.py"):].split("  #")[0].strip()
+            argv = shlex.split(command)[2:]
+            files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--model", "--classifier")]
+            if all(f in ("cond", "uncond", "ncsn", "none") for f in files):
+                found.append(" ".join(command.split()))
+    return found
+
+
+# each README sampling example -> the guidance its text describes
+README_GUIDANCE = {
+    "python sample_guided.py --class 3 --scale 4 --num-samples 100 --out out/": {"classifier"},
+    "python sample_guided.py --class 3 --scale 4": {"classifier"},
+    "python sample_guided.py --model uncond --class 7 --scale 10": {"classifier"},
+    "python sample_guided.py --model uncond --scales 0,1,2,4,10 --out sweep/": {"classifier"},  # but at scale 0
+    "python sample_guided.py --cfg-scale 2": {"cfg"},
+    "python sample_guided.py --sampler dpm++ --steps quad25": {"classifier"},
+    "python sample_guided.py --model uncond --init-image docs/strokes/stroke_7.png --t0 0.6 --class 7 --scale 4":
+        {"classifier"},
+    "python sample_guided.py --model uncond --init-image docs/strokes/stroke_7.png --t0 0.6 --class 7 --scale 4 "
+    "--num-samples 8": {"classifier"},
+    "python sample_guided.py --model uncond --class 7 --scale 4 --interval 0.28,5.42": {"classifier"},
+    "python sample_guided.py --model cond --class 7 --autoguide-scale 2": {"autoguide"},
+    "python sample_guided.py --model uncond --class 7 --x0-scale 4": {"x0_classifier"},
+    "python sample_guided.py --model cond --cfg-scale 2 --cfg-interval 0.28,5.42 --scale 1": {"cfg", "classifier"},
+    "python sample_guided.py --model uncond --class 7 --scale 4 --ddpm-form score": {"classifier"},
+}
+
+
+def test_every_readme_sampling_example_runs_the_guidance_its_text_describes(tmp_path, capsys):
+    """A named method runs alone; settings.json names a network only for a term that guides."""
+    import shlex
+
+    commands = readme_sampling_commands()
+    assert sorted(set(commands)) == sorted(README_GUIDANCE), "a README example without its expected guidance"
+    for k, command in enumerate(README_GUIDANCE):
+        out = tmp_path / str(k)
+        argv = shlex.split(command)[2:] + ["--num-samples", 2, "--batch-size", 2, "--steps", 3, "--out", out]
+        assert run(capsys, *argv)[0] == 0, command
+        for record in sorted(out.rglob("settings.json")):
+            settings = json.loads(record.read_text())
+            expected = README_GUIDANCE[command] - ({"classifier"} if record.parent.name == "scale_0" else set())
+            assert _active(settings) == expected, (command, record)
+            assert (settings["classifier"] != "none") == ("classifier" in README_GUIDANCE[command]), command
+            assert (settings["autoguide"] is not None) == ("autoguide" in expected), command
+            assert (settings["x0_classifier"] is not None) == ("x0_classifier" in expected), command
+
+
+def test_a_model_without_a_classifier_samples_unguided(tmp_path, capsys):
+    """sample_guided.py --model runs/MYRUN --class 3 on a user's own run: no classifier, no guidance."""
+    from conftest import TINY_TRAIN, TINY_UNET
+    from guided.cli.train import main_diffusion
+
+    assert main_diffusion(TINY_UNET + TINY_TRAIN + ["train.steps=1", f"train.out_dir={tmp_path / 'run'}"]) == 0
+    code, _, err = run(capsys, "--model", tmp_path / "run", "--class", 3, "--num-samples", 2, "--steps", 2,
+                       "--out", tmp_path / "o")
+    assert code == 0, err
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert _active(settings) == set() and settings["classifier"] == "none" and settings["labels_enforced"]
+
+
+def test_the_three_programs_share_the_guidance_defaults():
+    """sample_guided.py, the sweep and the demo resolve --scale by one rule."""
+    from guided.cli import demo, sample, sweep
+    from guided.cli.options import resolve_scale
+
+    cases = {(): 1.0, ("--autoguide-scale", "2"): 0.0, ("--x0-scale", "4"): 0.0, ("--cfg-scale", "2"): 0.0,
+             ("--classifier", "none"): 0.0, ("--cfg-scale", "2", "--scale", "3"): 3.0}
+    for argv, scale in cases.items():
+        for program in (sample, sweep, demo):
+            assert resolve_scale(program.build_parser().parse_args(list(argv))) == scale, (program, argv)
+    args = sweep.build_parser().parse_args(["--sweep", "x0_scale=1,2"])
+    assert sweep.base_scale(args, "x0_scale") == 0.0  # the swept method runs alone
+    for argv, start in {(): ("classifier", 1.0), ("--x0-scale", "3"): ("x0-classifier", 3.0),
+                        ("--method", "autoguidance"): ("autoguidance", 2.0), ("--classifier", "none"): ("none", 0.0),
+                        ("--method", "classifier", "--scale", "6"): ("classifier", 6.0)}.items():
+        assert demo.start(demo.build_parser().parse_args(list(argv))) == start, argv

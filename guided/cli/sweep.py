@@ -29,7 +29,7 @@ import torch
 
 from guided.cli import Parser, run_cli
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
-                                interval, options, pipeline_keywords)
+                                interval, options, pipeline_keywords, resolve_scale)
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import METRICS, evaluate
 from guided.evaluation.features import FEATURES, get_extractor
@@ -80,6 +80,15 @@ def swept_network(param: str) -> tuple:
     return tuple(m.loader for m in METHODS if m.loader and param in (m.scale, m.interval, m.temperature))
 
 
+def base_scale(args, param: str) -> float:
+    """--scale of every point: as given, else sample_guided.py's rule (options.resolve_scale), with a
+    swept guidance method other than the classifier counting as named (it runs alone)."""
+    if args.scale is None and any(m.term != "classifier" and param in (m.scale, m.interval, m.temperature)
+                                  for m in METHODS):
+        args.scale = 0.0
+    return resolve_scale(args)
+
+
 def parse_sweep(text: str) -> tuple[str, list]:
     """'NAME=V1,V2,...' -> (NAME, [values]) for a parameter in SWEEPABLE."""
     name, _, values = text.partition("=")
@@ -104,7 +113,7 @@ def build_parser() -> Parser:
                                                                         for k, s in SWEEPABLE.items()))
     g.add_argument("--seeds", type=_number(int, 1), default=1,
                    help="repetitions per value with disjoint seeds: mean, std, min and max over them (default: 1)")
-    add_guidance_args(p, scale_default=0.0)  # --scale: the classifier's while another option is swept
+    add_guidance_args(p)  # --scale: the classifier's while another option is swept
     add_sampler_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--reference", default="digits",
@@ -298,6 +307,7 @@ def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, r
 def sweep(args) -> dict:
     param, values = swept(args)
     spec = SWEEPABLE[param]
+    base_scale(args, param)
     if not args.reference == "digits" and not Path(args.reference).is_file():
         raise GuidedError(f"reference batch {args.reference} does not exist")
     out = Path(args.out)

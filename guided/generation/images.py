@@ -19,6 +19,18 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def image_statistics(images: np.ndarray) -> dict:
+    """Shares of a uint8 NHWC batch: pixel values at 0 ("black") and at 255 ("white"), and
+    neighbouring pixel pairs (across and down) that jump from one extreme to the other ("speckle")."""
+    a = np.asarray(images)
+    low, high = a == 0, a == 255
+    jumps = [(low[:, 1:] & high[:, :-1]) | (high[:, 1:] & low[:, :-1]),
+             (low[:, :, 1:] & high[:, :, :-1]) | (high[:, :, 1:] & low[:, :, :-1])]
+    pairs = sum(j.size for j in jumps)
+    return {"black": float(low.mean()), "white": float(high.mean()),
+            "speckle": float(sum(j.sum() for j in jumps) / max(pairs, 1))}
+
+
 GRID_WIDTH = 20  # a grid wraps a class's samples into rows of at most this many
 
 
