@@ -167,20 +167,47 @@ def test_grid_size_is_an_option(tmp_path, capsys):
     args = ("--model", "uncond", "--class", "1,2", "--num-samples", 6, "--steps", 2, "--sampler", "ddim")
     assert run(capsys, *args, "--grid", 3, "--out", tmp_path / "g3")[0] == 0
     assert Image.open(tmp_path / "g3" / "grid.png").size == (3 * 18 * 4, 2 * 18 * 4)  # 16 px cells, 4x zoom
-    assert run(capsys, *args, "--out", tmp_path / "default")[0] == 0  # 10 per class: the 3 each there are
-    assert Image.open(tmp_path / "default" / "grid.png").size == (10 * 72, 2 * 72)
-    assert run(capsys, *args, "--grid", 0, "--out", tmp_path / "none")[0] == 0
+    code, out, _ = run(capsys, *args, "--out", tmp_path / "default")  # up to 10 per class: the 3 each there are
+    assert code == 0 and Image.open(tmp_path / "default" / "grid.png").size == (3 * 72, 2 * 72)  # no white columns
+    assert f"grid.png" in out
+    code, out, _ = run(capsys, *args, "--grid", 0, "--out", tmp_path / "none")
     assert not (tmp_path / "none" / "grid.png").exists() and (tmp_path / "none" / "samples.npz").exists()
+    assert code == 0 and "grid.png" not in out  # every message names only files that exist
 
 
 def test_a_saturating_guidance_scale_warns(tmp_path, capsys):
     code, _, err = run(capsys, "--model", "uncond", "--class", 7, "--scale", "1e30", "--sampler", "ddim", "--steps", 5,
                        "--num-samples", 4, "--batch-size", 2, "--out", tmp_path)
-    assert code == 0 and ("warning: batch 0 (samples 0..1) is saturated: 100% of its pixels are at 0 or 255 "
-                          "(is --scale 1e+30 too large?)") in err
-    assert "warning: 2 batches of this run were saturated (batches 0..2)" in err
+    assert code == 0 and "warning: batch 0 (samples 0..1) looks ruined: " in err
+    assert "lower --scale 1e+30" in err
+    assert "warning: 2 batches of this run look ruined (batches 0..2)" in err
     with np.load(tmp_path / "samples.npz") as f:
         assert np.isin(f["arr_0"], (0, 255)).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_ruined_images_at_a_huge_scale_warn_and_say_what_to_do(tmp_path, capsys, sampler):
+    """--scale 1e6 --num-samples 4 --steps 20: inverted blobs and speckle (46% / 42% of the pixels at 0 or
+    255, under the old one-sided threshold); a healthy scale gets no warning."""
+    code, _, err = run(capsys, "--scale", "1e6", "--sampler", sampler, "--num-samples", 4, "--steps", 20,
+                       "--out", tmp_path / "ruined")
+    assert code == 0 and "warning: batch 0 (samples 0..3) looks ruined" in err, err
+    assert "lower --scale 1e+06" in err
+    code, _, err = run(capsys, "--scale", 10, "--sampler", sampler, "--num-samples", 4, "--steps", 20,
+                       "--out", tmp_path / "fine")
+    assert code == 0 and "ruined" not in err, err
+
+
+def test_the_ruin_rule_on_real_digits_and_on_speckle():
+    from guided.evaluation.judge import digits_data
+    from guided.generation.images import ruin
+
+    real = np.repeat(digits_data(16)[0], 3, axis=-1)
+    assert ruin(real) is None  # the training digits: 30% black background, 1% white
+    checker = np.zeros((2, 16, 16, 3), np.uint8)
+    checker[:, ::2, ::2] = checker[:, 1::2, 1::2] = 255
+    assert "jump" in ruin(checker)
+    assert "at 0" in ruin(np.zeros((2, 16, 16, 3), np.uint8))  # flat black
 
 
 def test_two_cpu_processes_under_the_readme_recipe(tmp_path):
@@ -294,3 +321,22 @@ def test_the_three_programs_share_the_guidance_defaults():
                         ("--method", "autoguidance"): ("autoguidance", 2.0), ("--classifier", "none"): ("none", 0.0),
                         ("--method", "classifier", "--scale", "6"): ("classifier", 6.0)}.items():
         assert demo.start(demo.build_parser().parse_args(list(argv))) == start, argv
+
+
+def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path, capsys):
+    base = ("--steps", 2, "--sampler", "ddim", "--png", "--out", tmp_path)
+    assert run(capsys, "--class", 3, "--class", 5, "--num-samples", 4, *base)[0] == 0
+    assert len(list((tmp_path / "images").iterdir())) == 4
+    code, out, _ = run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", *base)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000_class7.png", "000001_class7.png"]
+    assert json.loads((tmp_path / "settings.json").read_text())["classes"] == [7]
+    code, out, _ = run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", "--grid", 0, *base[:-3], "--out",
+                       tmp_path)
+    assert code == 0 and not (tmp_path / "images").exists() and not (tmp_path / "grid.png").exists()
+    for name in ("samples.npz", "settings.json"):
+        assert name in out and (tmp_path / name).exists()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.txt").write_text("a file of the user's")  # not ours: kept
+    assert run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", *base)[0] == 0
+    assert (tmp_path / "images" / "mine.txt").exists()

@@ -70,7 +70,9 @@ def _main(args) -> int:
                         save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
                         settings=settings, grid=args.grid, class_sampling=args.class_sampling)
         if rank == 0:
-            print(f"wrote {path} and {path.parent / 'grid.png'} (scale {scale:g})")
+            written = [path, *[path.parent / f for f, on in (("grid.png", args.grid), ("images/", args.png)) if on],
+                       path.parent / "settings.json"]
+            print(f"wrote {', '.join(map(str, written))}" + (f" (scale {scale:g})" if args.scales else ""))
     return 0
 
 
