@@ -197,7 +197,7 @@ OTHERS = [
     (E, ["{bad}/samples.npz"], "a missing argument", "reference"),
     (W, ["--scales", "1,-2"], "--scales 1,-2", "argument --scales: invalid comma list"),
     (W, ["--num-samples", "0"], "--num-samples 0", "argument --num-samples: invalid positive int value"),
-    (W, ["--reference", "{bad}/missing.npz", "--out", "{bad}/sweep"], "--reference missing.npz", "does not exist"),
+    (W, ["--scales", "1", "--reference", "{bad}/missing.npz", "--out", "{bad}/sweep"], "--reference missing.npz", "does not exist"),
     (W, ["--features", "vgg"], "--features vgg", "invalid choice"),
     (K, ["{bad}/missing.pt"], "a file that does not exist", "missing.pt"),
     (K, ["{bad}/garbage.pt"], "a file of random bytes", "garbage.pt"),
@@ -386,3 +386,16 @@ def test_real_processes_exit_2_with_one_line(files):
         out, err = proc.communicate(timeout=120)
         line = one_error_line(err)
         assert proc.returncode == 2 and expected in line, (argv, err)
+
+
+# -- options and overrides in any order (both trainers) ---------------------------------------------
+@pytest.mark.parametrize("command", [T, C])
+def test_trainer_options_and_overrides_mix_in_any_order(tmp_path, capsys, command):
+    """`--config digits.yaml train.out_dir=X --resume train.steps=2` was refused as 'unrecognized
+    arguments: train.steps=2' after accepting the first override."""
+    config = "digits.yaml" if command == T else "digits_classifier.yaml"
+    argv = ["--config", config, f"train.out_dir={tmp_path / 'x'}", "--dry-run", "train.steps=2", "--resume",
+            "train.batch_size=3"]
+    code = _main(command)(argv)
+    printed = capsys.readouterr().out
+    assert code == 0 and "steps: 2\n" in printed and "batch_size: 3\n" in printed and str(tmp_path / "x") in printed

@@ -218,3 +218,13 @@ def test_an_interrupted_sweep_evaluates_the_samples_it_has(tmp_path, capsys, mon
     (out / "results.json").unlink()
     code, _, err = run(capsys, *FAST, "--scales", "1", "--out", out)
     assert code == 2 and "was drawn with other settings than this sweep's" in error_line(err)
+
+
+def test_no_arguments_print_the_usage_and_start_nothing(tmp_path, capsys, monkeypatch):
+    """`python -m guided.cli.sweep` alone once started a six-scale sweep into ./sweep."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys)
+    assert code == 2 and err.startswith("usage: python -m guided.cli.sweep") and not list(tmp_path.iterdir())
+    assert "error: the following arguments are required: --out" in err
+    code, _, err = run(capsys, "--out", tmp_path / "s")
+    assert code == 2 and "give the values to sweep: --scales" in error_line(err) and not list(tmp_path.iterdir())

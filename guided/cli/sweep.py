@@ -107,7 +107,7 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m guided.cli.sweep", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     g = p.add_argument_group("the swept parameter")
-    g.add_argument("--scales", type=_scales, default=None, help="classifier-guidance scales (default: 0,0.5,1,2,4,10)")
+    g.add_argument("--scales", type=_scales, default=None, help="classifier-guidance scales, e.g. 0,0.5,1,2,4,10")
     g.add_argument("--sweep", default=None, metavar="NAME=V1,V2",
                    help="sweep another sample option instead: " + "; ".join(f"{k} ({s.help})"
                                                                         for k, s in SWEEPABLE.items()))
@@ -123,7 +123,7 @@ def build_parser() -> Parser:
                    help="feature network (default: digits for the digits reference, else inception)")
     e.add_argument("--inception-weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
     e.add_argument("--dinov2-weights", default=None, help="dinov2_vitl14_pretrain.pth (--features dinov2)")
-    p.add_argument("--out", default="sweep", help="sweep folder (default: sweep)")
+    p.add_argument("--out", required=True, help="the sweep folder (one experiment: see above)")
     p.add_argument("--overwrite", action="store_true", help="delete the sweep in --out and start afresh")
     return p
 
@@ -261,7 +261,10 @@ def swept(args) -> tuple[str, list]:
         raise GuidedError("give either --scales or --sweep NAME=V1,V2, not both")
     if args.sweep:
         return parse_sweep(args.sweep)
-    return "scale", list(dict.fromkeys(args.scales or [0, 0.5, 1, 2, 4, 10]))
+    if not args.scales:
+        raise GuidedError("give the values to sweep: --scales 0,1,2,4,10 (classifier guidance) or --sweep NAME=V1,V2 "
+                          "(another option)")
+    return "scale", list(dict.fromkeys(args.scales))
 
 
 def make_folder(out: Path) -> None:

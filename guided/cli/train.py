@@ -58,7 +58,7 @@ def build_parser(prog: str, default: str) -> Parser:
 
 def _main(kind: str, argv) -> int:
     default = "digits.yaml" if kind == "diffusion" else "digits_classifier.yaml"
-    args = build_parser(f"train_{kind}.py", default).parse_args(argv)
+    args = build_parser(f"train_{kind}.py", default).parse_intermixed_args(argv)  # overrides and options in any order
     cfg = load_config(find_config(args.config), args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
