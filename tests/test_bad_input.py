@@ -399,3 +399,42 @@ def test_trainer_options_and_overrides_mix_in_any_order(tmp_path, capsys, comman
     code = _main(command)(argv)
     printed = capsys.readouterr().out
     assert code == 0 and "steps: 2\n" in printed and "batch_size: 3\n" in printed and str(tmp_path / "x") in printed
+
+
+# -- defaults that need files nobody has ------------------------------------------------------------
+def _no_weights(monkeypatch, tmp_path):
+    for var in ("GUIDED_INCEPTION_WEIGHTS", "GUIDED_DINOV2_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_reference_batch_of_a_folder_runs_without_inception_weights(tmp_path, capsys, monkeypatch):
+    from guided.cli.reference_batch import main
+
+    _no_weights(monkeypatch, tmp_path)
+    root = _image_folder(tmp_path / "imgs")
+    with pytest.warns(UserWarning):
+        code = main([str(root), "--image-size", "8", "--num-samples", "4", "--out", str(tmp_path / "ref.npz")])
+    err = capsys.readouterr().err
+    assert code == 0 and (tmp_path / "ref.npz").is_file() and "without cached statistics" in err, err
+
+
+def test_evaluate_picks_the_digits_judge_for_digits_and_names_the_way_out_otherwise(files, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from guided.cli.evaluate import main
+    from guided.evaluation.judge import digits_data
+
+    _no_weights(monkeypatch, tmp_path)
+    digits = np.repeat(digits_data(16)[0][:40], 3, axis=-1)
+    np.savez(tmp_path / "digits.npz", digits, np.zeros(40, np.int64))
+    code = main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--no-cache"])
+    out = capsys.readouterr()
+    assert code == 0 and "digits16 features" in out.out, out
+    colour = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    np.savez(tmp_path / "colour.npz", colour)
+    code, line = run("python -m guided.cli.evaluate", [str(tmp_path / "colour.npz")] * 2, capsys)
+    assert code == 2 and "--features digits" in line and "not found" in line, line
+    record_bad_input("evaluate: default features without Inception weights", "python -m guided.cli.evaluate",
+                     "colour images, no --features, no Inception weights anywhere", code,
+                     line.replace(str(tmp_path), "…"))
