@@ -63,7 +63,8 @@ def build_parser() -> Parser:
     w = p.add_argument_group("server")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     w.add_argument("--port", type=_number(int, 1), default=7860)
-    w.add_argument("--sweep", default="sweep", help="the sweep folder the Sweep tab opens with")
+    w.add_argument("--sweep", default=None, help="the sweep folder the Sweep tab opens with (checked at start; "
+                                                 "default: sweep, if it is there)")
     return p
 
 
@@ -298,7 +299,7 @@ def build_page(p: Pipeline, args, device):
             go.click(on_generate, [cls, method, scale, sampler, steps, num, seed], [samples, previews, status])
         with gr.Tab("Sweep"):
             with gr.Row():
-                folder = gr.Textbox(args.sweep, label="sweep folder", elem_id="sweep-folder", scale=4)
+                folder = gr.Textbox(args.sweep or "sweep", label="sweep folder", elem_id="sweep-folder", scale=4)
                 load = gr.Button("Show", elem_id="sweep-load", scale=1)
             sweep_status = gr.Markdown(elem_id="sweep-status")
             table = gr.Dataframe(label="results.csv", interactive=False, elem_id="sweep-table")
@@ -316,6 +317,8 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     if args.port > 65535:
         raise GuidedError(f"--port must be a TCP port from 1 to 65535, got {args.port}")
+    if args.sweep is not None:  # a folder named on the command line must be a sweep: one line now, not on the page
+        read_sweep(args.sweep)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local page
     try:
         import gradio as gr

@@ -31,7 +31,7 @@ from guided.cli import Parser, run_cli
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
                                 interval, options, pipeline_keywords, resolve_scale)
 from guided.errors import GuidedError
-from guided.evaluation.evaluate import METRICS, evaluate
+from guided.evaluation.evaluate import METRICS, NpzImages, evaluate
 from guided.evaluation.features import FEATURES, get_extractor
 from guided.evaluation.metrics import summarize
 from guided.evaluation.plots import label, plot_sweep
@@ -311,8 +311,10 @@ def sweep(args) -> dict:
     param, values = swept(args)
     spec = SWEEPABLE[param]
     base_scale(args, param)
-    if not args.reference == "digits" and not Path(args.reference).is_file():
-        raise GuidedError(f"reference batch {args.reference} does not exist")
+    if args.reference != "digits":  # a missing, empty or foreign reference is refused before any sampling
+        if not Path(args.reference).exists():
+            raise GuidedError(f"reference batch {args.reference} does not exist")
+        NpzImages(args.reference)
     out = Path(args.out)
     make_folder(out)
     device, rank, world, barrier = processes(args.device)
