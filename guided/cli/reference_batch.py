@@ -13,6 +13,7 @@ beside it (REF.<features>.stats.npz, as guided.cli.evaluate caches them).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,12 @@ def _classes(text):
 
 
 def _run(args) -> int:
+    data, out = Path(args.data), Path(args.out)
+    if args.data != "digits" and not data.is_dir():
+        raise GuidedError(f"DATA {data} " + ("is a file, not a folder of images" if data.exists() else
+                                             "does not exist") + "; give an image folder or 'digits'")
+    if out.is_dir():
+        raise GuidedError(f"--out {out} is a folder; give the .npz file to write")
     if args.features == "auto" and args.data != "digits":  # the statistics are a cache: skip it without weights
         try:
             find_inception_weights(args.inception_weights)

@@ -24,7 +24,8 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # a checkout; an
 WHERE = """where it writes: train.out_dir (default runs/default; the shipped configs set their own) gets
   config.yaml and label_map.json at the start, metrics.jsonl every train.log_every steps, and every
   train.save_every steps a full checkpoint ckpt-<step>.pt (the newest train.keep_checkpoints kept) with
-  weights-only model.pt and ema.pt for sampling; TensorBoard curves under train.out_dir/tb.
+  weights-only model.pt for sampling, and ema.pt where train.ema_rates is set (the diffusion configs; the
+  classifier configs keep no EMA); TensorBoard curves under train.out_dir/tb.
   A folder with checkpoints is refused without --resume; one run at a time holds train.out_dir/.lock."""
 
 
