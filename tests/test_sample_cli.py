@@ -340,3 +340,16 @@ def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path, capsys):
     (tmp_path / "images" / "mine.txt").write_text("a file of the user's")  # not ours: kept
     assert run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", *base)[0] == 0
     assert (tmp_path / "images" / "mine.txt").exists()
+
+
+def test_the_batch_size_changes_samples_by_float_rounding_only():
+    """Sample i uses seed + i at any batch size; the CPU's batched convolutions round differently by
+    batch size, so the images agree to ~1e-6 before the uint8 conversion (README: the tolerance)."""
+    from guided.generation import SampleOptions, load_pipeline, sample_batch
+
+    p = load_pipeline("cond")
+    opts = SampleOptions(sampler="ddpm", steps="20", scale=4.0)
+    y = np.arange(6) % 10
+    one = sample_batch(p, y, np.arange(6), opts)
+    split = torch.cat([sample_batch(p, y[i:i + 2], np.arange(i, i + 2), opts) for i in range(0, 6, 2)])
+    assert (one - split).abs().max().item() < 1e-4
