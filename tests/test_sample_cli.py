@@ -313,9 +313,9 @@ def test_the_three_programs_share_the_guidance_defaults():
     cases = {(): 1.0, ("--autoguide-scale", "2"): 0.0, ("--x0-scale", "4"): 0.0, ("--cfg-scale", "2"): 0.0,
              ("--classifier", "none"): 0.0, ("--cfg-scale", "2", "--scale", "3"): 3.0}
     for argv, scale in cases.items():
-        for program in (sample, sweep, demo):
-            assert resolve_scale(program.build_parser().parse_args(list(argv))) == scale, (program, argv)
-    args = sweep.build_parser().parse_args(["--sweep", "x0_scale=1,2"])
+        for program, more in ((sample, []), (sweep, ["--out", "s"]), (demo, [])):
+            assert resolve_scale(program.build_parser().parse_args([*argv, *more])) == scale, (program, argv)
+    args = sweep.build_parser().parse_args(["--sweep", "x0_scale=1,2", "--out", "s"])
     assert sweep.base_scale(args, "x0_scale") == 0.0  # the swept method runs alone
     for argv, start in {(): ("classifier", 1.0), ("--x0-scale", "3"): ("x0-classifier", 3.0),
                         ("--method", "autoguidance"): ("autoguidance", 2.0), ("--classifier", "none"): ("none", 0.0),

@@ -156,7 +156,7 @@ def test_another_parameter_can_be_swept(tmp_path, capsys):
     settings = json.loads((out / "cfg_scale_3" / "seed_0" / "settings.json").read_text())
     assert settings["options"]["cfg_scale"] == 3.0 and settings["options"]["scale"] == 0.0
     assert parse_sweep("steps=10,ddim5") == ("steps", ["10", "ddim5"])
-    with pytest.raises(GuidedError, match="NAME one of scale, cfg_scale, eta, steps"):
+    with pytest.raises(GuidedError, match="NAME one of scale, cfg_scale, autoguide_scale, x0_scale, .*, eta, steps"):
         parse_sweep("temperature=1,2")
     code, _, err = run(capsys, *FAST, "--sweep", "eta=-1", "--out", out / "bad")
     assert code == 2 and "values of eta must each be a non-negative float" in error_line(err)
