@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-COMMANDS = ["train_diffusion.py", "train_classifier.py", "sample_guided.py", "python -m guided.cli.evaluate",
-            "python -m guided.cli.sweep", "python -m guided.cli.conformance"]
+COMMANDS = ["train_diffusion.py", "train_classifier.py", "sample_guided.py", "python -m guided.cli.sweep", "guided-demo",
+            "python -m guided.cli.evaluate", "python -m guided.cli.reference_batch", "python -m guided.cli.plots",
+            "python -m guided.cli.conformance"]
 FAULT_ORDER = ["kill_training", "sigint_training", "divergence", "disk_full_real", "disk_ENOSPC", "disk_torch_runtime",
                "disk_EACCES", "disk_EROFS", "two_trainers", "two_rank0", "disk_samples", "nonfinite_samples",
                "kill_sampling", "sigterm_sampling", "two_samplers"]

@@ -31,6 +31,12 @@ def _main(command):
         from guided.cli.evaluate import main
     elif command == "python -m guided.cli.sweep":
         from guided.cli.sweep import main
+    elif command == "python -m guided.cli.reference_batch":
+        from guided.cli.reference_batch import main
+    elif command == "python -m guided.cli.plots":
+        from guided.cli.plots import main
+    elif command == "guided-demo":
+        from guided.cli.demo import main
     else:
         from guided.cli.conformance import main
     return main
@@ -65,6 +71,11 @@ def files(tmp_path_factory):
     np.savez(d / "samples.npz", np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.int64))
     np.savez(d / "wrong_layout.npz", np.zeros((4, 8), np.float32))
     (d / "a_file").write_text("x")
+    (d / "a_folder").mkdir()  # a folder where a file belongs (as root, no file can be made unreadable)
+    (d / "empty_folder").mkdir()
+    (d / "a_folder" / "x.txt").write_text("x")
+    (d / "empty.npz").write_bytes(b"")
+    (d / "empty.png").write_bytes(b"")
     # a trained tiny classifier and U-Net, for "checkpoint of another architecture"
     from guided.cli.train import main_classifier, main_diffusion
     assert main_classifier(TINY_CLASSIFIER + TINY_TRAIN + ["train.steps=1", "train.lr=3e-4",
@@ -97,6 +108,7 @@ def P(files, name):
 
 # (command, argv builder, what is wrong, expected part of the message)
 S = "sample_guided.py"
+STROKE = str(REPO / "docs" / "strokes" / "stroke_7.png")
 SAMPLE = [
     (S, ["--num-samples", "abc"], "--num-samples abc", "argument --num-samples: invalid positive int value"),
     (S, ["--num-samples", "0"], "--num-samples 0", "argument --num-samples: invalid positive int value"),
@@ -116,6 +128,20 @@ SAMPLE = [
     (S, ["--init-image", "{bad}/missing.png"], "--init-image missing.png", "no such image"),
     (S, ["--init-image", "{bad}/not_an_image.png"], "--init-image of a non-image", "is not an image PIL can read"),
     (S, ["--mask", "{bad}/not_an_image.png"], "--mask without --init-image", "--mask goes with --init-image"),
+    (S, ["--init-image", STROKE, "--mask", "{bad}/missing.png"], "--mask missing.png", "no such image"),
+    (S, ["--init-image", STROKE, "--mask", "{bad}/not_an_image.png"], "--mask of a non-image",
+     "is not an image PIL can read"),
+    (S, ["--init-image", STROKE, "--mask", "{bad}/empty.png"], "--mask: empty file", "is empty (0 bytes)"),
+    (S, ["--init-image", "{bad}/a_folder"], "--init-image: a folder", "is a folder, not an image"),
+    (S, ["--init-image", "{bad}/empty.png"], "--init-image: empty file", "is empty (0 bytes)"),
+    (S, ["--classifier", "{bad}/missing.pt"], "--classifier missing.pt", "does not exist"),
+    (S, ["--classifier", "{bad}/empty.pt"], "--classifier: empty file", "is empty (0 bytes)"),
+    (S, ["--autoguide-scale", "2", "--autoguide", "{bad}/missing.pt"], "--autoguide missing.pt", "does not exist"),
+    (S, ["--autoguide-scale", "2", "--autoguide", "{bad}/garbage.pt"], "--autoguide: random bytes",
+     "is truncated or corrupt"),
+    (S, ["--x0-scale", "2", "--x0-classifier", "{bad}/missing.pt"], "--x0-classifier missing.pt", "does not exist"),
+    (S, ["--x0-scale", "2", "--x0-classifier", "{bad}/unet"], "--x0-classifier: a U-Net run", "does not hold"),
+    (S, ["--model", "{bad}/empty_folder"], "--model: an empty folder", "empty_folder"),
     (S, ["--class", "12"], "--class 12 (10 classes)", "class index 12 is out of range"),
     (S, ["--class", "zebra"], "--class zebra", "class 'zebra' is not in this label map"),
     (S, ["--model", "{bad}/missing.pt"], "--model missing.pt", "does not exist"),
@@ -147,6 +173,12 @@ SAMPLE = [
 T, C = "train_diffusion.py", "train_classifier.py"
 TRAINING = [
     (T, ["--config", "{bad}/missing.yaml"], "--config missing.yaml", "does not exist"),
+    (T, ["--config", "{bad}/a_folder"], "--config: a folder", "a_folder"),
+    (T, ["data.kind=imagenet", "data.root={bad}/notes.txt"], "data.root: a file", "notes.txt"),
+    (T, ["data.kind=imagenet", "data.root={bad}/empty_folder"], "data.root: an empty folder", "empty_folder"),
+    (C, ["--config", "{bad}/missing.yaml"], "--config missing.yaml", "does not exist"),
+    (C, ["--config", "{bad}/empty.yaml"], "an empty config file", "is empty"),
+    (C, ["data.kind=imagenet", "data.root={bad}/missing"], "data.root that does not exist", "does not exist"),
     (T, ["--config", "{bad}/unknown_key.yaml"], "config with an unknown key", "batch_sise"),
     (T, ["--config", "{bad}/wrong_type.yaml"], "config with a wrong type", "batch_size"),
     (T, ["--config", "{bad}/broken.yaml"], "config that is not YAML", "cannot read config"),
@@ -180,6 +212,7 @@ TRAINING = [
     (C, ["classifier.pool=max"], "classifier.pool=max", "pool"),
 ]
 E, W, K = "python -m guided.cli.evaluate", "python -m guided.cli.sweep", "python -m guided.cli.conformance"
+R, P, D = "python -m guided.cli.reference_batch", "python -m guided.cli.plots", "guided-demo"
 OTHERS = [
     (E, ["{bad}/missing.npz", "{bad}/samples.npz", "--features", "digits"], "samples file that does not exist",
      "missing.npz"),
@@ -195,9 +228,36 @@ OTHERS = [
     (E, ["{bad}/samples.npz", "{bad}/samples.npz", "--inception-weights", "{bad}/garbage.pt", "--no-cache"],
      "--inception-weights of random bytes", "garbage.pt"),
     (E, ["{bad}/samples.npz"], "a missing argument", "reference"),
+    (E, ["{bad}/a_folder", "{bad}/samples.npz", "--features", "digits"], "samples: a folder", "a_folder"),
+    (E, ["{bad}/empty.npz", "{bad}/samples.npz", "--features", "digits"], "samples file that is empty", "empty.npz"),
+    (E, ["{bad}/samples.npz", "{bad}/missing.npz", "--features", "digits"], "reference file that does not exist",
+     "missing.npz"),
+    (E, ["{bad}/samples.npz", "{bad}/notes.txt", "--features", "digits"], "reference file that is not an npz",
+     "notes.txt"),
+    (W, ["--scales", "1", "--reference", "{bad}/notes.txt", "--out", "{bad}/sweep2"], "--reference: not an npz",
+     "notes.txt"),
+    (W, ["--scales", "1", "--reference", "{bad}/empty.npz", "--out", "{bad}/sweep3"], "--reference: empty file",
+     "empty.npz"),
+    (W, ["--scales", "1", "--reference", "{bad}/a_folder", "--out", "{bad}/sweep4"], "--reference: a folder",
+     "a_folder"),
+    (W, ["--scales", "1", "--out", "{bad}/a_file"], "--out: an existing file", "a_file"),
+    (R, ["{bad}/missing", "--image-size", "8", "--out", "{bad}/r.npz"], "DATA folder that does not exist",
+     "missing"),
+    (R, ["{bad}/notes.txt", "--image-size", "8", "--out", "{bad}/r.npz"], "DATA: a file", "notes.txt"),
+    (R, ["{bad}/empty_folder", "--image-size", "8", "--out", "{bad}/r.npz"], "DATA: an empty folder",
+     "empty_folder"),
+    (R, ["digits", "--image-size", "8", "--out", "{bad}/a_folder"], "--out: a folder", "a_folder"),
+    (P, ["{bad}/missing", "--out", "{bad}/t.png"], "a sweep folder that does not exist", "missing"),
+    (P, ["{bad}/notes.txt", "--out", "{bad}/t.png"], "a file, not a sweep folder", "notes.txt"),
+    (P, ["{bad}/empty_folder", "--out", "{bad}/t.png"], "a folder without results", "empty_folder"),
+    (K, ["{bad}/a_folder"], "a folder", "a_folder"),
+    (K, ["{bad}/empty.pt"], "an empty file", "empty.pt"),
+    (D, ["--sweep", "{bad}/missing"], "--sweep folder that does not exist", "missing"),
+    (D, ["--sweep", "{bad}/notes.txt"], "--sweep: a file", "notes.txt"),
+    (D, ["--model", "{bad}/missing.pt"], "--model missing.pt", "does not exist"),
     (W, ["--scales", "1,-2"], "--scales 1,-2", "argument --scales: invalid comma list"),
     (W, ["--num-samples", "0"], "--num-samples 0", "argument --num-samples: invalid positive int value"),
-    (W, ["--reference", "{bad}/missing.npz", "--out", "{bad}/sweep"], "--reference missing.npz", "does not exist"),
+    (W, ["--scales", "1", "--reference", "{bad}/missing.npz", "--out", "{bad}/sweep"], "--reference missing.npz", "does not exist"),
     (W, ["--features", "vgg"], "--features vgg", "invalid choice"),
     (K, ["{bad}/missing.pt"], "a file that does not exist", "missing.pt"),
     (K, ["{bad}/garbage.pt"], "a file of random bytes", "garbage.pt"),
@@ -386,3 +446,55 @@ def test_real_processes_exit_2_with_one_line(files):
         out, err = proc.communicate(timeout=120)
         line = one_error_line(err)
         assert proc.returncode == 2 and expected in line, (argv, err)
+
+
+# -- options and overrides in any order (both trainers) ---------------------------------------------
+@pytest.mark.parametrize("command", [T, C])
+def test_trainer_options_and_overrides_mix_in_any_order(tmp_path, capsys, command):
+    """`--config digits.yaml train.out_dir=X --resume train.steps=2` was refused as 'unrecognized
+    arguments: train.steps=2' after accepting the first override."""
+    config = "digits.yaml" if command == T else "digits_classifier.yaml"
+    argv = ["--config", config, f"train.out_dir={tmp_path / 'x'}", "--dry-run", "train.steps=2", "--resume",
+            "train.batch_size=3"]
+    code = _main(command)(argv)
+    printed = capsys.readouterr().out
+    assert code == 0 and "steps: 2\n" in printed and "batch_size: 3\n" in printed and str(tmp_path / "x") in printed
+
+
+# -- defaults that need files nobody has ------------------------------------------------------------
+def _no_weights(monkeypatch, tmp_path):
+    for var in ("GUIDED_INCEPTION_WEIGHTS", "GUIDED_DINOV2_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def test_reference_batch_of_a_folder_runs_without_inception_weights(tmp_path, capsys, monkeypatch):
+    from guided.cli.reference_batch import main
+
+    _no_weights(monkeypatch, tmp_path)
+    root = _image_folder(tmp_path / "imgs")
+    with pytest.warns(UserWarning):
+        code = main([str(root), "--image-size", "8", "--num-samples", "4", "--out", str(tmp_path / "ref.npz")])
+    err = capsys.readouterr().err
+    assert code == 0 and (tmp_path / "ref.npz").is_file() and "without cached statistics" in err, err
+
+
+def test_evaluate_picks_the_digits_judge_for_digits_and_names_the_way_out_otherwise(files, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from guided.cli.evaluate import main
+    from guided.evaluation.judge import digits_data
+
+    _no_weights(monkeypatch, tmp_path)
+    digits = np.repeat(digits_data(16)[0][:40], 3, axis=-1)
+    np.savez(tmp_path / "digits.npz", digits, np.zeros(40, np.int64))
+    code = main([str(tmp_path / "digits.npz"), str(tmp_path / "digits.npz"), "--no-cache"])
+    out = capsys.readouterr()
+    assert code == 0 and "digits16 features" in out.out, out
+    colour = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    np.savez(tmp_path / "colour.npz", colour)
+    code, line = run("python -m guided.cli.evaluate", [str(tmp_path / "colour.npz")] * 2, capsys)
+    assert code == 2 and "--features digits" in line and "not found" in line, line
+    record_bad_input("evaluate: default features without Inception weights", "python -m guided.cli.evaluate",
+                     "colour images, no --features, no Inception weights anywhere", code,
+                     line.replace(str(tmp_path), "…"))

@@ -246,3 +246,17 @@ def test_a_grey_model_on_the_page():
         if driver is not None:
             driver.quit()
         page.close()
+
+
+def test_the_status_line_says_what_ran():
+    """An empty class once showed as 'class ,', and ode as 'ode 50 steps'; --help said 100 steps for 50."""
+    from guided.cli.demo import describe
+    from guided.generation import SampleOptions
+
+    opts = SampleOptions(sampler="ddim", steps="10", scale=4.0, cfg_scale=2.0)
+    assert describe(np.array([0, 1, 2, 0]), opts) == ("classes 0, 1, 2, classifier guidance at scale 4 + "
+                                                       "classifier-free guidance at scale 2, ddim 10 steps")
+    assert describe(np.array([-1, -1]), SampleOptions(sampler="ode")).startswith("unconditional, no guidance, ode (")
+    assert "ode 50" not in describe(np.array([3]), SampleOptions(sampler="ode", steps="50"))
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: 50; the ode and langevin" in text and "default: 100" not in text

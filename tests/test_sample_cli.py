@@ -158,7 +158,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("guidance scale s (0 = none) (default: 1.0)", "(default: 100; the ode and langevin",
+    for shown in ("guidance scale s (0 = none) (default: 1 where the model has a noise-aware classifier and no other guidance method is named, else 0)", "(default: 100; the ode and langevin",
                   "(default: out)", "how many samples to draw (default: 100)", "(default: ddpm)"):
         assert shown in text, shown
 
@@ -167,20 +167,47 @@ def test_grid_size_is_an_option(tmp_path, capsys):
     args = ("--model", "uncond", "--class", "1,2", "--num-samples", 6, "--steps", 2, "--sampler", "ddim")
     assert run(capsys, *args, "--grid", 3, "--out", tmp_path / "g3")[0] == 0
     assert Image.open(tmp_path / "g3" / "grid.png").size == (3 * 18 * 4, 2 * 18 * 4)  # 16 px cells, 4x zoom
-    assert run(capsys, *args, "--out", tmp_path / "default")[0] == 0  # 10 per class: the 3 each there are
-    assert Image.open(tmp_path / "default" / "grid.png").size == (10 * 72, 2 * 72)
-    assert run(capsys, *args, "--grid", 0, "--out", tmp_path / "none")[0] == 0
+    code, out, _ = run(capsys, *args, "--out", tmp_path / "default")  # up to 10 per class: the 3 each there are
+    assert code == 0 and Image.open(tmp_path / "default" / "grid.png").size == (3 * 72, 2 * 72)  # no white columns
+    assert f"grid.png" in out
+    code, out, _ = run(capsys, *args, "--grid", 0, "--out", tmp_path / "none")
     assert not (tmp_path / "none" / "grid.png").exists() and (tmp_path / "none" / "samples.npz").exists()
+    assert code == 0 and "grid.png" not in out  # every message names only files that exist
 
 
 def test_a_saturating_guidance_scale_warns(tmp_path, capsys):
     code, _, err = run(capsys, "--model", "uncond", "--class", 7, "--scale", "1e30", "--sampler", "ddim", "--steps", 5,
                        "--num-samples", 4, "--batch-size", 2, "--out", tmp_path)
-    assert code == 0 and ("warning: batch 0 (samples 0..1) is saturated: 100% of its pixels are at 0 or 255 "
-                          "(is --scale 1e+30 too large?)") in err
-    assert "warning: 2 batches of this run were saturated (batches 0..2)" in err
+    assert code == 0 and "warning: batch 0 (samples 0..1) looks ruined: " in err
+    assert "lower --scale 1e+30" in err
+    assert "warning: 2 batches of this run look ruined (batches 0..2)" in err
     with np.load(tmp_path / "samples.npz") as f:
         assert np.isin(f["arr_0"], (0, 255)).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_ruined_images_at_a_huge_scale_warn_and_say_what_to_do(tmp_path, capsys, sampler):
+    """--scale 1e6 --num-samples 4 --steps 20: inverted blobs and speckle (46% / 42% of the pixels at 0 or
+    255, under the old one-sided threshold); a healthy scale gets no warning."""
+    code, _, err = run(capsys, "--scale", "1e6", "--sampler", sampler, "--num-samples", 4, "--steps", 20,
+                       "--out", tmp_path / "ruined")
+    assert code == 0 and "warning: batch 0 (samples 0..3) looks ruined" in err, err
+    assert "lower --scale 1e+06" in err
+    code, _, err = run(capsys, "--scale", 10, "--sampler", sampler, "--num-samples", 4, "--steps", 20,
+                       "--out", tmp_path / "fine")
+    assert code == 0 and "ruined" not in err, err
+
+
+def test_the_ruin_rule_on_real_digits_and_on_speckle():
+    from guided.evaluation.judge import digits_data
+    from guided.generation.images import ruin
+
+    real = np.repeat(digits_data(16)[0], 3, axis=-1)
+    assert ruin(real) is None  # the training digits: 30% black background, 1% white
+    checker = np.zeros((2, 16, 16, 3), np.uint8)
+    checker[:, ::2, ::2] = checker[:, 1::2, 1::2] = 255
+    assert "jump" in ruin(checker)
+    assert "at 0" in ruin(np.zeros((2, 16, 16, 3), np.uint8))  # flat black
 
 
 def test_two_cpu_processes_under_the_readme_recipe(tmp_path):
@@ -198,3 +225,131 @@ def test_two_cpu_processes_under_the_readme_recipe(tmp_path):
     two, one = np.load(tmp_path / "two" / "samples.npz"), np.load(tmp_path / "one" / "samples.npz")
     assert np.array_equal(two["arr_1"], one["arr_1"])
     assert np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int)).max() <= 2
+
+
+# -- what runs is what was asked: guidance defaults --------------------------------------------------
+def _active(settings: dict) -> set:
+    from guided.generation.options import METHODS
+
+    return {m.term for m in METHODS if settings["options"][m.scale] != m.off}
+
+
+def readme_sampling_commands() -> list[str]:
+    """Every `python sample_guided.py ...` line of the README's bash blocks (continuations joined,
+    comments dropped), but those that need files nobody has here (official checkpoints, runs/)."""
+    import re
+    import shlex
+
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if "python sample_guided.py" not in line:
+                continue
+            command = line[line.index("python sample_guided.py"):].split("  #")[0].strip()
+            argv = shlex.split(command)[2:]
+            files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--model", "--classifier")]
+            if all(f in ("cond", "uncond", "ncsn", "none") for f in files):
+                found.append(" ".join(command.split()))
+    return found
+
+
+# each README sampling example -> the guidance its text describes
+README_GUIDANCE = {
+    "python sample_guided.py --class 3 --scale 4 --num-samples 100 --out out/": {"classifier"},
+    "python sample_guided.py --class 3 --scale 4": {"classifier"},
+    "python sample_guided.py --model uncond --class 7 --scale 10": {"classifier"},
+    "python sample_guided.py --model uncond --scales 0,1,2,4,10 --out sweep/": {"classifier"},  # but at scale 0
+    "python sample_guided.py --cfg-scale 2": {"cfg"},
+    "python sample_guided.py --sampler dpm++ --steps quad25": {"classifier"},
+    "python sample_guided.py --model uncond --init-image docs/strokes/stroke_7.png --t0 0.6 --class 7 --scale 4":
+        {"classifier"},
+    "python sample_guided.py --model uncond --init-image docs/strokes/stroke_7.png --t0 0.6 --class 7 --scale 4 "
+    "--num-samples 8": {"classifier"},
+    "python sample_guided.py --model uncond --class 7 --scale 4 --interval 0.28,5.42": {"classifier"},
+    "python sample_guided.py --model cond --class 7 --autoguide-scale 2": {"autoguide"},
+    "python sample_guided.py --model uncond --class 7 --x0-scale 4": {"x0_classifier"},
+    "python sample_guided.py --model cond --cfg-scale 2 --cfg-interval 0.28,5.42 --scale 1": {"cfg", "classifier"},
+    "python sample_guided.py --model uncond --class 7 --scale 4 --ddpm-form score": {"classifier"},
+}
+
+
+def test_every_readme_sampling_example_runs_the_guidance_its_text_describes(tmp_path, capsys):
+    """A named method runs alone; settings.json names a network only for a term that guides."""
+    import shlex
+
+    commands = readme_sampling_commands()
+    assert sorted(set(commands)) == sorted(README_GUIDANCE), "a README example without its expected guidance"
+    for k, command in enumerate(README_GUIDANCE):
+        out = tmp_path / str(k)
+        argv = shlex.split(command)[2:] + ["--num-samples", 2, "--batch-size", 2, "--steps", 3, "--out", out]
+        assert run(capsys, *argv)[0] == 0, command
+        for record in sorted(out.rglob("settings.json")):
+            settings = json.loads(record.read_text())
+            expected = README_GUIDANCE[command] - ({"classifier"} if record.parent.name == "scale_0" else set())
+            assert _active(settings) == expected, (command, record)
+            assert (settings["classifier"] != "none") == ("classifier" in README_GUIDANCE[command]), command
+            assert (settings["autoguide"] is not None) == ("autoguide" in expected), command
+            assert (settings["x0_classifier"] is not None) == ("x0_classifier" in expected), command
+
+
+def test_a_model_without_a_classifier_samples_unguided(tmp_path, capsys):
+    """sample_guided.py --model runs/MYRUN --class 3 on a user's own run: no classifier, no guidance."""
+    from conftest import TINY_TRAIN, TINY_UNET
+    from guided.cli.train import main_diffusion
+
+    assert main_diffusion(TINY_UNET + TINY_TRAIN + ["train.steps=1", f"train.out_dir={tmp_path / 'run'}"]) == 0
+    code, _, err = run(capsys, "--model", tmp_path / "run", "--class", 3, "--num-samples", 2, "--steps", 2,
+                       "--out", tmp_path / "o")
+    assert code == 0, err
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert _active(settings) == set() and settings["classifier"] == "none" and settings["labels_enforced"]
+
+
+def test_the_three_programs_share_the_guidance_defaults():
+    """sample_guided.py, the sweep and the demo resolve --scale by one rule."""
+    from guided.cli import demo, sample, sweep
+    from guided.cli.options import resolve_scale
+
+    cases = {(): 1.0, ("--autoguide-scale", "2"): 0.0, ("--x0-scale", "4"): 0.0, ("--cfg-scale", "2"): 0.0,
+             ("--classifier", "none"): 0.0, ("--cfg-scale", "2", "--scale", "3"): 3.0}
+    for argv, scale in cases.items():
+        for program, more in ((sample, []), (sweep, ["--out", "s"]), (demo, [])):
+            assert resolve_scale(program.build_parser().parse_args([*argv, *more])) == scale, (program, argv)
+    args = sweep.build_parser().parse_args(["--sweep", "x0_scale=1,2", "--out", "s"])
+    assert sweep.base_scale(args, "x0_scale") == 0.0  # the swept method runs alone
+    for argv, start in {(): ("classifier", 1.0), ("--x0-scale", "3"): ("x0-classifier", 3.0),
+                        ("--method", "autoguidance"): ("autoguidance", 2.0), ("--classifier", "none"): ("none", 0.0),
+                        ("--method", "classifier", "--scale", "6"): ("classifier", 6.0)}.items():
+        assert demo.start(demo.build_parser().parse_args(list(argv))) == start, argv
+
+
+def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path, capsys):
+    base = ("--steps", 2, "--sampler", "ddim", "--png", "--out", tmp_path)
+    assert run(capsys, "--class", 3, "--class", 5, "--num-samples", 4, *base)[0] == 0
+    assert len(list((tmp_path / "images").iterdir())) == 4
+    code, out, _ = run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", *base)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000_class7.png", "000001_class7.png"]
+    assert json.loads((tmp_path / "settings.json").read_text())["classes"] == [7]
+    code, out, _ = run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", "--grid", 0, *base[:-3], "--out",
+                       tmp_path)
+    assert code == 0 and not (tmp_path / "images").exists() and not (tmp_path / "grid.png").exists()
+    for name in ("samples.npz", "settings.json"):
+        assert name in out and (tmp_path / name).exists()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "mine.txt").write_text("a file of the user's")  # not ours: kept
+    assert run(capsys, "--class", 7, "--num-samples", 2, "--overwrite", *base)[0] == 0
+    assert (tmp_path / "images" / "mine.txt").exists()
+
+
+def test_the_batch_size_changes_samples_by_float_rounding_only():
+    """Sample i uses seed + i at any batch size; the CPU's batched convolutions round differently by
+    batch size, so the images agree to ~1e-6 before the uint8 conversion (README: the tolerance)."""
+    from guided.generation import SampleOptions, load_pipeline, sample_batch
+
+    p = load_pipeline("cond")
+    opts = SampleOptions(sampler="ddpm", steps="20", scale=4.0)
+    y = np.arange(6) % 10
+    one = sample_batch(p, y, np.arange(6), opts)
+    split = torch.cat([sample_batch(p, y[i:i + 2], np.arange(i, i + 2), opts) for i in range(0, 6, 2)])
+    assert (one - split).abs().max().item() < 1e-4

@@ -156,7 +156,7 @@ def test_another_parameter_can_be_swept(tmp_path, capsys):
     settings = json.loads((out / "cfg_scale_3" / "seed_0" / "settings.json").read_text())
     assert settings["options"]["cfg_scale"] == 3.0 and settings["options"]["scale"] == 0.0
     assert parse_sweep("steps=10,ddim5") == ("steps", ["10", "ddim5"])
-    with pytest.raises(GuidedError, match="NAME one of scale, cfg_scale, autoguide_scale, x0_scale, interval"):
+    with pytest.raises(GuidedError, match="NAME one of scale, cfg_scale, autoguide_scale, x0_scale, .*, eta, steps"):
         parse_sweep("temperature=1,2")
     code, _, err = run(capsys, *FAST, "--sweep", "eta=-1", "--out", out / "bad")
     assert code == 2 and "values of eta must each be a non-negative float" in error_line(err)
@@ -218,3 +218,13 @@ def test_an_interrupted_sweep_evaluates_the_samples_it_has(tmp_path, capsys, mon
     (out / "results.json").unlink()
     code, _, err = run(capsys, *FAST, "--scales", "1", "--out", out)
     assert code == 2 and "was drawn with other settings than this sweep's" in error_line(err)
+
+
+def test_no_arguments_print_the_usage_and_start_nothing(tmp_path, capsys, monkeypatch):
+    """`python -m guided.cli.sweep` alone once started a six-scale sweep into ./sweep."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys)
+    assert code == 2 and err.startswith("usage: python -m guided.cli.sweep") and not list(tmp_path.iterdir())
+    assert "error: the following arguments are required: --out" in err
+    code, _, err = run(capsys, "--out", tmp_path / "s")
+    assert code == 2 and "give the values to sweep: --scales" in error_line(err) and not list(tmp_path.iterdir())

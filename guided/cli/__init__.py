@@ -25,14 +25,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), exit status 2."""
+    """argparse whose errors are one line (no usage block), exit status 2; a command given no
+    arguments at all that needs some prints its usage above that line."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._bare = False
+
+    def parse_args(self, args=None, namespace=None):
+        self._bare = not (sys.argv[1:] if args is None else list(args))
+        return super().parse_args(args, namespace)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, (self.format_usage() if self._bare else "") + f"error: {message} (see --help)\n")
 
 
 def run_cli(fn, *args) -> int:

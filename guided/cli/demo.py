@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from guided.cli import Parser, run_cli
-from guided.cli.options import (_number, add_guidance_args, add_model_args, add_sampler_args, options,
-                                pipeline_keywords)
+from guided.cli.options import (ADAPTIVE, _number, add_guidance_args, add_model_args, add_sampler_args, options,
+                                pipeline_keywords, resolve_scale)
 from guided.errors import GuidedError
 from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
 from guided.generation import to_uint8
@@ -49,17 +49,22 @@ def build_parser() -> Parser:
     p = Parser(prog="guided-demo", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--method", choices=tuple(METHODS), default=None,
-                   help="the page's starting guidance method (default: classifier if there is one)")
-    add_guidance_args(p, scale_default=4.0)  # --scale: the page's starting scale; intervals etc. as sample_guided.py
+                   help="the page's starting guidance method (default: the one whose scale is given, else as "
+                        "sample_guided.py: the classifier where the model has one, else none)")
+    add_guidance_args(p)  # a method's scale: the page's starting scale; intervals etc. as sample_guided.py
     add_sampler_args(p)
-    for action in p._actions:  # sample_guided.py's flags the page sets itself
-        if action.dest in ("cfg_scale", "batch_size"):
+    for action in p._actions:  # sample_guided.py's flags the page sets itself, and its own defaults
+        if action.dest == "batch_size":
             action.help = argparse.SUPPRESS
+        if action.dest == "steps":
+            action.help = "the page's starting respacing: a count, section counts (10,15,20), ddimN or quadN " \
+                          "(default: 50; the ode and langevin samplers choose their own)"
     p.set_defaults(num_samples=10, steps="50")
     w = p.add_argument_group("server")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     w.add_argument("--port", type=_number(int, 1), default=7860)
-    w.add_argument("--sweep", default="sweep", help="the sweep folder the Sweep tab opens with")
+    w.add_argument("--sweep", default=None, help="the sweep folder the Sweep tab opens with (checked at start; "
+                                                 "default: sweep, if it is there)")
     return p
 
 
@@ -75,9 +80,17 @@ def available_methods(p: Pipeline) -> list[str]:
     return names
 
 
-def default_method(p: Pipeline) -> str:
-    methods = available_methods(p)
-    return next((m for m in ("classifier", "classifier-free") if m in methods), methods[0])
+def start(args) -> tuple[str, float]:
+    """The page's starting method and scale, by sample_guided.py's rule (options.resolve_scale): --method,
+    else the method whose scale is given, else the classifier where the model has one, else none; the
+    scale as given, else the method's METHODS.start."""
+    resolve_scale(args)
+    named = [m for m in GUIDANCE if getattr(args, m.scale) != m.off]
+    method = args.method or (named[0].demo if named else "none")
+    m = next((m for m in GUIDANCE if m.demo == method), None)
+    if m is None:
+        return method, 0.0
+    return method, getattr(args, m.scale) if getattr(args, m.scale) != m.off else m.start
 
 
 def class_choices(p: Pipeline) -> list[str]:
@@ -169,6 +182,16 @@ def stream(p: Pipeline, labels, seeds, opts, device, marks=PREVIEW_AT):
         _RUNNING.discard((stop, thread))
 
 
+def describe(labels, opts: SampleOptions) -> str:
+    """The status line's account of a finished request: its classes, guidance and sampler as they ran."""
+    asked = list(dict.fromkeys(int(y) for y in labels if y >= 0))
+    what = ("class " if len(asked) == 1 else "classes ") + ", ".join(map(str, asked)) if asked else "unconditional"
+    on = [f"{m.demo} guidance at scale {getattr(opts, m.scale):g}" for m in GUIDANCE if getattr(opts, m.scale) != m.off]
+    steps = f"{opts.sampler} ({ADAPTIVE[opts.sampler]})" if opts.sampler in ADAPTIVE else \
+        f"{opts.sampler} {opts.steps} steps"
+    return f"{what}, {' + '.join(on) or 'no guidance'}, {steps}"
+
+
 def grid(images: np.ndarray, labels: np.ndarray):
     """One row per class, as many columns as the largest class has samples (at most 10)."""
     columns = min(10, max(np.unique(labels, return_counts=True)[1]))
@@ -212,17 +235,16 @@ def generate_handler(p: Pipeline, args, device):
     import gradio as gr
 
     def on_generate(class_text, method, scale, sampler, steps, num_samples, seed, progress=gr.Progress()):
-        start = time.perf_counter()
+        began = time.perf_counter()
         try:
             labels, seeds, opts = request(p, args, class_text, method, scale, sampler, steps, num_samples, seed)
             shown, percent = 0, 0
             for done, previews, samples in stream(p, labels, seeds, opts, device):
                 progress(done, desc="sampling")
                 if samples is not None:
-                    what = f"class {class_text}" if p.num_classes is not None else "unconditional"
                     yield (grid(samples, labels), trajectory(previews, samples),
-                           f"{len(labels)} samples, {what}, {method} guidance at scale {scale:g}, {sampler} "
-                           f"{steps} steps, seed {seeds[0]}: {time.perf_counter() - start:.1f} s")
+                           f"{len(labels)} samples, {describe(labels, opts)}, seed {seeds[0]}: "
+                           f"{time.perf_counter() - began:.1f} s")
                 elif len(previews) > shown:  # the grid shows the newest x0 estimate until the samples come
                     shown, percent = len(previews), int(100 * done)
                     yield grid(previews[-1][1], labels), trajectory(previews), f"sampling: {percent}%"
@@ -251,12 +273,12 @@ def generate_fields(gr, p: Pipeline, args) -> list:
     kind = p.score_model.kind
     start_sampler = args.sampler if kind in SAMPLERS[args.sampler].kinds else DEFAULT[kind]
     first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
+    first_method, first_scale = start(args)
     return [gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
                         interactive=bool(names),
                         info="a name, an index, or a comma list" if names else "this model has no classes"),
-            gr.Radio(available_methods(p), value=args.method or default_method(p), label="guidance method",
-                     elem_id="method"),
-            gr.Number(args.scale, label="guidance scale", elem_id="scale"),
+            gr.Radio(available_methods(p), value=first_method, label="guidance method", elem_id="method"),
+            gr.Number(first_scale, label="guidance scale", elem_id="scale"),
             gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler", elem_id="sampler"),
             gr.Textbox(args.steps, label="steps", elem_id="steps",
                        info="a count (50), section counts (10,15,20), ddimN or quadN"),
@@ -287,7 +309,7 @@ def build_page(p: Pipeline, args, device):
             go.click(generate_handler(p, args, device), fields, [samples, previews, status])
         with gr.Tab("Sweep"):
             with gr.Row():
-                folder = gr.Textbox(args.sweep, label="sweep folder", elem_id="sweep-folder", scale=4)
+                folder = gr.Textbox(args.sweep or "sweep", label="sweep folder", elem_id="sweep-folder", scale=4)
                 load = gr.Button("Show", elem_id="sweep-load", scale=1)
             sweep_status = gr.Markdown(elem_id="sweep-status")
             table = gr.Dataframe(label="results.csv", interactive=False, elem_id="sweep-table")
@@ -305,6 +327,8 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     if args.port > 65535:
         raise GuidedError(f"--port must be a TCP port from 1 to 65535, got {args.port}")
+    if args.sweep is not None:  # a folder named on the command line must be a sweep: one line now, not on the page
+        read_sweep(args.sweep)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local page
     try:
         import gradio as gr

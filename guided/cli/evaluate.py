@@ -1,7 +1,7 @@
 """Evaluate a sample batch against a reference batch: FID, sFID, IS, precision, recall.
 
     python -m guided.cli.evaluate SAMPLES.npz [SAMPLES2.npz ...] REFERENCE.npz
-        [--features inception|dinov2|digits] [--inception-weights PATH] [--dinov2-weights PATH]
+        [--features auto|inception|dinov2|digits] [--inception-weights PATH] [--dinov2-weights PATH]
         [--batch-size N] [--json OUT]
 
 The files use the ADM paper's layout: `arr_0` uint8 N x H x W x C (C = 3, or 1),
@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 from guided.cli import Parser, run_cli
-from guided.cli.evaluation_options import add_feature_options
+from guided.cli.evaluation_options import add_feature_options, auto_features
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import evaluate_files, format_result, format_summary
+from guided.evaluation.features import FEATURES
 from guided.files import atomic_write
 
 
@@ -31,7 +32,10 @@ def build_parser() -> Parser:
     p.add_argument("samples", nargs="+", help="sample batch .npz (arr_0: uint8 N x H x W x C); several files "
                                               "(one per seed) also give the mean, std, min and max")
     p.add_argument("reference", help="reference batch .npz; statistics are cached next to it")
-    add_feature_options(p)
+    add_feature_options(p, default="auto", choices=("auto", *FEATURES),
+                        features_help="feature network: the paper's Inception-v3, DINOv2 ViT-L/14 (FD-DINOv2; pip "
+                                      "install '.[dinov2]'), or the digits judge; auto: digits for grey images of at "
+                                      "most 32 px (the digits), else inception")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the reference statistics cache")
     p.add_argument("--device", help="torch device for the feature network (default: cuda if available)")
@@ -54,6 +58,8 @@ def _report(runs: list[dict], samples: list[str], reference: str) -> dict:
 
 
 def _run(args) -> int:
+    if args.features == "auto":
+        args.features = auto_features(*args.samples, args.reference, inception_weights=args.inception_weights)
     runs = evaluate_files(args.samples, args.reference, args.features, inception_weights=args.inception_weights,
                           dinov2_weights=args.dinov2_weights, batch_size=args.batch_size,
                           use_cache=not args.no_cache, device=args.device)

@@ -120,19 +120,27 @@ def interval(text):
 interval.__name__ = "noise-level interval LO,HI (0 <= LO <= HI, HI may be inf)"
 
 
-def add_guidance_args(p, scale_default=1.0):
+CLASSIFIER_DEFAULT = 1.0  # --scale when nothing else is asked and the model has a noise-aware classifier
+SCALE_HELP = (f" (default: {CLASSIFIER_DEFAULT:g} where the model has a noise-aware classifier and no other guidance "
+              "method is named, else 0)")
+
+
+def add_guidance_args(p):
     """The guidance layer's terms (guided/guidance), one set of flags per METHODS entry: its scale, its
-    sigma interval, its schedule and temperature where it has them, the network it loads."""
+    sigma interval, its schedule and temperature where it has them, the network it loads. --scale's
+    default is resolved after parsing by `resolve_scale` (the same rule in every program)."""
     g = p.add_argument_group("guidance (terms compose: their corrections add up; README 'Guidance')")
     for m in METHODS:
-        default = scale_default if m.term == "classifier" else m.off
-        g.add_argument(m.flag, type=_number(float, 0.0), default=default, help=m.help)
+        default = None if m.term == "classifier" else m.off
+        g.add_argument(m.flag, type=_number(float, 0.0), default=default,
+                       help=m.help + (SCALE_HELP if m.term == "classifier" else ""))
         g.add_argument(m.flag.replace("scale", "interval"), type=interval, default=None,
                        help=f"sigma range where {m.demo} guidance acts, e.g. 0.3,5 (default: every level); "
                             "sigma = sqrt((1 - abar) / abar) for VP models")
         if m.schedule:
             g.add_argument(m.flag.replace("scale", "schedule"), choices=tuple(SCHEDULES), default="constant",
-                           help=f"the weight of {m.demo} guidance over sigma")
+                           help=f"the weight of {m.demo} guidance over sigma: constant, or larger where the "
+                                "images are noisy or clean (guided.guidance.terms.SCHEDULES)")
         if m.temperature:
             g.add_argument(m.flag.replace("scale", "temperature"), type=_number(float, 0.0, low_open=True),
                            default=1.0, help="the x0 classifier's logits are divided by this")
@@ -143,6 +151,27 @@ def add_guidance_args(p, scale_default=1.0):
     g.add_argument("--ddpm-form", choices=("mean", "score"), default="mean",
                    help="DDPM: the paper's mean shift (Algorithm 1) or the score correction (default: mean)")
     return g
+
+
+def named_methods(args) -> list:
+    """The guidance methods other than the noise-aware classifier that the command line turns on."""
+    return [m for m in METHODS if m.term != "classifier" and getattr(args, m.scale) != m.off]
+
+
+def resolve_scale(args) -> float:
+    """The one rule for --scale's default, shared by sample_guided.py, the sweep and the demo: a user who
+    names a guidance method gets that method alone unless they ask for more (--scale 0 when another
+    method is named), and a model without a noise-aware classifier samples unguided; otherwise the
+    model's classifier guides at CLASSIFIER_DEFAULT. Sets and returns args.scale."""
+    if args.scale is None:
+        has_classifier = classifier_spec(args.model, args.classifier) != "none"
+        args.scale = CLASSIFIER_DEFAULT if has_classifier and not named_methods(args) else 0.0
+    return args.scale
+
+
+def classifier_in_use(args) -> bool:
+    """Whether the noise-aware classifier guides at some scale of the run, or was named on the command line."""
+    return args.classifier is not None or any(s > 0 for s in getattr(args, "scales", None) or [args.scale])
 
 
 ADAPTIVE = {name: s.adaptive for name, s in SAMPLERS.items() if s.adaptive}

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from guided.cli import Parser, run_cli
+from guided.errors import GuidedError
 from guided.evaluation.plots import tradeoff
 
 
@@ -25,6 +26,10 @@ def build_parser() -> Parser:
 
 
 def _run(args) -> int:
+    for folder in map(Path, args.sweeps):
+        if not folder.is_dir():
+            raise GuidedError(f"{folder} " + ("is a file" if folder.exists() else "does not exist")
+                              + ": give sweep folders of python -m guided.cli.sweep")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     for w in tradeoff(args.sweeps, Path(args.out), labels):
         print(f"warning: {w}", file=sys.stderr)

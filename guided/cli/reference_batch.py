@@ -13,12 +13,14 @@ beside it (REF.<features>.stats.npz, as guided.cli.evaluate caches them).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from guided.cli import Parser, run_cli
 from guided.cli.evaluation_options import add_feature_options
-from guided.evaluation.features import FEATURES
+from guided.errors import GuidedError
+from guided.evaluation.features import FEATURES, find_inception_weights
 from guided.evaluation.reference_batch import make_reference
 
 
@@ -35,7 +37,8 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="which images are drawn (default: 0)")
     add_feature_options(p, default="auto", choices=("auto", *FEATURES, "none"), batch_size=False,
                         features_help="cache the reference statistics in this feature space (auto: digits for "
-                                      "the digits set, else inception; none: skip)")
+                                      "the digits set, else inception where its weights are found, else none; "
+                                      "none: skip)")
     p.add_argument("--device", default=None, help="torch device for the feature network")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
@@ -48,6 +51,19 @@ def _classes(text):
 
 
 def _run(args) -> int:
+    data, out = Path(args.data), Path(args.out)
+    if args.data != "digits" and not data.is_dir():
+        raise GuidedError(f"DATA {data} " + ("is a file, not a folder of images" if data.exists() else
+                                             "does not exist") + "; give an image folder or 'digits'")
+    if out.is_dir():
+        raise GuidedError(f"--out {out} is a folder; give the .npz file to write")
+    if args.features == "auto" and args.data != "digits":  # the statistics are a cache: skip it without weights
+        try:
+            find_inception_weights(args.inception_weights)
+        except GuidedError as e:
+            print(f"note: the batch is written without cached statistics ({e}); guided.cli.evaluate computes "
+                  "them when it has the weights", file=sys.stderr)
+            args.features = "none"
     out, images, labels, features = make_reference(
         args.data, args.image_size, args.num_samples, args.out, channels=args.channels,
         classes=_classes(args.classes), seed=args.seed, layout=args.layout, features=args.features,

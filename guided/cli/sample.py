@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from guided.cli import Parser, run_cli
-from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
-                                options, pipeline_keywords)
+from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args,
+                                classifier_in_use, guide_settings, options, pipeline_keywords, resolve_scale)
 from guided.generation import generate, load_pipeline
 from guided.generation.loading import parse_classes, sdedit_request
 from guided.generation.runtime import processes
@@ -47,15 +47,20 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    resolve_scale(args)
     for scale in args.scales or [args.scale]:
         options(args, scale)  # contradictory sampler options are refused before any loading
     device, rank, world, barrier = processes(args.device)
     if rank == 0:
         print(f"sampling on {world} process{'es' if world > 1 else ''}, device {device}", flush=True)
-    pipeline = load_pipeline(**pipeline_keywords(args, device))
+    keywords = pipeline_keywords(args, device)
+    if not classifier_in_use(args):  # no classifier term: none is loaded or recorded
+        keywords["classifier"] = "none"
+    pipeline = load_pipeline(**keywords)
     classes = parse_classes(args.classes, pipeline)
     init = sdedit_request(pipeline, args.init_image, args.t0, args.mask)
     used = guide_settings(args)
+    used["classifier"] = keywords["classifier"] or used["classifier"]
     settings = {"model": args.model, "classifier": used.pop("classifier"), "device": device, **used,
                 "init_image": args.init_image, "t0": args.t0 if args.init_image else None, "mask": args.mask}
     for scale in args.scales or [args.scale]:
@@ -65,7 +70,9 @@ def _main(args) -> int:
                         save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
                         settings=settings, grid=args.grid, class_sampling=args.class_sampling)
         if rank == 0:
-            print(f"wrote {path} and {path.parent / 'grid.png'} (scale {scale:g})")
+            written = [path, *[path.parent / f for f, on in (("grid.png", args.grid), ("images/", args.png)) if on],
+                       path.parent / "settings.json"]
+            print(f"wrote {', '.join(map(str, written))}" + (f" (scale {scale:g})" if args.scales else ""))
     return 0
 
 

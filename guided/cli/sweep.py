@@ -30,9 +30,9 @@ import torch
 from guided.cli import Parser, run_cli
 from guided.cli.evaluation_options import add_feature_options
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
-                                interval, options, pipeline_keywords)
+                                interval, options, pipeline_keywords, resolve_scale)
 from guided.errors import GuidedError
-from guided.evaluation.evaluate import METRICS, evaluate
+from guided.evaluation.evaluate import METRICS, NpzImages, evaluate
 from guided.evaluation.features import get_extractor
 from guided.evaluation.metrics import summarize
 from guided.evaluation.plots import label, plot_sweep
@@ -81,6 +81,15 @@ def swept_network(param: str) -> tuple:
     return tuple(m.loader for m in METHODS if m.loader and param in (m.scale, m.interval, m.temperature))
 
 
+def base_scale(args, param: str) -> float:
+    """--scale of every point: as given, else sample_guided.py's rule (options.resolve_scale), with a
+    swept guidance method other than the classifier counting as named (it runs alone)."""
+    if args.scale is None and any(m.term != "classifier" and param in (m.scale, m.interval, m.temperature)
+                                  for m in METHODS):
+        args.scale = 0.0
+    return resolve_scale(args)
+
+
 def parse_sweep(text: str) -> tuple[str, list]:
     """'NAME=V1,V2,...' -> (NAME, [values]) for a parameter in SWEEPABLE."""
     name, _, values = text.partition("=")
@@ -99,13 +108,13 @@ def build_parser() -> Parser:
     p = Parser(prog="python -m guided.cli.sweep", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     g = p.add_argument_group("the swept parameter")
-    g.add_argument("--scales", type=_scales, default=None, help="classifier-guidance scales (default: 0,0.5,1,2,4,10)")
+    g.add_argument("--scales", type=_scales, default=None, help="classifier-guidance scales, e.g. 0,0.5,1,2,4,10")
     g.add_argument("--sweep", default=None, metavar="NAME=V1,V2",
                    help="sweep another sample option instead: " + "; ".join(f"{k} ({s.help})"
                                                                         for k, s in SWEEPABLE.items()))
     g.add_argument("--seeds", type=_number(int, 1), default=1,
                    help="repetitions per value with disjoint seeds: mean, std, min and max over them (default: 1)")
-    add_guidance_args(p, scale_default=0.0)  # --scale: the classifier's while another option is swept
+    add_guidance_args(p)  # --scale: the classifier's while another option is swept
     add_sampler_args(p)
     e = p.add_argument_group("evaluation")
     e.add_argument("--reference", default="digits",
@@ -113,7 +122,7 @@ def build_parser() -> Parser:
                         "'digits': 1,000 class-balanced training digits built into OUT")
     add_feature_options(e, default=None, batch_size=False,
                         features_help="feature network (default: digits for the digits reference, else inception)")
-    p.add_argument("--out", default="sweep", help="sweep folder (default: sweep)")
+    p.add_argument("--out", required=True, help="the sweep folder (one experiment: see above)")
     p.add_argument("--overwrite", action="store_true", help="delete the sweep in --out and start afresh")
     return p
 
@@ -252,7 +261,10 @@ def swept(args) -> tuple[str, list]:
         raise GuidedError("give either --scales or --sweep NAME=V1,V2, not both")
     if args.sweep:
         return parse_sweep(args.sweep)
-    return "scale", list(dict.fromkeys(args.scales or [0, 0.5, 1, 2, 4, 10]))
+    if not args.scales:
+        raise GuidedError("give the values to sweep: --scales 0,1,2,4,10 (classifier guidance) or --sweep NAME=V1,V2 "
+                          "(another option)")
+    return "scale", list(dict.fromkeys(args.scales))
 
 
 def make_folder(out: Path) -> None:
@@ -298,8 +310,11 @@ def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, r
 def sweep(args) -> dict:
     param, values = swept(args)
     spec = SWEEPABLE[param]
-    if not args.reference == "digits" and not Path(args.reference).is_file():
-        raise GuidedError(f"reference batch {args.reference} does not exist")
+    base_scale(args, param)
+    if args.reference != "digits":  # a missing, empty or foreign reference is refused before any sampling
+        if not Path(args.reference).exists():
+            raise GuidedError(f"reference batch {args.reference} does not exist")
+        NpzImages(args.reference)
     out = Path(args.out)
     make_folder(out)
     device, rank, world, barrier = processes(args.device)

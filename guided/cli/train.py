@@ -24,7 +24,8 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # a checkout; an
 WHERE = """where it writes: train.out_dir (default runs/default; the shipped configs set their own) gets
   config.yaml and label_map.json at the start, metrics.jsonl every train.log_every steps, and every
   train.save_every steps a full checkpoint ckpt-<step>.pt (the newest train.keep_checkpoints kept) with
-  weights-only model.pt and ema.pt for sampling; TensorBoard curves under train.out_dir/tb.
+  weights-only model.pt for sampling, and ema.pt where train.ema_rates is set (the diffusion configs; the
+  classifier configs keep no EMA); TensorBoard curves under train.out_dir/tb.
   A folder with checkpoints is refused without --resume; one run at a time holds train.out_dir/.lock."""
 
 
@@ -58,7 +59,7 @@ def build_parser(prog: str, default: str) -> Parser:
 
 def _main(kind: str, argv) -> int:
     default = "digits.yaml" if kind == "diffusion" else "digits_classifier.yaml"
-    args = build_parser(f"train_{kind}.py", default).parse_args(argv)
+    args = build_parser(f"train_{kind}.py", default).parse_intermixed_args(argv)  # overrides and options in any order
     cfg = load_config(find_config(args.config), args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")

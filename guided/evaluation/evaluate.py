@@ -60,8 +60,12 @@ class NpzImages:
 
     def __init__(self, path):
         self.path = str(path)
+        if os.path.isdir(self.path):
+            raise GuidedError(f"{self.path} is a folder, not an .npz file; {LAYOUT}")
         if not os.path.isfile(self.path):
             raise GuidedError(f"no such file: {self.path}")
+        if os.path.getsize(self.path) == 0:
+            raise GuidedError(f"{self.path} is empty (0 bytes); {LAYOUT}")
         try:
             with zipfile.ZipFile(self.path) as zf:
                 names = set(zf.namelist())

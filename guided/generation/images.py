@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,6 +18,39 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_statistics(images: np.ndarray) -> dict:
+    """Shares of a uint8 NHWC batch: pixel values at 0 ("black") and at 255 ("white"), and
+    neighbouring pixel pairs (across and down) that jump from one extreme to the other ("speckle")."""
+    a = np.asarray(images)
+    low, high = a == 0, a == 255
+    jumps = [(low[:, 1:] & high[:, :-1]) | (high[:, 1:] & low[:, :-1]),
+             (low[:, :, 1:] & high[:, :, :-1]) | (high[:, :, 1:] & low[:, :, :-1])]
+    pairs = sum(j.size for j in jumps)
+    return {"black": float(low.mean()), "white": float(high.mean()),
+            "speckle": float(sum(j.sum() for j in jumps) / max(pairs, 1))}
+
+
+# What a ruined batch looks like (scripts/ruin_study.py on the shipped digits models, README "Ruined
+# batches"): guidance far too strong drives the x0 prediction into the clip at both ends, so large
+# areas sit at 0 AND at 255 (inverted blobs), and at the extreme neighbouring pixels jump from one end
+# to the other (speckle). Healthy batches and the real digits have at most 1% at 255 and no speckle,
+# at any share of black background; ruined ones 3-26% at 255 beside 9-28% at 0, speckle up to 2%.
+BOTH_ENDS = 0.03  # share of pixels at 0 and, separately, at 255
+SPECKLE = 0.001  # share of neighbouring pixel pairs that jump between 0 and 255
+FLAT = 0.95  # share of pixels at one end: an image with (almost) nothing in it
+
+
+def ruin(images: np.ndarray) -> Optional[str]:
+    """Why a uint8 NHWC batch looks ruined, or None: large areas at both ends of the pixel range,
+    speckle between them, or (almost) every pixel at one end."""
+    s = image_statistics(images)
+    both = min(s["black"], s["white"]) >= BOTH_ENDS
+    if both or s["speckle"] >= SPECKLE or max(s["black"], s["white"]) >= FLAT:
+        return (f"{s['black']:.0%} of its pixels are at 0 and {s['white']:.0%} at 255"
+                + (f", {s['speckle']:.1%} of neighbouring pixels jump from one to the other" if s["speckle"] else ""))
+    return None
 
 
 GRID_WIDTH = 20  # a grid wraps a class's samples into rows of at most this many

@@ -198,6 +198,7 @@ def read_image(path, size, channels, mode="RGB") -> torch.Tensor:
     """A guide or mask image as a [C, size, size] tensor in [-1, 1] (mask: [1, size, size] in [0, 1])."""
     from PIL import Image, UnidentifiedImageError
 
+    check_image_file(path)
     try:
         with Image.open(path) as im:
             im = im.convert("L" if mode == "L" else "RGB").resize((size, size), Image.BICUBIC)
@@ -212,6 +213,17 @@ def read_image(path, size, channels, mode="RGB") -> torch.Tensor:
     return a
 
 
+def check_image_file(path) -> None:
+    """A guide or mask image argument: missing, a folder or an empty file is one line."""
+    p = Path(path)
+    if not p.exists():
+        raise GuidedError(f"{path}: no such image")
+    if p.is_dir():
+        raise GuidedError(f"{path} is a folder, not an image")
+    if p.stat().st_size == 0:
+        raise GuidedError(f"{path} is empty (0 bytes), not an image")
+
+
 def sdedit_request(pipeline: Pipeline, init_image: Optional[str], t0: float, mask: Optional[str] = None):
     """The SDEdit of a guide image file (and a mask image file), sized for the pipeline; None without one."""
     if init_image is None:
@@ -223,10 +235,11 @@ def sdedit_request(pipeline: Pipeline, init_image: Optional[str], t0: float, mas
     image = read_image(init_image, size, c)
     if mask is None:
         return SDEdit(image, t0)
+    keep = read_image(mask, size, 1, mode="L")  # a missing or broken mask is one line
     from PIL import Image
     with Image.open(init_image) as a, Image.open(mask) as b:
         if a.size != b.size:
             raise GuidedError(f"the mask is {b.size[0]}x{b.size[1]} but the image is {a.size[0]}x{a.size[1]}")
-    return SDEdit(image, t0, read_image(mask, size, 1, mode="L"))
+    return SDEdit(image, t0, keep)
 
 

@@ -53,18 +53,19 @@ class Method:
     help: str
     schedule: Optional[str] = None  # the SampleOptions field of its weight over sigma
     temperature: Optional[str] = None
+    start: float = 2.0  # its scale when it is picked without one (the demo's --method): the README's example value
 
 
 METHODS = (
     Method("classifier", "classifier", "scale", "interval", 0.0, "classifier", None, "--scale",
-           "noise-aware classifier guidance scale s (0 = none)", schedule="schedule"),
+           "noise-aware classifier guidance scale s (0 = none)", schedule="schedule", start=1.0),
     Method("cfg", "classifier-free", "cfg_scale", "cfg_interval", 1.0, None, None, "--cfg-scale",
            "classifier-free guidance scale (1 = off; needs a model trained with label dropout)"),
     Method("autoguide", "autoguidance", "autoguide_scale", "autoguide_interval", 1.0, "weak_model", "autoguide",
            "--autoguide-scale", "autoguidance w: D_weak + w (D_main - D_weak) (1 = off)"),
     Method("x0_classifier", "x0-classifier", "x0_scale", "x0_interval", 0.0, "x0_classifier", "x0_classifier",
            "--x0-scale", "x0-classifier guidance scale (0 = none)", schedule="x0_schedule",
-           temperature="x0_temperature"),
+           temperature="x0_temperature", start=4.0),
 )
 BY_TERM = {m.term: m for m in METHODS}
 

@@ -8,6 +8,7 @@ samples.npz, grid.png and settings.json, one batch in memory at a time.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import zipfile
 from dataclasses import asdict
@@ -20,8 +21,8 @@ from tqdm.auto import tqdm
 
 from guided.errors import GuidedError
 from guided.files import atomic_write
-from guided.generation.images import grid_image, labels_of, say, to_uint8
-from guided.generation.options import SampleOptions
+from guided.generation.images import grid_image, labels_of, ruin, say, to_uint8
+from guided.generation.options import SampleOptions, active_methods
 from guided.generation.pipeline import Pipeline, check_labels, sample_batch
 from guided.locks import first_rank, lock_folder
 from guided.samplers.registry import sampler_for
@@ -104,7 +105,7 @@ def _draw(p, out, label_fn, num_samples, batch_size, seed, opts, device, init, r
     total = len(starts) * batch_size - (batch_size - size(starts[-1]) if starts else 0)  # no loop over the plan
     bar = tqdm(total=total, initial=sum(size(s) for s in done if s in starts), desc="samples", unit="img",
                disable=rank != 0)
-    saturated = []
+    ruined = []
     try:
         for s in starts:
             if s in done or _part(out, s).exists():
@@ -112,18 +113,18 @@ def _draw(p, out, label_fn, num_samples, batch_size, seed, opts, device, init, r
             idx = np.arange(s, s + size(s))
             labels = label_fn(idx)
             x = sample_batch(p, np.maximum(labels, 0), seed + idx, opts, device=device, init=init, progress=rank == 0)
-            images = checked_images(x, s, out, opts, saturated)
+            images = checked_images(x, s, out, opts, ruined)
             save_npz(_part(out, s), images, labels)
             bar.update(len(idx))
     finally:  # an error message then starts on a line of its own
         bar.close()
-    if len(saturated) > 1:
-        say(f"warning: {len(saturated)} batches of this run were saturated (batches {saturated[0]}..{saturated[-1]})")
+    if len(ruined) > 1:
+        say(f"warning: {len(ruined)} batches of this run look ruined (batches {ruined[0]}..{ruined[-1]})")
 
 
-def checked_images(x: torch.Tensor, start: int, out: Path, opts: SampleOptions, saturated: list) -> np.ndarray:
+def checked_images(x: torch.Tensor, start: int, out: Path, opts: SampleOptions, ruined: list) -> np.ndarray:
     """uint8 images of a finished batch; non-finite samples are an error (the finished batches
-    stay in parts/), a batch with most pixels at 0 or 255 a warning (the first one of a run)."""
+    stay in parts/), a batch that looks ruined (images.ruin) a warning (the first one of a run)."""
     where = f"batch {start} (samples {start}..{start + len(x) - 1})"
     why = f" (is --scale {opts.scale:g} too large?)" if opts.scale else ""
     if not torch.isfinite(x).all():
@@ -132,12 +133,21 @@ def checked_images(x: torch.Tensor, start: int, out: Path, opts: SampleOptions, 
                           + (f"the finished batches are kept in {out / 'parts'} ({kept})" if kept else
                              "no batch had finished"))
     images = to_uint8(x)
-    extreme = float(np.mean((images == 0) | (images == 255)))
-    if extreme > 0.5:
-        saturated.append(start)
-        if len(saturated) == 1:
-            say(f"warning: {where} is saturated: {extreme:.0%} of its pixels are at 0 or 255{why}")
+    seen = ruin(images)
+    if seen is not None:
+        ruined.append(start)
+        if len(ruined) == 1:
+            say(f"warning: {where} looks ruined: {seen}; {remedy(opts)}")
     return images
+
+
+def remedy(opts: SampleOptions) -> str:
+    """What to do about a ruined batch: lower the guidance that is on, else look at the model and steps."""
+    on = [f"{m.flag} {getattr(opts, m.scale):g}" for m in active_methods(opts)]
+    if on:
+        return (f"the guidance is too strong: lower {' / '.join(on)} (the shipped digits models stay clean up to "
+                f"--scale 1000; README 'Ruined batches')")
+    return "no guidance is on: check the model (is it trained?) and try more --steps"
 
 
 def _claim(out: Path, record: dict, overwrite: bool, output_bytes: int):
@@ -152,9 +162,15 @@ def _claim(out: Path, record: dict, overwrite: bool, output_bytes: int):
     return lock
 
 
+OUTPUTS = ("samples.npz", "grid.png", "settings.json")  # what a run writes into its folder, with images/ (--png)
+PNG_NAME = re.compile(r"\d{6,}_class-?\d+\.png")
+
+
 def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
-    if (out / "samples.npz").exists() and not overwrite:
-        raise GuidedError(f"{out} already holds samples.npz; pass --overwrite to replace it or choose another --out")
+    if (out / "samples.npz").exists():
+        if not overwrite:
+            raise GuidedError(f"{out} already holds samples.npz; pass --overwrite to replace it or choose another --out")
+        clear_outputs(out)
     try:
         (out / "parts").mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, no permission, disk full
@@ -165,6 +181,20 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
         for f in (out / "parts").glob("batch-*.npz"):  # other settings: earlier batches do not belong
             f.unlink()
     write_output(plan, lambda f: f.write(text.encode()))
+
+
+def clear_outputs(out: Path) -> None:
+    """--overwrite: remove what an earlier run wrote (its samples, grid, settings and per-sample PNGs),
+    so nothing of it is left beside the new run's files; files of other names are not touched."""
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    images = out / "images"
+    if images.is_dir():
+        for f in images.iterdir():
+            if PNG_NAME.fullmatch(f.name):
+                f.unlink()
+        if not any(images.iterdir()):
+            images.rmdir()
 
 
 def check_room(out: Path, output_bytes: int) -> None:
@@ -195,10 +225,10 @@ def _assemble(out: Path, num_samples: int, batch_size: int, record: dict, save_p
                 shown[int(y)].append(img)
         if save_pngs:
             _save_pngs(out / "images", s, images, labels)
-    if grid > 0:
+    if grid > 0:  # as many columns as the fullest class shows (at most `grid`): no empty white cells
         ys = sorted(shown)
         save_grid(out / "grid.png", np.stack([i for y in ys for i in shown[y]]),
-                  np.array([y for y in ys for _ in shown[y]]), columns=grid)
+                  np.array([y for y in ys for _ in shown[y]]), columns=max(len(v) for v in shown.values()))
     write_output(out / "settings.json", lambda f: f.write((json.dumps(record, indent=1, default=str) + "\n").encode()))
     for f in (out / "parts").glob("*"):
         f.unlink()
