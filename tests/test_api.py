@@ -68,3 +68,14 @@ def test_guidance_methods_are_one_table():
 def uncond_cfg():
     from guided.config import DiffusionConfig, node
     return node(DiffusionConfig, {"steps": 100, "noise_schedule": "cosine"})
+
+
+def test_no_sampler_keeps_an_autograd_graph(uncond):
+    """Samplers run without autograd (guidance takes its own gradients): a graph would hold every step's
+    activations in memory."""
+    for name, spec in SAMPLERS.items():
+        if "eps" not in spec.kinds or spec.adaptive:
+            continue
+        steps = "30" if spec.plain_count else "4"
+        x = sample_batch(uncond, [1], [0], SampleOptions(sampler=name, steps=steps, scale=2.0))
+        assert not x.requires_grad, name

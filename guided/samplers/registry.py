@@ -149,7 +149,7 @@ def _fewstep(name: str):
     run = fewstep.runner(name)
 
     def run_cast(job: Job) -> torch.Tensor:
-        with autocast(job.noise.device, job.precision):
+        with torch.no_grad(), autocast(job.noise.device, job.precision):  # guidance takes its own gradients
             return run(job)
     return run_cast
 
