@@ -30,7 +30,8 @@ SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' variance_type -> the project's variance; the *_log forms draw the same noise
 VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
              "fixed_large_log": "fixed_large", "learned_range": "learned_range", "learned": "learned"}
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# the shipped configs: guided/configs in an install, configs/ in a checkout
+CONFIGS_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
 
 
 def scheduler_file(path) -> Path:
@@ -38,8 +39,8 @@ def scheduler_file(path) -> Path:
     (scheduler/scheduler_config.json) or a scheduler folder. A relative path that does not exist
     from here is looked up in the shipped configs/ folder."""
     p = Path(path)
-    if not p.exists() and not p.is_absolute() and (CONFIGS_DIR / p).exists():
-        p = CONFIGS_DIR / p
+    if not p.exists() and not p.is_absolute():
+        p = next((d / p for d in CONFIGS_DIRS if (d / p).exists()), p)
     for candidate in (p, p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json"):
         if candidate.is_file():
             return candidate
