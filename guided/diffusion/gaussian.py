@@ -159,11 +159,7 @@ def _quadratic_steps(num_timesteps: int, text: str) -> list[int]:
     if not 2 <= want <= num_timesteps:
         raise GuidedError(f"respacing {text!r}: quadN needs 2 <= N <= {num_timesteps}")
     steps = [round((i / (want - 1)) ** 2 * (num_timesteps - 1)) for i in range(want)]
-    for i in range(1, want):  # keep them distinct where the parabola is flat
-        steps[i] = max(steps[i], steps[i - 1] + 1)
-    for i in range(want - 2, -1, -1):
-        steps[i] = min(steps[i], steps[i + 1] - 1)
-    return steps
+    return _distinct(steps, num_timesteps)  # kept distinct where the parabola is flat
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
