@@ -236,7 +236,7 @@ def test_a_grey_model_on_the_page():
         driver = web.chromium()
         driver.get(f"http://127.0.0.1:{port}/")
         web.wait_for(driver, lambda d: d.find_elements("id", "generate"))
-        assert web.generate(driver).startswith("3 samples, class 1, none guidance")
+        assert web.generate(driver).startswith("3 samples, class 1, no guidance, ddpm 10 steps")
         samples, steps = web.image(driver, "samples"), web.image(driver, "previews")
         assert samples.size == (3 * 80, 80) and steps.size == ((len(PREVIEW_AT) + 1) * 80, 3 * 80)
         for im in (samples, steps):  # grey: every pixel's channels are equal
