@@ -8,12 +8,19 @@ import numpy as np
 PILOT_SEED = 100000
 
 
+def sampler_label(row: dict) -> str:
+    """The sampler's name with its settings (--sampler-arg), e.g. 'dpm++2m-sde threshold=static'."""
+    def value(v):
+        return ",".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else v
+    return " ".join([row["sampler"], *(f"{k}={value(v)}" for k, v in sorted(row.get("extra", {}).items()))])
+
+
 def confirmed(rows: list[dict]) -> dict:
-    """(method, sampler, steps, scale) -> its rows on the confirming seeds."""
+    """(method, sampler label, steps, scale) -> its rows on the confirming seeds."""
     out = defaultdict(list)
     for r in rows:
         if r["seed"] != PILOT_SEED:
-            out[(r["method"], r["sampler"], r["steps"], r["scale"])].append(r)
+            out[(r["method"], sampler_label(r), r["steps"], r["scale"])].append(r)
     return out
 
 

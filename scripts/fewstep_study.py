@@ -33,6 +33,7 @@ from guided.evaluation.evaluate import evaluate  # noqa: E402
 from guided.evaluation.features import get_extractor  # noqa: E402
 from guided.evaluation.reference_batch import build_reference, write_reference  # noqa: E402
 from guided.generation import SampleOptions, generate, load_pipeline, sample_batch  # noqa: E402
+from guided.generation.options import BY_TERM  # noqa: E402
 from guided.samplers.registry import SAMPLERS  # noqa: E402
 
 RESULTS = ROOT / "docs" / "fewstep_study.jsonl"
@@ -87,9 +88,21 @@ def append_row(row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def options(method: str, sampler: str, steps: str, scale: float) -> SampleOptions:
-    field = METHOD[method][1]
-    return SampleOptions(sampler=sampler, steps=steps, clip_guided=SAMPLERS[sampler].clips(), **{field: scale})
+def options(method: str, sampler: str, steps: str, scale: float, extra: dict | None = None) -> SampleOptions:
+    """The options of one point; extra's "interval" (lo, hi) is the method's guidance interval, the rest
+    are sampler settings (--sampler-arg)."""
+    extra = dict(extra or {})
+    method_ = BY_TERM[method]
+    fields = {method_.scale: scale}
+    if "interval" in extra:
+        fields[method_.interval] = tuple(extra.pop("interval"))
+    return SampleOptions(sampler=sampler, steps=steps, clip_guided=SAMPLERS[sampler].clips(), extra=extra, **fields)
+
+
+def label(sampler: str, extra: dict) -> str:
+    """The sampler's name with its --sampler-arg settings, e.g. 'dpm++2m-sde threshold=static'."""
+    return " ".join([sampler, *(f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, list) else v}"
+                                for k, v in sorted(extra.items()))])
 
 
 def count_evaluations(p, opts: SampleOptions) -> tuple[float, float]:
@@ -124,14 +137,18 @@ class Study:
         return self.pipelines[model]
 
     def done(self, key: dict) -> bool:
-        return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
+        key = {"extra": {}, **key}
+        return any(all(r.get(k, {} if k == "extra" else None) == v for k, v in key.items()) for r in self.rows)
 
-    def run_point(self, method, sampler, steps, scale, seed, n) -> dict:
+    def run_point(self, method, sampler, steps, scale, seed, n, extra=None) -> dict:
+        extra = dict(extra or {})
         key = dict(method=method, sampler=sampler, steps=steps, scale=scale, seed=seed, num_samples=n)
+        key.update({"extra": extra} if extra else {})
         model = METHOD[method][0]
-        p, opts = self.pipeline(model), options(method, sampler, steps, scale)
-        folder = OUT / model / method / f"{sampler}_{steps}" / f"scale_{scale:g}" / f"seed_{seed}"
-        cfg = (method, sampler, steps, scale)
+        p, opts = self.pipeline(model), options(method, sampler, steps, scale, extra)
+        name = label(sampler, extra).replace(" ", "_")
+        folder = OUT / model / method / f"{name}_{steps}" / f"scale_{scale:g}" / f"seed_{seed}"
+        cfg = (method, label(sampler, extra), steps, scale)
         if cfg not in self.counts:
             self.counts[cfg] = count_evaluations(p, opts)
         timing = {}
@@ -200,19 +217,44 @@ def run(args) -> None:
             study.run_point(method, sampler, steps, scale, seed, n)
 
 
+def run_points(args) -> None:
+    """--point: one configuration on the given seeds, skipping those already in the results."""
+    method, sampler, steps, scale = args.point
+    extra = dict(kv.split("=", 1) for kv in args.sampler_arg)
+    extra = {k: (v if k == "threshold" else float(v)) for k, v in extra.items()}
+    if args.interval:
+        extra["interval"] = list(args.interval)
+    study = Study(args)
+    for seed in args.seeds:
+        n = args.pilot_samples if seed == PILOT_SEED else args.samples
+        key = dict(method=method, sampler=sampler, steps=steps, scale=float(scale), seed=seed, num_samples=n)
+        if not study.done({**key, "extra": extra}):
+            study.run_point(method, sampler, steps, float(scale), seed, n, extra)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=500, help="samples per confirming seed")
     p.add_argument("--pilot-samples", type=int, default=100, help="samples per pilot point (scale choice)")
     p.add_argument("--budget-min", type=float, default=600.0, help="start no point after this many minutes")
     p.add_argument("--report", action="store_true", help="print the table and draw the plot of the rows so far")
+    p.add_argument("--point", nargs=4, metavar=("METHOD", "SAMPLER", "STEPS", "SCALE"),
+                   help="draw this one configuration (beside the plan) on --seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the seeds of --point")
+    p.add_argument("--sampler-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampler setting of --point (as sample_guided.py's), repeatable")
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="--point's guidance acts only for sigma in [LO, HI] (the method's interval)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.report:
         from fewstep_report import report
         report(load_rows(), ROOT / "docs" / "fewstep_pareto.png")
         return 0
-    run(args)
+    if args.point:
+        run_points(args)
+    else:
+        run(args)
     return 0
 
 
