@@ -102,7 +102,7 @@ def scales(args):
         n = args.num_samples or {"uncond": 200, "cond": 100}[m]
         done = all((OUT / f"scales_{m}" / f"scale_{s}" / "samples.npz").exists() for s in SCALES.split(","))
         if not done:
-            sh(f"python sample_guided.py --model {m} --scales {SCALES} --num-samples {n} --device cpu "
+            sh(f"python sample_guided.py --model {m} --sampler ddpm --scales {SCALES} --num-samples {n} --device cpu "
                f"--out sweeps/figures/scales_{m}")
     rows = {}
     for m in ("uncond", "cond"):
@@ -133,9 +133,9 @@ SAMPLER_RUNS = [  # (name, CLI arguments); ddpm reuses the `scales` runs (same s
     ("ddim", "--model uncond --scale 4 --sampler ddim"),
     ("dpm++", "--model uncond --scale 4 --sampler dpm++ --steps quad25"),
     ("pc", "--model uncond --scale 4 --sampler pc"),
-    ("cond ddpm", "--model cond --scale 0"),
-    ("cond cfg 2", "--model cond --scale 0 --cfg-scale 2"),
-    ("cond cfg 2 + clf 2", "--model cond --scale 2 --cfg-scale 2"),
+    ("cond ddpm", "--model cond --scale 0 --sampler ddpm"),
+    ("cond cfg 2", "--model cond --scale 0 --cfg-scale 2 --sampler ddpm"),
+    ("cond cfg 2 + clf 2", "--model cond --scale 2 --cfg-scale 2 --sampler ddpm"),
     ("ode", "--model uncond --scale 4 --sampler ode"),  # adaptive RK45 over the whole batch: slow, see ODE_SAMPLES
     ("langevin + ncsn classifier", "--model ncsn --sampler langevin --scale 2"),
 ]

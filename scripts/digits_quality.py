@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     for name, cli in RUNS.items():
         out = OUT / "".join(c if c.isalnum() else "_" for c in name)
         if not (out / "samples.npz").exists():
-            cmd = f"{sys.executable} sample_guided.py {cli} --num-samples {args.num_samples} --seed 1 --out {out}"
+            cmd = f"{sys.executable} sample_guided.py {cli}{'' if '--sampler' in cli else ' --sampler ddpm'} --num-samples {args.num_samples} --seed 1 --out {out}"
             print("$", cmd, flush=True)
             subprocess.run(shlex.split(cmd), cwd=ROOT, check=True)
         with np.load(out / "samples.npz") as f:

@@ -49,6 +49,31 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> str:
+    """Per guidance method, the issue's two targets against DDPM 250: the lowest mean FD at <= 20 and at
+    <= 10 score-model evaluations among configurations of at least 3 seeds whose mean judge accuracy is
+    at least the reference's (FD within 1.15x and 1.5x of the reference's wanted)."""
+    groups = {k: summary(v) for k, v in confirmed(rows).items()}
+    lines = ["| method | evaluations | target | best configuration | FD / DDPM 250 | judge accuracy (reference) | met |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (method, sampler, steps, scale), ref in groups.items():
+        if sampler != "ddpm" or steps != "250":
+            continue
+        for nfe, bound in ((20, 1.15), (10, 1.5)):
+            ok = [(k, g) for k, g in groups.items() if k[0] == method and k[1:3] != ("ddpm", "250")
+                  and g["score"] <= nfe and g["seeds"] >= 3 and g["acc"] >= ref["acc"] - 1e-9]
+            if not ok:
+                lines.append(f"| {method} | <= {nfe} | {bound}x | none of 3 seeds at the reference's accuracy | | "
+                             f"({ref['acc']:.1%}) | no |")
+                continue
+            (_, name, st, sc), g = min(ok, key=lambda kg: kg[1]["fd"])
+            ratio = g["fd"] / ref["fd"]
+            lines.append(f"| {method} | <= {nfe} | {bound}x | {name} {st}, scale {sc:g} ({g['seeds']} seeds) | "
+                         f"{g['fd']:.2f} / {ref['fd']:.2f} = {ratio:.2f}x | {g['acc']:.2%} ({ref['acc']:.2%}) | "
+                         f"{'yes' if ratio <= bound else 'no'} |")
+    return "\n".join(lines)
+
+
 def pareto(rows: list[dict], path) -> None:
     """FD against score-model evaluations, one line per sampler (its best configuration at each count)."""
     import matplotlib
@@ -78,6 +103,7 @@ def pareto(rows: list[dict], path) -> None:
 
 
 def report(rows: list[dict], path) -> None:
+    print(targets(rows) + "\n")
     print(table(rows))
     pareto(rows, path)
     print(f"wrote {path}")

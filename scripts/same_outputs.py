@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-S = "sample_guided.py --num-samples 3 --batch-size 3"
+S = "sample_guided.py --num-samples 3 --batch-size 3 --sampler ddpm"  # the paper's sampler, as before the few-step default
 SAMPLING = {
     "ddpm cond": f"{S} --class 3 --scale 4",
     "ddpm uncond": f"{S} --model uncond --class 7 --scale 10",

@@ -260,3 +260,19 @@ def test_the_status_line_says_what_ran():
     assert "ode 50" not in describe(np.array([3]), SampleOptions(sampler="ode", steps="50"))
     text = " ".join(build_parser().format_help().split())
     assert "(default: 50; the ode and langevin" in text and "default: 100" not in text
+
+
+def test_the_page_starts_on_the_samplers_of_sample_guided():
+    """The shipped models start on their few-step default (dpm++2m-sde, karras20), as sample_guided.py
+    does asked for no --sampler or --steps; any other model, or a --steps given, on ddpm (50 steps)."""
+    from guided.cli.demo import start
+
+    def started(*argv):
+        args = build_parser().parse_args(list(argv))
+        start(args)
+        return args.sampler, args.steps
+
+    assert started() == ("dpm++2m-sde", "karras20")
+    assert started("--steps", "10") == ("ddpm", "10")
+    assert started("--model", "runs/mine") == ("ddpm", "50")
+    assert started("--sampler", "ddim") == ("ddim", "50")

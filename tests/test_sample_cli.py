@@ -159,8 +159,44 @@ def test_help_shows_the_defaults(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("guidance scale s (0 = none) (default: 1 where the model has a noise-aware classifier and no other guidance method is named, else 0)", "(default: 100; the ode and langevin",
-                  "(default: out)", "how many samples to draw (default: 100)", "(default: ddpm)"):
+                  "(default: out)", "how many samples to draw (default: 100)",
+                  "(default: ddpm; for the shipped cond and uncond models asked for no --steps either, dpm++2m-sde on "
+                  "karras20)"):
         assert shown in text, shown
+
+
+def test_the_shipped_models_default_to_the_few_step_sampler(tmp_path, capsys):
+    """Asked for neither --sampler nor --steps, the shipped models sample with DPM-Solver++(2M) SDE on
+    karras20, statically thresholded (README "Guided sampling in few steps"): the same images as
+    naming those settings; naming --steps, another model or an init image keeps the paper's ddpm."""
+    from guided.cli.options import options, resolve_sampler
+    from guided.cli.sample import build_parser
+
+    def resolved(*argv):
+        args = build_parser().parse_args(list(argv))
+        resolve_sampler(args)
+        opts = options(args, 1.0)
+        return opts.sampler, opts.steps, opts.extra
+
+    assert resolved("--model", "uncond") == ("dpm++2m-sde", "karras20", {"threshold": "static"})
+    assert resolved("--model", "cond", "--steps", "50") == ("ddpm", "50", {})
+    assert resolved("--model", "uncond", "--sampler", "edm", "--steps", "karras10") == \
+        ("edm", "karras10", {"threshold": "static"})
+    assert resolved("--model", "uncond", "--sampler", "dpm++2m-sde", "--sampler-arg", "threshold=dynamic") == \
+        ("dpm++2m-sde", "100", {"threshold": "dynamic"})
+    assert resolved("--model", "ncsn", "--sampler", "langevin")[0] == "langevin"
+    assert resolved("--model", "uncond", "--init-image", "x.png")[0] == "ddpm"
+    assert resolved("--model", str(tmp_path / "run"))[:2] == ("ddpm", "100")  # not shipped: the paper's sampler
+
+    base = ("--model", "uncond", "--class", 4, "--scale", 2.5, "--num-samples", 3, "--seed", 7, "--grid", 0)
+    assert run(capsys, *base, "--out", tmp_path / "default")[0] == 0
+    assert run(capsys, *base, "--sampler", "dpm++2m-sde", "--steps", "karras20", "--sampler-arg", "threshold=static",
+               "--out", tmp_path / "named")[0] == 0
+    with np.load(tmp_path / "default" / "samples.npz") as a, np.load(tmp_path / "named" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    settings = json.loads((tmp_path / "default" / "settings.json").read_text())["options"]
+    assert (settings["sampler"], settings["steps"], settings["extra"]) == ("dpm++2m-sde", "karras20",
+                                                                            {"threshold": "static"})
 
 
 def test_grid_size_is_an_option(tmp_path, capsys):

@@ -27,7 +27,7 @@ import numpy as np
 
 from guided.cli import Parser, run_cli
 from guided.cli.options import (ADAPTIVE, _number, add_guidance_args, add_model_args, add_sampler_args, options,
-                                pipeline_keywords, resolve_scale)
+                                pipeline_keywords, resolve_sampler, resolve_scale)
 from guided.errors import GuidedError
 from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
 from guided.generation import to_uint8
@@ -57,9 +57,10 @@ def build_parser() -> Parser:
         if action.dest == "batch_size":
             action.help = argparse.SUPPRESS
         if action.dest == "steps":
-            action.help = "the page's starting respacing: a count, section counts (10,15,20), ddimN or quadN " \
-                          "(default: 50; the ode and langevin samplers choose their own)"
-    p.set_defaults(num_samples=10, steps="50")
+            action.help = "the page's starting respacing: a count, section counts (10,15,20), ddimN, quadN or " \
+                          "karrasN (default: 50; the ode and langevin samplers choose their own; karras20 for the " \
+                          "shipped cond and uncond models, which start on dpm++2m-sde)"
+    p.set_defaults(num_samples=10)
     w = p.add_argument_group("server")
     w.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     w.add_argument("--port", type=_number(int, 1), default=7860)
@@ -84,6 +85,8 @@ def start(args) -> tuple[str, float]:
     """The page's starting method and scale, by sample_guided.py's rule (options.resolve_scale): --method,
     else the method whose scale is given, else the classifier where the model has one, else none; the
     scale as given, else the method's METHODS.start."""
+    resolve_sampler(args)
+    args.steps = args.steps or "50"
     resolve_scale(args)
     named = [m for m in GUIDANCE if getattr(args, m.scale) != m.off]
     method = args.method or (named[0].demo if named else "none")
@@ -271,9 +274,9 @@ def generate_fields(gr, p: Pipeline, args) -> list:
     """The Generate tab's inputs: class, method, scale, sampler, steps, samples, seed."""
     names = class_choices(p)
     kind = p.score_model.kind
+    first_method, first_scale = start(args)
     start_sampler = args.sampler if kind in SAMPLERS[args.sampler].kinds else DEFAULT[kind]
     first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
-    first_method, first_scale = start(args)
     return [gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
                         interactive=bool(names),
                         info="a name, an index, or a comma list" if names else "this model has no classes"),
@@ -281,7 +284,7 @@ def generate_fields(gr, p: Pipeline, args) -> list:
             gr.Number(first_scale, label="guidance scale", elem_id="scale"),
             gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler", elem_id="sampler"),
             gr.Textbox(args.steps, label="steps", elem_id="steps",
-                       info="a count (50), section counts (10,15,20), ddimN or quadN"),
+                       info="a count (50), section counts (10,15,20), ddimN, quadN or karrasN"),
             gr.Number(args.num_samples, label="samples", precision=0, elem_id="num-samples"),
             gr.Number(args.seed, label="seed", precision=0, elem_id="seed")]
 

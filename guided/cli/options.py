@@ -77,12 +77,15 @@ def add_model_args(p):
 
 def add_sampler_args(p):
     s = p.add_argument_group("sampler")
-    s.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="the reverse-process solver")
+    s.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
+                   help="the reverse-process solver (default: ddpm; for the shipped cond and uncond models asked for "
+                        "no --steps either, dpm++2m-sde on karras20)")
     s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN, quadN, on the "
                                                  "noise level karrasN (EDM's rho = 7) or logsnrN (uniform in log-SNR), "
                                                  "or leadingN / trailingN / linspaceN (diffusers' spacings; a diffusers "
                                                  "model's count takes its scheduler's) (default: 100; the ode and "
-                                                 "langevin samplers choose their own)")
+                                                 "langevin samplers choose their own; karras20 with the shipped "
+                                                 "models' default sampler)")
     s.add_argument("--sampler-arg", action="append", default=None, metavar="KEY=VALUE",
                    help="a setting of the few-step samplers (dpm++2m-sde, dpm++3m, edm): threshold=dynamic|static|"
                         "none, percentile, eta, churn, s_noise, s_tmin, s_tmax; repeat for more")
@@ -169,6 +172,20 @@ def resolve_scale(args) -> float:
     return args.scale
 
 
+def resolve_sampler(args) -> str:
+    """The one rule for --sampler's default, shared by sample_guided.py, the sweep and the demo: a shipped
+    model with a few-step default (SHIPPED_MODELS "sampler", "steps"), asked for neither --sampler nor
+    --steps and not editing an image, samples with it; every other run with the paper's ddpm. Sets
+    args.sampler (and then args.steps) and returns the sampler."""
+    if args.sampler is None:
+        shipped = SHIPPED_MODELS.get(args.model, {})
+        if "sampler" in shipped and args.steps is None and not getattr(args, "init_image", None):
+            args.sampler, args.steps = shipped["sampler"], shipped["steps"]
+        else:
+            args.sampler = "ddpm"
+    return args.sampler
+
+
 def classifier_in_use(args) -> bool:
     """Whether the noise-aware classifier guides at some scale of the run, or was named on the command line."""
     return args.classifier is not None or any(s > 0 for s in getattr(args, "scales", None) or [args.scale])
@@ -201,7 +218,11 @@ def sampler_settings(args, sampler: str) -> dict:
     pairs = [g.split("=", 1) for g in given]
     if any(len(p) != 2 for p in pairs):
         raise GuidedError(f"--sampler-arg takes KEY=VALUE, not {next(g for g in given if '=' not in g)!r}")
-    return fewstep_settings({k.strip(): v.strip() for k, v in pairs})
+    typed = fewstep_settings({k.strip(): v.strip() for k, v in pairs})
+    shipped = SHIPPED_MODELS.get(args.model, {}).get("threshold")
+    if sampler in FEWSTEP and shipped and "threshold" not in typed:
+        typed["threshold"] = shipped
+    return typed
 
 
 def clip_guided(args, sampler: str) -> bool:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from guided.cli import Parser, run_cli
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args,
-                                classifier_in_use, guide_settings, options, pipeline_keywords, resolve_scale)
+                                classifier_in_use, guide_settings, options, pipeline_keywords, resolve_sampler,
+                                resolve_scale)
 from guided.generation import generate, load_pipeline
 from guided.generation.loading import parse_classes, sdedit_request
 from guided.generation.runtime import processes
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
+    resolve_sampler(args)
     resolve_scale(args)
     for scale in args.scales or [args.scale]:
         options(args, scale)  # contradictory sampler options are refused before any loading

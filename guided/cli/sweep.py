@@ -30,7 +30,7 @@ import torch
 from guided.cli import Parser, run_cli
 from guided.cli.evaluation_options import add_feature_options
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
-                                interval, options, pipeline_keywords, resolve_scale)
+                                interval, options, pipeline_keywords, resolve_sampler, resolve_scale)
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import METRICS, NpzImages, evaluate
 from guided.evaluation.features import get_extractor
@@ -310,6 +310,9 @@ def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, r
 def sweep(args) -> dict:
     param, values = swept(args)
     spec = SWEEPABLE[param]
+    if param in ("steps", "eta") and args.sampler is None:  # a swept sampler option keeps the paper's sampler
+        args.sampler = "ddpm"
+    resolve_sampler(args)
     base_scale(args, param)
     if args.reference != "digits":  # a missing, empty or foreign reference is refused before any sampling
         if not Path(args.reference).exists():
