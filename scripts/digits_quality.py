@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "sweeps" / "quality"
 RUNS = {  # name -> sample_guided.py arguments
-    "cond, scale 4 (the README's first command)": "--model cond --scale 4",
+    "cond, scale 4 (the README's first command, on ddpm)": "--model cond --scale 4",
     "cond, scale 0": "--model cond --scale 0",
     "uncond, scale 0": "--model uncond --scale 0",
     "uncond, scale 10": "--model uncond --scale 10",
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     for name, cli in RUNS.items():
         out = OUT / "".join(c if c.isalnum() else "_" for c in name)
         if not (out / "samples.npz").exists():
-            cmd = f"{sys.executable} sample_guided.py {cli}{'' if '--sampler' in cli else ' --sampler ddpm'} --num-samples {args.num_samples} --seed 1 --out {out}"
+            ddpm = "" if "--sampler" in cli else " --sampler ddpm"  # the paper's sampler unless named
+            cmd = f"{sys.executable} sample_guided.py {cli}{ddpm} --num-samples {args.num_samples} --seed 1 --out {out}"
             print("$", cmd, flush=True)
             subprocess.run(shlex.split(cmd), cwd=ROOT, check=True)
         with np.load(out / "samples.npz") as f:

@@ -173,10 +173,10 @@ class Study:
                and r["steps"] == "250"]
         return float(np.mean(acc)) if acc else 0.95
 
-    def best_scale(self, method, sampler, steps) -> float:
+    def best_scale(self, method, sampler, steps, extra=None) -> float:
         """The pilot scale of lowest FD at >= the reference's accuracy (else the most accurate one)."""
         pilot = [r for r in self.rows if (r["method"], r["sampler"], r["steps"]) == (method, sampler, steps)
-                 and r["seed"] == PILOT_SEED]
+                 and r["seed"] == PILOT_SEED and r.get("extra", {}) == (extra or {})]
         ok = [r for r in pilot if r["judge_accuracy"] >= self.reference_accuracy(method) - 1e-9]
         pick = min(ok, key=lambda r: r["fd"]) if ok else max(pilot, key=lambda r: r["judge_accuracy"])
         return pick["scale"]
@@ -225,6 +225,12 @@ def run_points(args) -> None:
     if args.interval:
         extra["interval"] = list(args.interval)
     study = Study(args)
+    if scale == "best":  # the plan's rule: the method's grid on the pilot seed, then the best scale confirmed
+        for s in args.grid or METHOD[method][2]:
+            if not study.done(dict(method=method, sampler=sampler, steps=steps, scale=s, seed=PILOT_SEED,
+                                   num_samples=args.pilot_samples, extra=extra)):
+                study.run_point(method, sampler, steps, s, PILOT_SEED, args.pilot_samples, extra)
+        scale = study.best_scale(method, sampler, steps, extra)
     for seed in args.seeds:
         n = args.pilot_samples if seed == PILOT_SEED else args.samples
         key = dict(method=method, sampler=sampler, steps=steps, scale=float(scale), seed=seed, num_samples=n)
@@ -239,8 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget-min", type=float, default=600.0, help="start no point after this many minutes")
     p.add_argument("--report", action="store_true", help="print the table and draw the plot of the rows so far")
     p.add_argument("--point", nargs=4, metavar=("METHOD", "SAMPLER", "STEPS", "SCALE"),
-                   help="draw this one configuration (beside the plan) on --seeds")
+                   help="draw this one configuration (beside the plan) on --seeds; SCALE 'best' picks it on the pilot seed")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the seeds of --point")
+    p.add_argument("--grid", type=float, nargs="+", help="the pilot scales of --point ... best (default: the method's)")
     p.add_argument("--sampler-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler setting of --point (as sample_guided.py's), repeatable")
     p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
