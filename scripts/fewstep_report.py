@@ -101,7 +101,10 @@ def pareto(rows: list[dict], path) -> None:
         ax.axhspan(ref["fd"], 1.15 * ref["fd"], color="k", alpha=0.08, label="within 1.15x")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ticks = sorted({x for points in best.values() for x in points})
+    ticks = []
+    for x in sorted({x for points in best.values() for x in points}, reverse=True):  # no overlapping labels
+        if not ticks or x < 0.9 * ticks[-1]:
+            ticks.append(x)
     ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.minorticks_off()
     ax.set_yticks([2, 3, 5, 10, 20, 50], ["2", "3", "5", "10", "20", "50"])
