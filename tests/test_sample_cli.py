@@ -296,6 +296,7 @@ README_GUIDANCE = {
     "python sample_guided.py --model uncond --class 7 --scale 10": {"classifier"},
     "python sample_guided.py --model uncond --scales 0,1,2,4,10 --out sweep/": {"classifier"},  # but at scale 0
     "python sample_guided.py --cfg-scale 2": {"cfg"},
+    "python sample_guided.py --class 3 --scale 2 --sampler ddpm --steps 250": {"classifier"},
     "python sample_guided.py --sampler dpm++ --steps quad25": {"classifier"},
     "python sample_guided.py --sampler dpm++3m --steps karras20": {"classifier"},
     "python sample_guided.py --model uncond --init-image docs/strokes/stroke_7.png --t0 0.6 --class 7 --scale 4":
