@@ -69,6 +69,24 @@ def _child_main(target: str, argv: list[str], log: str, env: dict) -> None:
     os._exit(code or 0)
 
 
+def sample_held(argv: list[str]) -> int:
+    """sample_guided.py's main, holding its folder's lock before the first batch until the file named by
+    GUIDED_TEST_RELEASE exists (60 s at most): a second run is then sure to meet the lock, whatever the
+    machine's speed."""
+    import guided.generation.writer as writer
+    from guided.cli.sample import main
+
+    release, draw = Path(os.environ["GUIDED_TEST_RELEASE"]), writer.sample_batch
+
+    def held(*args, **kw):
+        deadline = time.time() + 60
+        while not release.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        return draw(*args, **kw)
+    writer.sample_batch = held
+    return main(argv)
+
+
 class Child:
     """main(argv) of `target` ("module:function") in a forked process, output appended to `log`."""
 

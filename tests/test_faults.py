@@ -363,9 +363,12 @@ def test_a_killed_sampling_run_resumes_and_reclaims_its_lock(tmp_path, reference
 def test_two_runs_cannot_share_an_output_folder(tmp_path, capsys, reference_samples):
     out = tmp_path / "out"
     argv = SAMPLE_ARGS + ["--batch-size", "2", "--out", str(out), "--device", "cpu"]
-    first = Child("guided.cli.sample:main", argv, tmp_path / "first.log", CHILD_ENV)
+    release = tmp_path / "release"  # the first run holds the lock until the second has been refused
+    first = Child("fault_harness:sample_held", argv, tmp_path / "first.log",
+                  {**CHILD_ENV, "GUIDED_TEST_RELEASE": str(release)})
     wait_for(lambda: (out / ".lock").exists(), timeout=60, poll=0.001)
     code = sample_main(argv)
+    release.touch()
     line = one_error_line(capsys.readouterr().err)
     assert first.wait(120) == 0, first.output()
     assert code == 2 and line == (f"error: {out} is in use by another run (pid {first.pid}); wait for it or "
