@@ -34,7 +34,11 @@ from guided.evaluation.features import get_extractor  # noqa: E402
 from guided.evaluation.reference_batch import build_reference, write_reference  # noqa: E402
 from guided.generation import SampleOptions, generate, load_pipeline, sample_batch  # noqa: E402
 from guided.generation.options import BY_TERM  # noqa: E402
+from guided.samplers.fewstep import settings as fewstep_settings  # noqa: E402
 from guided.samplers.registry import SAMPLERS  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from fewstep_report import report, sampler_label  # noqa: E402
 
 RESULTS = ROOT / "docs" / "fewstep_study.jsonl"
 OUT = ROOT / "sweeps" / "fewstep"
@@ -99,12 +103,6 @@ def options(method: str, sampler: str, steps: str, scale: float, extra: dict | N
     return SampleOptions(sampler=sampler, steps=steps, clip_guided=SAMPLERS[sampler].clips(), extra=extra, **fields)
 
 
-def label(sampler: str, extra: dict) -> str:
-    """The sampler's name with its --sampler-arg settings, e.g. 'dpm++2m-sde threshold=static'."""
-    return " ".join([sampler, *(f"{k}={','.join(f'{x:g}' for x in v) if isinstance(v, list) else v}"
-                                for k, v in sorted(extra.items()))])
-
-
 def count_evaluations(p, opts: SampleOptions) -> tuple[float, float]:
     """(score-model, classifier) network evaluations per sample, counted on a 2-sample probe."""
     rows = {"score": 0, "classifier": 0}
@@ -146,9 +144,9 @@ class Study:
         key.update({"extra": extra} if extra else {})
         model = METHOD[method][0]
         p, opts = self.pipeline(model), options(method, sampler, steps, scale, extra)
-        name = label(sampler, extra).replace(" ", "_")
-        folder = OUT / model / method / f"{name}_{steps}" / f"scale_{scale:g}" / f"seed_{seed}"
-        cfg = (method, label(sampler, extra), steps, scale)
+        name = sampler_label({"sampler": sampler, "extra": extra})
+        folder = OUT / model / method / f"{name.replace(' ', '_')}_{steps}" / f"scale_{scale:g}" / f"seed_{seed}"
+        cfg = (method, name, steps, scale)
         if cfg not in self.counts:
             self.counts[cfg] = count_evaluations(p, opts)
         timing = {}
@@ -220,8 +218,7 @@ def run(args) -> None:
 def run_points(args) -> None:
     """--point: one configuration on the given seeds, skipping those already in the results."""
     method, sampler, steps, scale = args.point
-    extra = dict(kv.split("=", 1) for kv in args.sampler_arg)
-    extra = {k: (v if k == "threshold" else float(v)) for k, v in extra.items()}
+    extra = fewstep_settings(dict(kv.split("=", 1) for kv in args.sampler_arg))
     if args.interval:
         extra["interval"] = list(args.interval)
     study = Study(args)
@@ -255,7 +252,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.report:
-        from fewstep_report import report
         report(load_rows(), ROOT / "docs" / "fewstep_pareto.png")
         return 0
     if args.point:
