@@ -74,6 +74,31 @@ def targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def grid(rows: list[dict], configs: list[tuple]) -> str:
+    """The wide grid at a glance: per sampler (with its settings) and schedule, at each evaluation count,
+    the confirmed configuration's mean FD, its accuracy and scale; configs are (sampler label, schedule,
+    evaluation count, steps). A cell is `-` until 3 seeds are drawn; * marks accuracy below the reference's."""
+    groups = {k: summary(v) for k, v in confirmed(rows).items() if k[0] == "classifier"}
+    ref = next((g for k, g in groups.items() if k[1:3] == ("ddpm", "250")), None)
+    counts = sorted({c[2] for c in configs})
+    cells = defaultdict(dict)
+    for name, schedule, nfe, steps in configs:
+        ok = [(k[3], g) for k, g in groups.items() if k[1:3] == (name, steps) and g["seeds"] >= 3]
+        if not ok:
+            cells[(name, schedule)][nfe] = "-"
+            continue
+        at_ref = [kg for kg in ok if ref is None or kg[1]["acc"] >= ref["acc"] - 1e-9]
+        scale, g = min(at_ref, key=lambda kg: kg[1]["fd"]) if at_ref else max(ok, key=lambda kg: kg[1]["acc"])
+        mark = "" if at_ref else "*"
+        evals = "" if g["score"] == nfe else f" ({g['score']:g})"
+        cells[(name, schedule)][nfe] = f"{g['fd']:.1f}{evals} · {g['acc']:.1%}{mark} · s{scale:g}"
+    lines = ["| sampler | schedule | " + " | ".join(f"{n}" for n in counts) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in counts) + " |"]
+    for (name, schedule), row in cells.items():
+        lines.append(f"| {name} | {schedule} | " + " | ".join(row.get(n, "") for n in counts) + " |")
+    return "\n".join(lines)
+
+
 def pareto(rows: list[dict], path) -> None:
     """FD against score-model evaluations of classifier guidance, one line per sampler: at each count its
     configuration (schedule, scale, settings) of lowest mean FD among those at or above the reference's
@@ -116,8 +141,18 @@ def pareto(rows: list[dict], path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def report(rows: list[dict], path) -> None:
-    print(targets(rows) + "\n")
-    print(table(rows))
-    pareto(rows, path)
-    print(f"wrote {path}")
+def report(rows: list[dict], png, configs: list[tuple], md) -> None:
+    """Print the targets and the wide grid; write them with the full table to md and the plot to png."""
+    parts = [targets(rows), grid(rows, configs), table(rows)]
+    print(parts[0] + "\n\n" + parts[1])
+    md.write_text("# The few-step study's tables\n\n"
+                  "Written by `OMP_NUM_THREADS=1 python scripts/fewstep_study.py --report` from docs/fewstep_study.jsonl "
+                  "(README, \"Guided sampling in few steps\").\n\n"
+                  "## The issue's targets\n\n" + parts[0] + "\n\n"
+                  "## The wide grid\n\nClassifier guidance (uncond + classifier). Each cell: mean FD over 3+ seeds "
+                  "(the evaluations in brackets where they differ from the column's), judge accuracy (* below the "
+                  "reference's), scale; `-` not drawn yet.\n\n" + parts[1] + "\n\n"
+                  "## Every configuration drawn\n\nEach confirmed scale of each configuration, sorted by method, "
+                  "evaluations and FD.\n\n" + parts[2] + "\n")
+    pareto(rows, png)
+    print(f"wrote {md} and {png}")

@@ -1,13 +1,16 @@
 """The few-step study of README "Guided sampling in few steps": sampler x schedule x steps against DDPM 250.
 
     OMP_NUM_THREADS=1 python scripts/fewstep_study.py [--pilot-samples 100] [--samples 500] [--budget-min 600]
-    OMP_NUM_THREADS=1 python scripts/fewstep_study.py --report      # the table and docs/fewstep_pareto.png
+    OMP_NUM_THREADS=1 python scripts/fewstep_study.py --report      # docs/fewstep_study.md and docs/fewstep_pareto.png
+    OMP_NUM_THREADS=1 python scripts/fewstep_study.py --shard 1/2   # a second process on the other half of the plan
 
 Each configuration (model, guidance method, sampler, respacing) is first drawn on one pilot seed
 (100000 + i, disjoint from the rest) at every scale of its grid; the scale of lowest judge-space FD
 among those at or above the reference's judge accuracy is then confirmed on seeds 0, 500 and 1000
 (500 samples each: disjoint). Points run in a fixed order of priority (the 20- and 10-evaluation
-points first, the reference's other seeds, then the wider grid), each appended to
+points first, the reference's other seeds, then the wide grid: every few-step sampler with the shipped
+models' static clip, and the older DPM-Solver++(2M), on karras, logsnr and quad spacings at 8-50
+evaluations, piloted at scales 1.5, 2.25, 3 and 4), each appended to
 docs/fewstep_study.jsonl as it finishes, so a rerun resumes and a stopped run keeps every point.
 Per point: FD in the digits judge's features against 1,000 class-balanced training digits (as
 `guided.cli.sweep --features digits`), judge accuracy, score-model and classifier evaluations per
@@ -58,28 +61,44 @@ def steps_for(sampler: str, schedule: str, nfe: int) -> str:
     return f"{schedule}{n}" if schedule else str(n)
 
 
+WIDE_GRID = (1.5, 2.25, 3.0, 4.0)  # the wide grid's pilot scales (the static clip moves the best up from 2)
+WIDE_COUNTS = (20, 10, 8, 12, 16, 25, 50)  # evaluation counts of the wide grid, in the order they run
+STATIC = {"threshold": "static"}  # the shipped models' clip for the few-step samplers (dpm++ always clips)
+
+
 def plan() -> list[tuple]:
-    """(priority class, method, sampler, steps) configurations in the order they run."""
+    """(priority class, method, sampler, steps, sampler settings) configurations in the order they run."""
     out = []
     for nfe in (20, 10):
         for sampler in ("dpm++3m", "dpm++2m-sde", "edm"):
-            out.append(("core", "classifier", sampler, steps_for(sampler, "karras", nfe)))
-    out.append(("ref", "classifier", "ddpm", "250"))
+            out.append(("core", "classifier", sampler, steps_for(sampler, "karras", nfe), {}))
+    out.append(("ref", "classifier", "ddpm", "250", {}))
     for method in ("cfg", "autoguide"):
-        out += [("ref", method, "ddpm", "250"), ("core", method, "dpm++3m", "karras20"),
-                ("core", method, "dpm++3m", "karras10")]
-    for nfe in (20, 10, 8, 12, 16, 25, 50):
-        for sampler in ("dpm++3m", "dpm++2m-sde", "edm", "dpm++"):
+        out += [("ref", method, "ddpm", "250", {}), ("core", method, "dpm++3m", "karras20", {}),
+                ("core", method, "dpm++3m", "karras10", {})]
+    for nfe in WIDE_COUNTS:
+        for sampler in ("dpm++2m-sde", "edm", "dpm++3m", "dpm++"):
             for schedule in ("karras", "logsnr", "quad"):
-                if sampler == "dpm++" and schedule != "quad" and nfe not in (10, 20):
-                    continue
-                out.append(("wide", "classifier", sampler, steps_for(sampler, schedule, nfe)))
+                extra = {} if sampler == "dpm++" else STATIC
+                out.append(("wide", "classifier", sampler, steps_for(sampler, schedule, nfe), extra))
     seen, ordered = set(), []
     for c in out:
-        if c[1:] not in seen:
-            seen.add(c[1:])
+        key = (*c[1:4], tuple(sorted(c[4].items())))
+        if key not in seen:
+            seen.add(key)
             ordered.append(c)
     return ordered
+
+
+def wide_configs() -> list[tuple]:
+    """The plan's wide grid as (sampler label, schedule, evaluation count, steps), for the report."""
+    out = []
+    for kind, _, sampler, steps, extra in plan():
+        if kind == "wide":
+            schedule = steps.rstrip("0123456789")
+            nfe = next(n for n in WIDE_COUNTS if steps_for(sampler, schedule, n) == steps)
+            out.append((sampler_label({"sampler": sampler, "extra": extra}), schedule, nfe, steps))
+    return out
 
 
 def load_rows() -> list[dict]:
@@ -182,37 +201,39 @@ class Study:
 
 def tasks(study: Study):
     """Points in order of priority: each configuration's pilot, then its first confirming seed; the
-    other confirming seeds after every core configuration has one."""
+    other confirming seeds after every core configuration has one. --shard i/n takes every n-th
+    configuration from the i-th, so n processes share the plan."""
     a = study.args
-    configs = plan()
+    index, count = (int(v) for v in a.shard.split("/"))
+    configs = [c for i, c in enumerate(plan()) if i % count == index]
     for stage in ("core", "seeds", "wide"):
-        for kind, method, sampler, steps in configs:
-            if stage == "core" and kind == "wide" or stage == "wide" and kind != "wide":
+        for kind, method, sampler, steps, extra in configs:
+            if (kind == "wide") != (stage == "wide"):
                 continue
             ref = kind == "ref"
-            grid = (REFERENCE[method],) if ref else METHOD[method][2]
+            grid = (REFERENCE[method],) if ref else WIDE_GRID if kind == "wide" else METHOD[method][2]
             if stage != "seeds" and not ref:
                 for scale in grid:
-                    yield (method, sampler, steps, scale, PILOT_SEED, a.pilot_samples)
+                    yield (method, sampler, steps, scale, PILOT_SEED, a.pilot_samples, extra)
             seeds = SEEDS[1:] if stage == "seeds" else SEEDS[:1]
             if stage == "wide":
                 seeds = SEEDS
             for seed in seeds:
                 scale = REFERENCE[method] if ref else None
-                yield (method, sampler, steps, scale, seed, a.samples)
+                yield (method, sampler, steps, scale, seed, a.samples, extra)
 
 
 def run(args) -> None:
     study = Study(args)
     deadline = time.time() + 60 * args.budget_min
-    for method, sampler, steps, scale, seed, n in tasks(study):
+    for method, sampler, steps, scale, seed, n, extra in tasks(study):
         if time.time() > deadline:
             print("budget spent; rerun to continue", flush=True)
             return
-        scale = study.best_scale(method, sampler, steps) if scale is None else scale
-        key = dict(method=method, sampler=sampler, steps=steps, scale=scale, seed=seed, num_samples=n)
+        scale = study.best_scale(method, sampler, steps, extra) if scale is None else scale
+        key = dict(method=method, sampler=sampler, steps=steps, scale=scale, seed=seed, num_samples=n, extra=extra)
         if not study.done(key):
-            study.run_point(method, sampler, steps, scale, seed, n)
+            study.run_point(method, sampler, steps, scale, seed, n, extra)
 
 
 def run_points(args) -> None:
@@ -240,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=500, help="samples per confirming seed")
     p.add_argument("--pilot-samples", type=int, default=100, help="samples per pilot point (scale choice)")
     p.add_argument("--budget-min", type=float, default=600.0, help="start no point after this many minutes")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run every N-th configuration of the plan from the I-th (N processes share it)")
     p.add_argument("--report", action="store_true", help="print the table and draw the plot of the rows so far")
     p.add_argument("--point", nargs=4, metavar=("METHOD", "SAMPLER", "STEPS", "SCALE"),
                    help="draw this one configuration (beside the plan) on --seeds; SCALE 'best' picks it on the pilot seed")
@@ -252,7 +275,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.report:
-        report(load_rows(), ROOT / "docs" / "fewstep_pareto.png")
+        report(load_rows(), ROOT / "docs" / "fewstep_pareto.png", wide_configs(), ROOT / "docs" / "fewstep_study.md")
         return 0
     if args.point:
         run_points(args)
