@@ -41,14 +41,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, (self.format_usage() if self._bare else "") + f"error: {message} (see --help)\n")
 
 
+def error_line(text: str) -> None:
+    """Print `error: text` in one write: processes launched together share one stderr, and
+    print's two writes (text, then newline) let their lines interleave."""
+    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
+
+
 def run_cli(fn, *args) -> int:
     try:
         with sigterm_raises():
             return fn(*args) or 0
     except GuidedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error_line(str(e))
         return 2
     except (Stopped, KeyboardInterrupt) as e:
         code, line = stop_status(e)
-        print(f"error: {line}", file=sys.stderr)
+        error_line(line)
         return code

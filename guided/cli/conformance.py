@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from guided.cli import Parser
+from guided.cli import Parser, error_line
 from guided.errors import GuidedError
 from guided.evaluation.conformance import check_file, format_table
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     except GuidedError as e:  # the rows checked so far, then the one line
         if rows:
             print(format_table(rows))
-        print(f"error: {e}", file=sys.stderr)
+        error_line(str(e))
         return 2
     print(format_table(rows))
     bad = [r for r in rows if not r.ok]
