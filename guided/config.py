@@ -197,12 +197,26 @@ def saved_config(text: str) -> DictConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """A model's own sampling defaults, read after loading (guided.generation.resolve): what a run of
+    it uses where the request names nothing. Empty (None) = the sampler registry's defaults."""
+    sampler: Optional[str] = None  # with `steps`, when the request names neither sampler nor steps
+    steps: Optional[str] = None
+    clip: Optional[str] = None  # static | dynamic | none (guided.diffusion.space.CLIPS)
+    clip_guided: bool = False  # also clip the guided x0 where the paper's code does not
+    classifier: Optional[str] = None  # the noise-aware classifier that guides it by default
+    autoguide: Optional[str] = None  # autoguidance's weaker model
+    x0_classifier: Optional[str] = None  # a classifier of clean images
+
+
+@dataclass
 class RunConfig:
     model: UNetConfig = field(default_factory=UNetConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def structured(schema=RunConfig) -> DictConfig:

@@ -48,6 +48,13 @@ SAMPLING = {
     "ddpm score": f"{S} --model uncond --class 7 --scale 4 --ddpm-form score",
     "random classes": "sample_guided.py --num-samples 5 --batch-size 2 --class-sampling random --steps 20 --scale 2",
     "bf16": f"{S} --precision bf16 --steps 20 --class 9 --scale 3",
+    "default": "sample_guided.py --num-samples 3 --batch-size 3 --class 3 --scale 2",
+    "dpm++2m-sde logsnr": "sample_guided.py --num-samples 3 --sampler dpm++2m-sde --steps logsnr10 --class 5 "
+                          "--scale 2 --sampler-arg threshold=dynamic",
+    "dpm++3m": "sample_guided.py --num-samples 3 --sampler dpm++3m --steps karras10 --class 2 --cfg-scale 2 --scale 0",
+    "edm": "sample_guided.py --num-samples 3 --sampler edm --steps karras8 --class 6 --autoguide-scale 2",
+    "fewstep sdedit": "sample_guided.py --num-samples 2 --sampler dpm++2m-sde --steps 20 --model uncond "
+                      "--init-image docs/strokes/stroke_7.png --t0 0.5 --class 7 --scale 2",
 }
 SWEEP = ("{sweep} --model uncond --scales 0,2 --num-samples 4 --sampler dpm++ --steps quad10 --features digits "
          "--class 3")

@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from guided.cli import Parser, run_cli
-from guided.cli.options import (ADAPTIVE, _number, add_guidance_args, add_model_args, add_sampler_args, options,
-                                pipeline_keywords, resolve_sampler, resolve_scale)
+from guided.cli.options import _number, add_guidance_args, add_model_args, add_sampler_args, options, pipeline_keywords
 from guided.errors import GuidedError
 from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
 from guided.generation import to_uint8
 from guided.generation.loading import parse_classes
 from guided.generation.options import METHODS as GUIDANCE
 from guided.generation.runtime import check_device, default_device
-from guided.samplers.registry import DEFAULT, SAMPLERS, sampler_for
+from guided.generation.resolve import check_guidance, resolve
+from guided.samplers.registry import SAMPLERS, sampler_for
 
 # The guidance methods of the page (guided.generation.options.METHODS): name -> the SampleOptions fields it
 # sets from the page's scale. The page lists those the pipeline has the networks for.
@@ -74,26 +74,26 @@ def available_methods(p: Pipeline) -> list[str]:
     names = []
     for name, sets in METHODS.items():
         try:
-            check_labels(p, [], replace(SampleOptions(), **sets(2.0)))
+            check_guidance(p, replace(SampleOptions(), **sets(2.0)))
         except GuidedError:
             continue
         names.append(name)
     return names
 
 
-def start(args) -> tuple[str, float]:
-    """The page's starting method and scale, by sample_guided.py's rule (options.resolve_scale): --method,
-    else the method whose scale is given, else the classifier where the model has one, else none; the
-    scale as given, else the method's METHODS.start."""
-    resolve_sampler(args)
-    args.steps = args.steps or "50"
-    resolve_scale(args)
-    named = [m for m in GUIDANCE if getattr(args, m.scale) != m.off]
+def start(args, p: Pipeline) -> tuple[str, float, str, str]:
+    """The page's starting method, scale, sampler and steps, by sample_guided.py's rule (resolved once against
+    the loaded pipeline: guided.generation.resolve): --method, else the method whose scale is given, else the
+    classifier where the model has one, else none; the scale as given, else the method's METHODS.start;
+    the model's own sampler and steps, else the registry's for its kind with 50 steps."""
+    opts = resolve(p, options(args, args.scale))
+    own = args.sampler is None and args.steps is None and p.defaults.steps  # the model's own sampler and steps
+    steps = opts.steps if args.steps or own or not SAMPLERS[opts.sampler].fixed_steps else "50"
+    named = [m for m in GUIDANCE if getattr(opts, m.scale) != m.off]
     method = args.method or (named[0].demo if named else "none")
     m = next((m for m in GUIDANCE if m.demo == method), None)
-    if m is None:
-        return method, 0.0
-    return method, getattr(args, m.scale) if getattr(args, m.scale) != m.off else m.start
+    scale = 0.0 if m is None else getattr(opts, m.scale) if getattr(opts, m.scale) != m.off else m.start
+    return method, scale, opts.sampler, steps
 
 
 def class_choices(p: Pipeline) -> list[str]:
@@ -116,12 +116,13 @@ def request(p: Pipeline, args, class_text, method, scale, sampler, steps, num_sa
         raise GuidedError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
     if scale is None or not math.isfinite(scale) or scale < 0:
         raise GuidedError(f"the guidance scale must be a number of 0 or more, got {scale}")
-    spec = sampler_for(sampler, p.score_model)  # an unknown one, or one the model cannot serve: one line
+    spec = sampler_for(sampler, p.score_model.kind)  # an unknown one, or one the model cannot serve: one line
     n = _whole(num_samples, "the number of samples", 1, MAX_SAMPLES)
     seed = _whole(seed, "the seed", 0)
     classes = parse_classes(str(class_text or "").strip() or None, p)  # empty: every class
-    steps = None if spec.adaptive else str(steps).strip()  # ode and langevin choose their own
+    steps = None if not spec.fixed_steps else str(steps).strip()  # ode and langevin choose their own
     opts = replace(options(args, 0.0, sampler=sampler, steps=steps), **{**OFF, **METHODS[method](float(scale))})
+    opts = resolve(p, opts)  # the policy, once, as sample_guided.py
     labels = plan_labels(classes, n)
     check_labels(p, [y for y in labels if y >= 0], opts)
     return labels, seed + np.arange(n), opts
@@ -190,7 +191,7 @@ def describe(labels, opts: SampleOptions) -> str:
     asked = list(dict.fromkeys(int(y) for y in labels if y >= 0))
     what = ("class " if len(asked) == 1 else "classes ") + ", ".join(map(str, asked)) if asked else "unconditional"
     on = [f"{m.demo} guidance at scale {getattr(opts, m.scale):g}" for m in GUIDANCE if getattr(opts, m.scale) != m.off]
-    steps = f"{opts.sampler} ({ADAPTIVE[opts.sampler]})" if opts.sampler in ADAPTIVE else \
+    steps = f"{opts.sampler} ({SAMPLERS[opts.sampler].adaptive})" if not SAMPLERS[opts.sampler].fixed_steps else \
         f"{opts.sampler} {opts.steps} steps"
     return f"{what}, {' + '.join(on) or 'no guidance'}, {steps}"
 
@@ -273,9 +274,7 @@ def on_sweep(folder):
 def generate_fields(gr, p: Pipeline, args) -> list:
     """The Generate tab's inputs: class, method, scale, sampler, steps, samples, seed."""
     names = class_choices(p)
-    kind = p.score_model.kind
-    first_method, first_scale = start(args)
-    start_sampler = args.sampler if kind in SAMPLERS[args.sampler].kinds else DEFAULT[kind]
+    first_method, first_scale, start_sampler, first_steps = start(args, p)
     first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
     return [gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
                         interactive=bool(names),
@@ -283,7 +282,7 @@ def generate_fields(gr, p: Pipeline, args) -> list:
             gr.Radio(available_methods(p), value=first_method, label="guidance method", elem_id="method"),
             gr.Number(first_scale, label="guidance scale", elem_id="scale"),
             gr.Dropdown(list(SAMPLER_NAMES), value=start_sampler, label="sampler", elem_id="sampler"),
-            gr.Textbox(args.steps, label="steps", elem_id="steps",
+            gr.Textbox(first_steps, label="steps", elem_id="steps",
                        info="a count (50), section counts (10,15,20), ddimN, quadN or karrasN"),
             gr.Number(args.num_samples, label="samples", precision=0, elem_id="num-samples"),
             gr.Number(args.seed, label="seed", precision=0, elem_id="seed")]

@@ -9,12 +9,12 @@ import argparse
 import math
 from dataclasses import fields
 
+from guided.diffusion.space import CLIPS
 from guided.errors import GuidedError
-from guided.generation.loading import SHIPPED_MODELS, classifier_spec, guide_spec
 from guided.generation.options import METHODS, SampleOptions
+from guided.generation.resolve import CLASSIFIER_DEFAULT
 from guided.guidance.terms import SCHEDULES
-from guided.samplers.fewstep import FUNCTIONS as FEWSTEP, settings as fewstep_settings
-from guided.samplers.registry import SAMPLERS, clip_guided_samplers
+from guided.samplers.registry import SAMPLERS
 
 LOADER_HELP = {
     "autoguide": "autoguidance's weaker model: 'weak' / 'early' (shipped) or a run dir or checkpoint with the main "
@@ -78,8 +78,9 @@ def add_model_args(p):
 def add_sampler_args(p):
     s = p.add_argument_group("sampler")
     s.add_argument("--sampler", choices=tuple(SAMPLERS), default=None,
-                   help="the reverse-process solver (default: ddpm; for the shipped cond and uncond models asked for "
-                        "no --steps either, dpm++2m-sde on karras20)")
+                   help="the reverse-process solver (default: the model's own, set in its config's sampling node: "
+                        "dpm++2m-sde on karras20 for the shipped cond and uncond models asked for no --steps either; "
+                        "else ddpm for eps models, langevin for NCSN models)")
     s.add_argument("--steps", default=None, help="respacing: a count, section counts (10,15,20), ddimN, quadN, on the "
                                                  "noise level karrasN (EDM's rho = 7) or logsnrN (uniform in log-SNR), "
                                                  "or leadingN / trailingN / linspaceN (diffusers' spacings; a diffusers "
@@ -87,10 +88,18 @@ def add_sampler_args(p):
                                                  "langevin samplers choose their own; karras20 with the shipped "
                                                  "models' default sampler)")
     s.add_argument("--sampler-arg", action="append", default=None, metavar="KEY=VALUE",
-                   help="a setting of the few-step samplers (dpm++2m-sde, dpm++3m, edm): threshold=dynamic|static|"
-                        "none, percentile, eta, churn, s_noise, s_tmin, s_tmax; repeat for more")
-    s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM noise (0 = deterministic)")
-    s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction to [-1, 1]")
+                   help="a setting the sampler declares (eta of ddim and dpm++2m-sde; churn, s_noise, s_tmin, s_tmax "
+                        "of edm; predictor, corrector, snr, n_corrector of pc; rtol, atol of ode; n_steps_each, step_lr "
+                        "of langevin); repeat for more. threshold=KIND and percentile=P are --clip and "
+                        "--clip-percentile")
+    s.add_argument("--eta", type=_number(float, 0.0), default=None,
+                   help="the sampler's noise: DDIM's eta (default 0), DPM-Solver++(2M) SDE's (default 1)")
+    s.add_argument("--clip", choices=CLIPS, default=None,
+                   help="x0 clipping, where the data has a range: static (clamp), dynamic (Saharia et al.'s "
+                        "threshold) or none (default: the model's, else static; dynamic for the few-step samplers)")
+    s.add_argument("--clip-percentile", dest="percentile", type=_number(float, 0.0, low_open=True), default=0.995,
+                   help="the dynamic threshold's quantile of |x0|, a share in (0, 1] (default: 0.995)")
+    s.add_argument("--no-clip", action="store_true", help="do not clip the x0 prediction (= --clip none)")
     s.add_argument("--clip-guided", action=argparse.BooleanOptionalAction, default=None,
                    help="also clip x0 where the paper's code does not: the guided x0 of ddim and dpm++, the x0 "
                         "behind the eps of pc and ode (default: on for the shipped cond and uncond models, off "
@@ -123,7 +132,6 @@ def interval(text):
 interval.__name__ = "noise-level interval LO,HI (0 <= LO <= HI, HI may be inf)"
 
 
-CLASSIFIER_DEFAULT = 1.0  # --scale when nothing else is asked and the model has a noise-aware classifier
 SCALE_HELP = (f" (default: {CLASSIFIER_DEFAULT:g} where the model has a noise-aware classifier and no other guidance "
               "method is named, else 0)")
 
@@ -131,7 +139,7 @@ SCALE_HELP = (f" (default: {CLASSIFIER_DEFAULT:g} where the model has a noise-aw
 def add_guidance_args(p):
     """The guidance layer's terms (guided/guidance), one set of flags per METHODS entry: its scale, its
     sigma interval, its schedule and temperature where it has them, the network it loads. --scale's
-    default is resolved after parsing by `resolve_scale` (the same rule in every program)."""
+    default is decided after loading by guided.generation.resolve (the same rule in every program)."""
     g = p.add_argument_group("guidance (terms compose: their corrections add up; README 'Guidance')")
     for m in METHODS:
         default = None if m.term == "classifier" else m.off
@@ -151,92 +159,46 @@ def add_guidance_args(p):
             g.add_argument("--" + m.loader.replace("_", "-"), default=None, help=LOADER_HELP[m.loader])
     g.add_argument("--no-calibration", action="store_true",
                    help="ignore the classifier's fitted temperatures (default: use them when it has them)")
-    g.add_argument("--ddpm-form", choices=("mean", "score"), default="mean",
+    g.add_argument("--ddpm-form", choices=("mean", "score"), default=None,
                    help="DDPM: the paper's mean shift (Algorithm 1) or the score correction (default: mean)")
     return g
 
 
-def named_methods(args) -> list:
-    """The guidance methods other than the noise-aware classifier that the command line turns on."""
-    return [m for m in METHODS if m.term != "classifier" and getattr(args, m.scale) != m.off]
-
-
-def resolve_scale(args) -> float:
-    """The one rule for --scale's default, shared by sample_guided.py, the sweep and the demo: a user who
-    names a guidance method gets that method alone unless they ask for more (--scale 0 when another
-    method is named), and a model without a noise-aware classifier samples unguided; otherwise the
-    model's classifier guides at CLASSIFIER_DEFAULT. Sets and returns args.scale."""
-    if args.scale is None:
-        has_classifier = classifier_spec(args.model, args.classifier) != "none"
-        args.scale = CLASSIFIER_DEFAULT if has_classifier and not named_methods(args) else 0.0
-    return args.scale
-
-
-def resolve_sampler(args) -> str:
-    """The one rule for --sampler's default, shared by sample_guided.py, the sweep and the demo: a shipped
-    model with a few-step default (SHIPPED_MODELS "sampler", "steps"), asked for neither --sampler nor
-    --steps and not editing an image, samples with it; every other run with the paper's ddpm. Sets
-    args.sampler (and then args.steps) and returns the sampler."""
-    if args.sampler is None:
-        shipped = SHIPPED_MODELS.get(args.model, {})
-        if "sampler" in shipped and args.steps is None and not getattr(args, "init_image", None):
-            args.sampler, args.steps = shipped["sampler"], shipped["steps"]
-        else:
-            args.sampler = "ddpm"
-    return args.sampler
-
-
-def classifier_in_use(args) -> bool:
-    """Whether the noise-aware classifier guides at some scale of the run, or was named on the command line."""
-    return args.classifier is not None or any(s > 0 for s in getattr(args, "scales", None) or [args.scale])
-
-
-ADAPTIVE = {name: s.adaptive for name, s in SAMPLERS.items() if s.adaptive}
-
-
 def options(args, scale, **override) -> SampleOptions:
-    """The SampleOptions of parsed sampling options, with the classifier scale `scale`; `override` may
-    replace the parsed `sampler` and `steps` (the demo page's fields)."""
-    sampler, given = override.get("sampler", args.sampler), override.get("steps", args.steps)
-    steps = given or "100"
-    if sampler in ADAPTIVE and not getattr(args, "init_image", None):  # SDEdit runs its own steps
-        if given is not None:
-            raise GuidedError(f"--sampler {sampler} chooses its own steps ({ADAPTIVE[sampler]}); "
-                              f"drop --steps {given}, or pick ddpm, ddim, dpm++ or pc for a fixed count")
-        steps = ADAPTIVE[sampler]
+    """The request of parsed sampling options, with the classifier scale `scale` (None: decided after
+    loading); what was not asked stays None and is decided once, after loading, by
+    guided.generation.resolve.resolve. `override` may replace the parsed `sampler` and `steps` (the demo's
+    fields). Pipeline-independent contradictions are refused here, before anything is loaded."""
+    sampler, steps = override.get("sampler", args.sampler), override.get("steps", args.steps)
     parsed = {f.name: getattr(args, f.name) for f in fields(SampleOptions) if hasattr(args, f.name)}
-    return SampleOptions(**{**parsed, "sampler": sampler, "steps": steps, "scale": scale,
-                            "clip_denoised": not args.no_clip, "clip_guided": clip_guided(args, sampler),
-                            "calibration": not args.no_calibration, "extra": sampler_settings(args, sampler)})
+    given = sampler_settings(args)
+    clip = "none" if args.no_clip else args.clip
+    if args.no_clip and args.clip not in (None, "none"):
+        raise GuidedError(f"--no-clip is --clip none; it cannot go with --clip {args.clip}")
+    clip, percentile = given.pop("threshold", clip), float(given.pop("percentile", args.percentile))
+    if clip not in (None, *CLIPS):
+        raise GuidedError(f"threshold must be one of {', '.join(CLIPS)}, not {clip!r}")
+    opts = SampleOptions(**{**parsed, "sampler": sampler, "steps": steps, "scale": scale, "clip": clip,
+                            "percentile": percentile, "calibration": not args.no_calibration, "settings": given})
+    if sampler is not None:  # a setting the named sampler does not take is refused before loading
+        SAMPLERS[sampler].typed(given)
+    return opts
 
 
-def sampler_settings(args, sampler: str) -> dict:
-    """--sampler-arg KEY=VALUE ... as SampleOptions.extra, for the few-step samplers only."""
+def sampler_settings(args) -> dict:
+    """--sampler-arg KEY=VALUE ..., --eta and --ddpm-form as the sampler's settings (typed after loading)."""
     given = getattr(args, "sampler_arg", None) or []
-    if given and sampler not in FEWSTEP:
-        raise GuidedError(f"--sampler-arg is for the few-step samplers ({', '.join(FEWSTEP)}), not {sampler}")
     pairs = [g.split("=", 1) for g in given]
     if any(len(p) != 2 for p in pairs):
         raise GuidedError(f"--sampler-arg takes KEY=VALUE, not {next(g for g in given if '=' not in g)!r}")
-    typed = fewstep_settings({k.strip(): v.strip() for k, v in pairs})
-    shipped = SHIPPED_MODELS.get(args.model, {}).get("threshold")
-    if sampler in FEWSTEP and shipped and "threshold" not in typed:
-        typed["threshold"] = shipped
-    return typed
-
-
-def clip_guided(args, sampler: str) -> bool:
-    """--clip-guided as given, else the shipped model's default; off (the paper's arithmetic) for
-    every model not in SHIPPED_MODELS and for the samplers it does not change."""
-    changed, applies = clip_guided_samplers(), SAMPLERS[sampler].clips(getattr(args, "ddpm_form", "mean"))
-    if args.clip_guided is None:
-        default = SHIPPED_MODELS.get(args.model, {}).get("clip_guided", False)
-        return default and applies and not args.no_clip
-    if args.clip_guided and args.no_clip:
-        raise GuidedError("--clip-guided clips x0 to [-1, 1]; it cannot go with --no-clip")
-    if args.clip_guided and not applies:
-        raise GuidedError(f"--clip-guided does not change the {sampler} sampler; it applies to {', '.join(changed)}")
-    return args.clip_guided
+    out = {k.strip(): v.strip() for k, v in pairs}
+    for flag, key in (("eta", "eta"), ("ddpm_form", "ddpm_form")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if key in out:
+                raise GuidedError(f"--{flag.replace('_', '-')} and --sampler-arg {key}= say the same thing: give one")
+            out[key] = value
+    return out
 
 
 def guides(args, optional=()) -> dict:
@@ -254,8 +216,11 @@ def pipeline_keywords(args, device, optional=()) -> dict:
                 compile=args.compile, cuda_graphs=args.cuda_graphs, **guides(args, optional))
 
 
-def guide_settings(args) -> dict:
-    """The classifier, autoguidance and x0-classifier networks used, for settings.json."""
-    return {"classifier": classifier_spec(args.model, args.classifier),
-            **{m.loader: guide_spec(args.model, m.loader, getattr(args, m.loader)) if getattr(args, m.scale) != m.off
-               else None for m in METHODS if m.loader}}
+def guide_settings(args, pipeline, opts: SampleOptions) -> dict:
+    """The classifier, autoguidance and x0-classifier networks that guide (resolved options), for settings.json."""
+    named = {"classifier": pipeline.classifier_name if opts.scale else "none"}
+    for m in METHODS:
+        if m.loader:
+            on = getattr(opts, m.scale) != m.off
+            named[m.loader] = (getattr(args, m.loader) or getattr(pipeline.defaults, m.loader)) if on else None
+    return named

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from guided.cli import Parser, run_cli
-from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args,
-                                classifier_in_use, guide_settings, options, pipeline_keywords, resolve_sampler,
-                                resolve_scale)
+from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
+                                options, pipeline_keywords)
 from guided.generation import generate, load_pipeline
 from guided.generation.loading import parse_classes, sdedit_request
+from guided.generation.resolve import resolve
 from guided.generation.runtime import processes
 
 
@@ -48,27 +48,23 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    resolve_sampler(args)
-    resolve_scale(args)
-    for scale in args.scales or [args.scale]:
+    scales = args.scales or [args.scale]
+    for scale in scales:
         options(args, scale)  # contradictory sampler options are refused before any loading
     device, rank, world, barrier = processes(args.device)
     if rank == 0:
         print(f"sampling on {world} process{'es' if world > 1 else ''}, device {device}", flush=True)
-    keywords = pipeline_keywords(args, device)
-    if not classifier_in_use(args):  # no classifier term: none is loaded or recorded
-        keywords["classifier"] = "none"
-    pipeline = load_pipeline(**keywords)
+    pipeline = load_pipeline(**pipeline_keywords(args, device))
     classes = parse_classes(args.classes, pipeline)
     init = sdedit_request(pipeline, args.init_image, args.t0, args.mask)
-    used = guide_settings(args)
-    used["classifier"] = keywords["classifier"] or used["classifier"]
-    settings = {"model": args.model, "classifier": used.pop("classifier"), "device": device, **used,
+    runs = [resolve(pipeline, options(args, scale), editing=init is not None) for scale in scales]  # the policy, once
+    used = guide_settings(args, pipeline, max(runs, key=lambda o: o.scale))
+    settings = {"model": args.model, "device": device, **used, "scheduler": args.scheduler,
                 "init_image": args.init_image, "t0": args.t0 if args.init_image else None, "mask": args.mask}
-    for scale in args.scales or [args.scale]:
+    for scale, opts in zip(scales, runs):
         out = Path(args.out) / f"scale_{scale:g}" if args.scales else Path(args.out)
         path = generate(pipeline, out, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size,
-                        seed=args.seed, opts=options(args, scale), device=device, overwrite=args.overwrite,
+                        seed=args.seed, opts=opts, device=device, overwrite=args.overwrite,
                         save_pngs=args.png, init=init, rank=rank, world_size=world, barrier=barrier,
                         settings=settings, grid=args.grid, class_sampling=args.class_sampling)
         if rank == 0:

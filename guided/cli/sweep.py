@@ -30,7 +30,7 @@ import torch
 from guided.cli import Parser, run_cli
 from guided.cli.evaluation_options import add_feature_options
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
-                                interval, options, pipeline_keywords, resolve_sampler, resolve_scale)
+                                interval, options, pipeline_keywords)
 from guided.errors import GuidedError
 from guided.evaluation.evaluate import METRICS, NpzImages, evaluate
 from guided.evaluation.features import get_extractor
@@ -39,6 +39,7 @@ from guided.evaluation.plots import label, plot_sweep
 from guided.generation import SampleOptions, generate, load_pipeline
 from guided.generation.loading import parse_classes
 from guided.generation.options import METHODS
+from guided.generation.resolve import resolve
 from guided.generation.runtime import processes
 from guided.generation.writer import write_output
 
@@ -71,7 +72,8 @@ SWEEPABLE = {  # every guidance method's scale, interval (and temperature), from
        for m in METHODS},
     **{m.temperature: Sweepable(m.temperature, _number(float, 0.0, low_open=True), f"{m.demo} temperature")
        for m in METHODS if m.temperature},
-    "eta": Sweepable("eta", _number(float, 0.0), "DDIM noise"),
+    "eta": Sweepable("eta", _number(float, 0.0), "the sampler's noise (ddim, dpm++2m-sde)",
+                     apply=lambda o, v: dataclasses.replace(o, settings={**o.settings, "eta": v})),
     "steps": Sweepable("steps", _steps, "respacing, one count or ddimN / quadN per value"),
 }
 
@@ -81,13 +83,13 @@ def swept_network(param: str) -> tuple:
     return tuple(m.loader for m in METHODS if m.loader and param in (m.scale, m.interval, m.temperature))
 
 
-def base_scale(args, param: str) -> float:
-    """--scale of every point: as given, else sample_guided.py's rule (options.resolve_scale), with a
+def base_scale(args, param: str) -> Optional[float]:
+    """--scale of every point: as given, else sample_guided.py's rule (guided.generation.resolve), with a
     swept guidance method other than the classifier counting as named (it runs alone)."""
     if args.scale is None and any(m.term != "classifier" and param in (m.scale, m.interval, m.temperature)
                                   for m in METHODS):
         args.scale = 0.0
-    return resolve_scale(args)
+    return args.scale
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -146,10 +148,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
+def sweep_settings(args, param: str, pipeline, classes, features: str, base) -> dict:
     """Everything that changes the numbers of a sweep; not the values, seeds, batch size or device."""
-    opts = dataclasses.asdict(options(args, args.scale))
+    opts = dataclasses.asdict(base)
     opts.pop(SWEEPABLE[param].field, None)
+    opts["settings"].pop(param, None)
     if args.reference == "digits":
         size = pipeline.shape()[1]  # samples are written RGB (a grey model's as three equal channels)
         reference = dict(DIGITS_REFERENCE, image_size=size, channels=3)
@@ -160,7 +163,8 @@ def sweep_settings(args, param: str, pipeline, classes, features: str) -> dict:
             "adm_flags": args.adm_flags, "classifier_flags": args.classifier_flags, "classes": classes,
             **({"scheduler": args.scheduler} if args.scheduler else {}),
             "class_sampling": args.class_sampling, "num_samples": args.num_samples, "seed": args.seed,
-            **{k: v for k, v in guide_settings(args).items() if k != "classifier"}, "autoguide_weights": weights_digest(pipeline.weak_model),
+            **{k: v for k, v in guide_settings(args, pipeline, base).items() if k != "classifier"},
+            "autoguide_weights": weights_digest(pipeline.weak_model),
             "x0_classifier_weights": weights_digest(pipeline.x0_classifier),
             "options": opts, "reference": reference, "features": features}
 
@@ -291,7 +295,7 @@ def reference_file(args, out: Path, settings: dict) -> Path:
 
 def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, rank, world, barrier) -> Path:
     npz, record = point / "samples.npz", point / "settings.json"
-    opts = spec.options(options(args, args.scale), value)
+    opts = resolve(pipeline, spec.options(options(args, args.scale), value))
     if npz.exists() and record.exists():  # sampled before an interruption: it must be this point's
         expected = {"seed": seed, "num_samples": args.num_samples, "options": dataclasses.asdict(opts)}
         found = json.loads(record.read_text())
@@ -310,10 +314,12 @@ def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, r
 def sweep(args) -> dict:
     param, values = swept(args)
     spec = SWEEPABLE[param]
-    if param in ("steps", "eta") and args.sampler is None:  # a swept sampler option keeps the paper's sampler
+    if param == "steps" and args.sampler is None:  # a swept sampler option keeps the paper's sampler
         args.sampler = "ddpm"
-    resolve_sampler(args)
+    if param == "eta" and args.sampler is None:  # eta is DDIM's
+        args.sampler = "ddim"
     base_scale(args, param)
+    options(args, args.scale)  # contradictory sampler options are refused before any loading
     if args.reference != "digits":  # a missing, empty or foreign reference is refused before any sampling
         if not Path(args.reference).exists():
             raise GuidedError(f"reference batch {args.reference} does not exist")
@@ -324,7 +330,8 @@ def sweep(args) -> dict:
     pipeline = load_pipeline(**pipeline_keywords(args, device, optional=swept_network(param)))
     classes = parse_classes(args.classes, pipeline)
     features = args.features or ("digits" if args.reference == "digits" else "inception")
-    settings = sweep_settings(args, param, pipeline, classes, features)
+    base = resolve(pipeline, options(args, args.scale))  # the policy, once: every point's options derive from it
+    settings = sweep_settings(args, param, pipeline, classes, features, base)
     claim(out, settings, args.overwrite, write=rank == 0)
     if barrier:
         barrier()

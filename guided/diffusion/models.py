@@ -9,10 +9,16 @@ As k-diffusion's `DiscreteEpsDDPMDenoiser` adapts an eps model on discrete times
 - `sde` and `model_time(t)`: the continuous process the score samplers run on, and its clock;
 - `process(steps)`: the respaced discrete process of the paper's samplers (eps models only),
   built once per respacing; the learned variance travels in the network's output channels;
-- `score(model_fn)`, `denoiser(model_fn)`, `prior(noise)`: score, x0 estimate and x_T.
+- `score(model_fn)`, `denoiser(model_fn)`, `prior(noise)`: score, x0 estimate and x_T;
+- `space`: the data space its samples live in (guided.diffusion.space: pixels in [-1, 1] here), where
+  x0 may be clipped and how the sampler's output becomes images;
+- on a discrete VP chain, its levels: `timestep(sigma)` (the nearest original timestep), `level(t)`
+  (its sigma) and `network_time(t)` (what the networks see at an original timestep).
+The guided denoiser every sampler receives wraps one of these (guided/guidance/denoiser.py).
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Callable, Optional
 
@@ -20,7 +26,8 @@ import torch
 
 from guided.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from guided.diffusion.ladder import Ladder
-from guided.diffusion.sde import DiscreteVPSDE, expand_as
+from guided.diffusion.sde import DiscreteVPSDE, expand_as, lerp_table
+from guided.diffusion.space import PIXELS, DataSpace
 from guided.errors import GuidedError
 from guided.speed import DeviceCopies
 
@@ -32,6 +39,7 @@ class ScoreModel:
 
     kind = "eps"
     learned_variance = False
+    space: DataSpace = PIXELS
 
     def sigma_of(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -68,6 +76,20 @@ class EpsModel(ScoreModel):
         sig = ((1 - self.base.alphas_cumprod) / self.base.alphas_cumprod).sqrt()
         self.sigma_range = (float(sig[0]), float(sig[-1]))
         self.process = lru_cache(maxsize=8)(self._process)
+        abar = self.base.alphas_cumprod.to(torch.float64)
+        self.log_sigmas = 0.5 * torch.log((1 - abar) / abar)  # of every original timestep, float64
+
+    def timestep(self, sigma: float) -> int:
+        """The original timestep of nearest log sigma."""
+        return int((self.log_sigmas - math.log(sigma)).abs().argmin())
+
+    def level(self, t: int) -> float:
+        """sigma = sqrt((1 - abar_t) / abar_t) of original timestep t."""
+        return math.exp(float(self.log_sigmas[t]))
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the networks see at original timesteps t (rescaled to 1000 steps where the config says)."""
+        return self.base.model_t(t)
 
     def _process(self, steps: str) -> GaussianDiffusion:
         return create_diffusion(self.cfg, str(steps))
@@ -95,10 +117,7 @@ def vp_sigma(alphas_cumprod) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def sigma_of(t):
         table = on_device(log_abar, t.device)  # copied over once, not in every step
-        tf = t.float().clamp(0, len(table) - 1)
-        lo = tf.floor().long()
-        hi = (lo + 1).clamp(max=len(table) - 1)
-        return torch.expm1(-torch.lerp(table[lo], table[hi], tf - lo)).clamp(min=0).sqrt()
+        return torch.expm1(-lerp_table(table, t)).clamp(min=0).sqrt()
     return sigma_of
 
 

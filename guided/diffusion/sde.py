@@ -27,6 +27,16 @@ def expand_as(v, x):
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def lerp_table(table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """table[t] at (possibly fractional) original timesteps t, linear between steps, clamped to the ends:
+    the one interpolation of a discrete chain's log alpha-bar (guided.diffusion.models.vp_sigma, the
+    diffusers adapter's abar)."""
+    tf = t.to(table.dtype).clamp(0, len(table) - 1)
+    lo = tf.floor().long()
+    hi = (lo + 1).clamp(max=len(table) - 1)
+    return torch.lerp(table[lo], table[hi], tf - lo)
+
+
 def _flat_sum(x):
     return x.reshape(x.shape[0], -1).sum(dim=1)
 

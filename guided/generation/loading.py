@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from guided.config import SamplingConfig
 from guided.diffusion.objectives import objective_from_config
 from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
@@ -22,19 +23,15 @@ from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
-# The shipped digits models (guided/assets/digits/<file>.pt) and their sampling defaults.
-# `uncond` is the null class of the label-dropout `cond` network (README "Digits models" measures it
-# against a separate unconditional model). The cosine-schedule eps models clip x0 again
-# (--clip-guided): without it their guided ddim / dpm++ and their pc / ode samples saturate
-# (README, "Official checkpoints"); every other model samples with the paper's arithmetic.
-# Asked for neither --sampler nor --steps, the command line samples them with DPM-Solver++(2M) SDE on
-# 20 Karras levels, x0 clipped to [-1, 1] (README "Guided sampling in few steps": DDPM 250's FD at 1/12
-# of its evaluations); a few-step sampler on them clips statically unless --sampler-arg says otherwise.
-_DIGITS = {"file": "cond", "clip_guided": True, "classifier": "classifier", "autoguide": "weak",
-           "x0_classifier": "clean_classifier", "sampler": "dpm++2m-sde", "steps": "karras20", "threshold": "static"}
-SHIPPED_MODELS = {"cond": _DIGITS, "uncond": {**_DIGITS, "unconditional": True},
-                  "ncsn": {"file": "ncsn", "classifier": "ncsn_classifier"}}
+# The shipped digits models by name: their file in guided/assets/digits; their sampling defaults are in
+# that file's config (the `sampling` node of <file>.yaml, guided.config.SamplingConfig). `uncond` is the
+# null class of the label-dropout `cond` network (README "Digits models" measures it against a separate
+# unconditional model).
+SHIPPED_MODELS = {"cond": {"file": "cond"}, "uncond": {"file": "cond", "unconditional": True},
+                  "ncsn": {"file": "ncsn"}}
 SHIPPED_NETWORKS = ("classifier", "ncsn_classifier", "clean_classifier", "weak", "early")  # by name, as --classifier etc.
+NO_DEFAULTS = SamplingConfig()
+
 
 def official_flags(path: str, flags, option: str, classifier: bool):
     """The ADM flag string to build `path` with: `flags` as given, with a warning naming each
@@ -70,10 +67,9 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
     shipped model's default, "none" = no classifier. `guides`: the guide networks to load ("autoguide",
     "x0_classifier": as named, else the shipped default, else an error); `optional_guides`: load those
     only where one is named or shipped."""
-    shipped = model in SHIPPED_MODELS
-    defaults = SHIPPED_MODELS.get(model, {})
     net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags, scheduler)
-    spec = classifier if classifier is not None else defaults.get("classifier", "none")
+    defaults = extra.pop("defaults", NO_DEFAULTS)
+    spec = classifier if classifier is not None else (defaults.classifier or "none")
     flags = classifier_flags
     if flags and "--image_size" not in flags and model_flags:
         flags += f" --image_size {net.cfg.image_size}"
@@ -88,7 +84,7 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
     named = {"autoguide": autoguide, "x0_classifier": x0_classifier}
 
     def wanted(term):
-        return term in guides or (term in optional_guides and (named[term] or defaults.get(term)))
+        return term in guides or (term in optional_guides and (named[term] or getattr(defaults, term)))
     weak = guide_network(named["autoguide"], "autoguide", defaults, UNetModel, "a score model") \
         if wanted("autoguide") else None
     clean = guide_network(named["x0_classifier"], "x0_classifier", defaults, EncoderUNetModel, "a classifier") \
@@ -97,7 +93,8 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
     net, clf, weak, clean = (None if n is None else speed_up(n.eval().to(device), **fast)
                              for n in (net, clf, weak, clean))
     return Pipeline(net, diffusion_cfg, clf, label_map, name=str(model), weak_model=weak, x0_classifier=clean,
-                    unconditional=defaults.get("unconditional", False), **extra)
+                    unconditional=SHIPPED_MODELS.get(model, {}).get("unconditional", False), defaults=defaults,
+                    classifier_name=None if clf is None else spec, **extra)
 
 
 def _score_network(model: str, adm_flags, scheduler=None):
@@ -115,7 +112,8 @@ def _score_network(model: str, adm_flags, scheduler=None):
     if not isinstance(net, UNetModel):
         raise GuidedError(f"--model {model} holds a noise-aware classifier, not a score model "
                           f"(pass it as --classifier)")
-    return net, run_cfg.diffusion, label_map, objective_from_config(run_cfg).pipeline_kwargs(), None
+    extra = {**objective_from_config(run_cfg).pipeline_kwargs(), "defaults": run_cfg.sampling}
+    return net, run_cfg.diffusion, label_map, extra, None
 
 
 def _diffusers_network(model: str, scheduler):
@@ -138,26 +136,14 @@ def _classifier(spec: str, flags):
     return net, labels
 
 
-def classifier_spec(model: str, classifier: Optional[str]) -> str:
-    """The classifier named, or the shipped model's default ('none' for any other model)."""
-    if classifier is not None:
-        return classifier
-    return SHIPPED_MODELS.get(model, {}).get("classifier", "none")
-
-
-def guide_spec(model: str, term: str, named: Optional[str]) -> Optional[str]:
-    """The network of a guide term (autoguide, x0_classifier): as named, else the shipped model's default."""
-    return named or SHIPPED_MODELS.get(model, {}).get(term)
-
-
 def shipped_path(spec: str) -> Path:
     """A shipped network's file for its name (SHIPPED_NETWORKS), else the path as given."""
     return SHIPPED / f"{spec}.pt" if spec in SHIPPED_NETWORKS else Path(spec)
 
 
-def guide_network(named, option: str, defaults: dict, kind, what: str):
-    """The network of --autoguide / --x0-classifier: as given, else the shipped model's default."""
-    spec = named or defaults.get(option)
+def guide_network(named, option: str, defaults: SamplingConfig, kind, what: str):
+    """The network of --autoguide / --x0-classifier: as given, else the model's default (its config's sampling)."""
+    spec = named or getattr(defaults, option)
     flag = "--" + option.replace("_", "-")
     if spec is None:
         raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")

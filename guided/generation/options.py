@@ -1,7 +1,8 @@
 """Sampling options, and the guidance methods described once.
 
-`SampleOptions` is what one sampling run is asked for (it is recorded in settings.json under
-"options", keys unchanged). `METHODS` lists every guidance method once: its guidance term, the
+`SampleOptions` is what one sampling run is asked for; a field left None is decided after the model
+is loaded, once, by guided.generation.resolve.resolve (the model's own defaults, then the sampler
+registry's), and the resolved options are what settings.json records under "options". `METHODS` lists every guidance method once: its guidance term, the
 option fields of its scale and interval (and schedule, temperature where it has them), its
 neutral scale, its command-line flag names, its name on the demo page and the network it needs.
 The command line's flags, the sweepable parameters and the demo's method menu derive from it.
@@ -14,22 +15,23 @@ from typing import Optional
 
 @dataclass
 class SampleOptions:
-    sampler: str = "ddpm"
-    steps: str = "250"
-    scale: float = 0.0
+    sampler: Optional[str] = None  # None: the model's default, else the registry's for its kind
+    steps: Optional[str] = None  # None: the model's default with its sampler, else "100" (fixed-step samplers)
+    scale: Optional[float] = 0.0  # None: 1 where the pipeline has a classifier and no other method is on
     cfg_scale: float = 1.0
-    eta: float = 0.0
-    clip_denoised: bool = True
+    # x0 clipping, one setting for every sampler (guided.diffusion.space): static | dynamic | none;
+    # None: the model's default, else the sampler's (static; dynamic for the few-step samplers).
+    clip: Optional[str] = None
+    percentile: float = 0.995  # of the dynamic threshold
     # Clip x0 again where the paper's code does not: the guided x0 of ddim and dpm++ (after the
-    # score correction), the x0 behind the eps of pc and ode. Off = the paper's arithmetic.
-    clip_guided: bool = False
+    # score correction), the x0 behind the eps of pc and ode. None: the model's default (off = the paper's).
+    clip_guided: Optional[bool] = None
     precision: str = "fp32"
-    extra: dict = field(default_factory=dict)  # sampler-specific settings (snr, rtol, ...)
+    settings: dict = field(default_factory=dict)  # the sampler's own declared settings (eta, snr, churn, ...)
     # the guidance layer (guided/guidance): every term has a scale and an interval (sigma_lo, sigma_hi)
     interval: Optional[tuple] = None  # the noise-aware classifier's; None = every level
     schedule: str = "constant"  # the classifier's weight over sigma (guidance.terms.SCHEDULES)
     calibration: bool = True  # divide the classifier's logits by its fitted temperatures, when it has them
-    ddpm_form: str = "mean"  # DDPM: the paper's mean shift (Algorithm 1) or the score correction
     cfg_interval: Optional[tuple] = None
     autoguide_scale: float = 1.0  # w of autoguidance (1 = off); needs Pipeline.weak_model
     autoguide_interval: Optional[tuple] = None

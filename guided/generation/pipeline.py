@@ -2,24 +2,31 @@
 
 `Pipeline` bundles the score network, its diffusion settings (adapted once to a
 guided.diffusion.models.ScoreModel), an optional noise-aware classifier, the networks of the other
-guidance terms and the label map. `sample_batch` draws one batch with any sampler of the registry
-(guided/samplers/registry.py) and any guidance terms (guided/guidance): sample i uses the generator
-seeded with seeds[i], so images do not depend on the batch size.
+guidance terms, the label map and the model's own sampling defaults. `sample_batch` resolves the
+options once against it (guided/generation/resolve.py), wraps the model and its guidance terms into the
+one guided denoiser (guided/guidance/denoiser.py), makes the levels of --steps and runs the registry's
+sampler (guided/samplers/registry.py) over them: sample i uses the generator seeded with seeds[i], so
+images do not depend on the batch size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from guided.config import SamplingConfig
 from guided.diffusion.models import ScoreModel
 from guided.diffusion.objectives import adapt
 from guided.errors import GuidedError
 from guided.generation.options import METHODS, SampleOptions
+from guided.generation.resolve import resolve
+from guided.guidance.denoiser import GuidedDenoiser
 from guided.guidance.terms import Guidance, Term
-from guided.samplers.discrete import SampleNoise
-from guided.samplers.registry import Job, sampler_for
+from guided.samplers.levels import make_levels
+from guided.samplers.noise import SampleNoise
+from guided.samplers.registry import SAMPLERS
 from guided.samplers.sdedit import SDEdit
 
 
@@ -35,6 +42,8 @@ class Pipeline:
     unconditional: bool = False  # sample a label-dropout model's null class (its unconditional score)
     weak_model: Optional[torch.nn.Module] = None  # autoguidance's weaker model, same conditioning
     x0_classifier: Optional[torch.nn.Module] = None  # a classifier of clean images, for x0-classifier guidance
+    defaults: SamplingConfig = field(default_factory=SamplingConfig)  # the model's own sampling defaults
+    classifier_name: Optional[str] = None  # what --classifier named (or the model's default), for the record
 
     def __post_init__(self):
         m = self.model.cfg
@@ -69,24 +78,14 @@ class Pipeline:
 
 
 def check_labels(p: Pipeline, labels, opts: SampleOptions):
-    """Refuse labels or guidance the pipeline cannot serve, in one line."""
+    """Refuse labels the pipeline cannot serve, in one line (the guidance itself: resolve.check_guidance)."""
     n = p.num_classes
-    if n is None and (opts.scale or opts.cfg_scale != 1.0):
-        raise GuidedError("guidance needs a class-conditional model or a classifier; neither was given")
     if n is not None and any(not 0 <= int(y) < n for y in labels):
         raise GuidedError(f"class {max(labels)} is outside the model's {n} classes (0..{n - 1})")
-    if opts.scale and p.classifier is None:
-        raise GuidedError("--scale needs a noise-aware classifier (--classifier)")
-    k = p.classifier.cfg.num_classes if opts.scale else None
+    k = p.classifier.cfg.num_classes if opts.scale and p.classifier is not None else None
     if k is not None and any(not 0 <= int(y) < k for y in labels):
         raise GuidedError(f"class {max(labels)} is outside the classifier's {k} classes (0..{k - 1}): guide with a "
                           f"classifier of the model's classes")
-    if opts.cfg_scale != 1.0 and not (getattr(p.model.cfg, "null_class", False) and p.conditional):
-        raise GuidedError("--cfg-scale needs a class-conditional model trained with label dropout (model.null_class)")
-    if opts.autoguide_scale != 1.0 and p.weak_model is None:
-        raise GuidedError("--autoguide-scale needs a weaker model (--autoguide)")
-    if opts.x0_scale and p.x0_classifier is None:
-        raise GuidedError("--x0-scale needs a classifier of clean images (--x0-classifier)")
 
 
 def guidance(p: Pipeline, opts: SampleOptions) -> Guidance:
@@ -128,22 +127,39 @@ def guided_functions(p: Pipeline, y: torch.Tensor, opts: SampleOptions):
     return model_fn, g.cond_fn(y, denoise)
 
 
+def guided_denoiser(p: Pipeline, y: torch.Tensor, opts: SampleOptions, preview=None) -> GuidedDenoiser:
+    """The one guided denoiser of the pipeline for labels y under resolved options."""
+    output, grad = guided_functions(p, y, opts)
+    return GuidedDenoiser(p.score_model, output, grad, clip=opts.clip, percentile=opts.percentile,
+                          clip_guided=opts.clip_guided, preview=preview)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def sample_batch(p: Pipeline, labels, seeds, opts: SampleOptions, *, device="cpu", progress=False,
                  init=None, x_T: Optional[torch.Tensor] = None, preview=None) -> torch.Tensor:
-    """Draw len(labels) samples in [-1, 1]; sample i uses the generator seeded with seeds[i].
-    `init` (SDEdit): a guided.samplers.sdedit.SDEdit, or a dict with `image` [C,H,W] in [-1, 1],
-    `t0` in (0, 1] and an optional `mask` [1,H,W] (1 = may change). `x_T`: start from this noise
-    instead of drawing it. `preview(done, x0)`, if given, is called along the way with the share of
-    the reverse process done, in (0, 1], and the current denoised prediction (the x0 estimate)."""
-    spec = sampler_for(opts.sampler, p.score_model)
-    return spec.run(make_job(p, labels, SampleNoise(seeds, torch.device(device)), opts, sdedit=SDEdit.of(init),
-                             x_T=x_T, progress=progress, preview=preview))
-
-
-def make_job(p: Pipeline, labels, noise: SampleNoise, opts: SampleOptions, **kw) -> Job:
-    """The registry's Job of one batch: the pipeline's model, its guided functions for the labels, the options."""
+    """Draw len(labels) samples (images in the model's data range); sample i uses the generator seeded with
+    seeds[i]. The options are resolved first (guided/generation/resolve.py). `init` (SDEdit): a
+    guided.samplers.sdedit.SDEdit, or a dict with `image` [C,H,W] in [-1, 1], `t0` in (0, 1] and an
+    optional `mask` [1,H,W] (1 = may change). `x_T`: start from this noise instead of drawing it.
+    `preview(done, x0)`, if given, is called along the way with the share of the reverse process done,
+    in (0, 1], and the current denoised prediction (the x0 estimate)."""
+    sdedit = SDEdit.of(init)
+    opts = resolve(p, opts, editing=sdedit is not None)
+    spec, model, noise = SAMPLERS[opts.sampler], p.score_model, SampleNoise(seeds, torch.device(device))
     y = torch.as_tensor(list(labels), device=noise.device, dtype=torch.long)
-    model_fn, cond_fn = guided_functions(p, y, opts)
-    return Job(p.score_model, model_fn, cond_fn, noise, p.shape(), steps=str(opts.steps), eta=opts.eta,
-               clip_denoised=opts.clip_denoised, clip_guided=opts.clip_guided, ddpm_form=opts.ddpm_form,
-               extra=dict(opts.extra), precision=opts.precision, **kw)
+    den = guided_denoiser(p, y, opts, preview)
+    levels, after = make_levels(model, spec.levels, opts.steps, spec.name), None
+    if sdedit is not None:
+        x, levels, after = sdedit.start(levels, model, noise, p.shape(), x_T)
+    else:
+        x = model.prior(noise, p.shape()) if x_T is None else x_T.to(noise.device)
+    with torch.no_grad(), autocast(noise.device, opts.precision):  # guidance takes its own gradients
+        out = spec.fn(den, x, levels, noise=noise, after_step=after, callback=preview, progress=progress,
+                      **opts.settings)
+    return model.space.finish(out)

@@ -25,8 +25,7 @@ from guided.generation.images import grid_image, labels_of, ruin, say, to_uint8
 from guided.generation.options import SampleOptions, active_methods
 from guided.generation.pipeline import Pipeline, check_labels, sample_batch
 from guided.locks import first_rank, lock_folder
-from guided.samplers.registry import sampler_for
-from guided.samplers.sdedit import SDEdit
+from guided.generation.resolve import resolve
 
 
 def write_output(path: Path, write) -> None:
@@ -67,8 +66,8 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
         raise GuidedError(f"--seed {seed} is out of range: sample i uses seed + i, which must stay below 2**63 "
                           f"(at most {2**63 - num_samples} for {num_samples} samples)")
     labels_of(classes, [], class_sampling)  # an unknown class sampling is refused here
+    opts = resolve(p, opts, editing=init is not None)  # the policy, once; every value checked before any file
     check_labels(p, classes, opts)
-    sampler_for(opts.sampler, p.score_model).check_steps(p.score_model, opts.steps, SDEdit.of(init))  # before any file
     enforced = bool(classes) and (p.conditional or bool(opts.scale) or bool(opts.x0_scale))
     if classes and not enforced and rank == 0:
         say(f"note: the labels are requests that nothing enforces: {p.name} samples without labels and no "

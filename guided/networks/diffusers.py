@@ -65,11 +65,7 @@ class DiffusersUNet(nn.Module):
 
     def abar(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar at network time t (float64), log-linear between integer steps."""
-        table = self.log_abar.to(t.device)
-        tf = t.double().clamp(0, len(table) - 1)
-        lo = tf.floor().long()
-        hi = (lo + 1).clamp(max=len(table) - 1)
-        return torch.lerp(table[lo], table[hi], tf - lo).exp()
+        return lerp_table(self.log_abar.to(t.device), t).exp()
 
     def forward(self, x, timesteps, y=None):
         if self.num_classes is None and y is not None:

@@ -1,12 +1,13 @@
 """Samplers and the likelihood of score-based models, on continuous SDE time.
 
-Every sampler is a short function with one signature,
+The registry's entries (`run_pc`, `run_ode`, `run_langevin`: the guided denoiser and the levels, see
+guided/samplers/registry.py) run the functions below. Each is a short function with one signature,
 
     sampler(score_fn, sde, x_T, *, steps, generator=None, progress=False, **opts) -> x_0
 
 over a score callable `score_fn(x, t)` (guided.diffusion.models.ScoreModel.score) and an SDE
 (guided/diffusion/sde.py). Guidance is applied by wrapping `score_fn`, never here; the sampler
-registry (guided/samplers/registry.py) does that and lists these samplers with their traits.
+guided denoiser (guided.guidance.denoiser.GuidedDenoiser.score) does that.
 References: [SDE] Song et al. 2021 (ICLR), score-based generative modeling
 through SDEs; [NCSN] Song & Ermon 2019; [SDEdit] Meng et al. 2022.
 All randomness comes from `generator` (a torch.Generator on x's device).
@@ -26,7 +27,7 @@ from guided.samplers.sdedit import check_mask, check_t0
 
 
 def _randn(x, generator):
-    if hasattr(generator, "randn_like"):  # one generator per sample (guided.samplers.discrete.SampleNoise)
+    if hasattr(generator, "randn_like"):  # one generator per sample (guided.samplers.noise.SampleNoise)
         return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -312,3 +313,31 @@ def sdedit(score_fn, sde, x_guide, *, steps=500, t0=0.5, mask=None, predictor="r
 
 SCORE_SAMPLERS = {"pc": pc_sampler, "ode": ode_sampler, "langevin": annealed_langevin,
                   "sdedit": sdedit}
+
+
+# -- the registry's entries: the guided denoiser and the levels ---------------------------------------
+def _off(name):
+    return None if name == "none" else name
+
+
+@torch.no_grad()
+def run_pc(den, x, levels, *, noise, after_step=None, callback=None, progress=False, predictor="reverse_diffusion",
+           corrector="langevin", snr=0.16, n_corrector=1):
+    """Predictor-corrector over the levels' SDE times (SDEdit: from its start time, the mask kept by
+    `after_step`)."""
+    predictor, corrector = _off(predictor), _off(corrector)
+    if predictor is None and corrector is None:
+        raise GuidedError("pc needs a predictor, a corrector, or both (predictor=none with corrector=none)")
+    return _reverse_sde(den.score(), den.model.sde, x, levels.times, predictor=predictor, corrector=corrector,
+                        snr=snr, n_corrector=n_corrector, denoise=True, generator=noise, progress=progress,
+                        project=after_step, desc="pc")
+
+
+def run_ode(den, x, levels, *, noise, after_step=None, callback=None, progress=False, rtol=1e-5, atol=1e-5):
+    return ode_sampler(den.score(), den.model.sde, x, rtol=rtol, atol=atol, generator=noise, progress=progress)
+
+
+def run_langevin(den, x, levels, *, noise, after_step=None, callback=None, progress=False, n_steps_each=100,
+                 step_lr=2e-5):
+    return annealed_langevin(den.score(), den.model.sde, x, sigmas=levels.ladder, n_steps_each=n_steps_each,
+                             step_lr=step_lr, generator=noise, progress=progress)

@@ -1,13 +1,13 @@
-"""Discrete-time samplers over a model function: ancestral DDPM and DDIM.
+"""The paper's samplers on a respaced discrete chain, in its exact arithmetic: ancestral DDPM, DDIM
+and DPM-Solver++(2M) with x0 clipped before guidance.
 
-Every sampler shares one signature: `sampler(diffusion, model_fn, x_T, *,
-cond_fn=None, noise=None, ...) -> x_0`, where `model_fn(x, t)` is the network
-on ORIGINAL timesteps (labels and the mixing guidance terms bound in) and
-`cond_fn(x, t)` the sum of the gradient terms (guided/guidance.py); samplers
-know nothing of the kinds of guidance. Each step applies cond_fn in the form
-that suits it: the mean shift for DDPM (Algorithm 1 of Dhariwal & Nichol;
-`guidance_form="score"` gives it the score correction instead), the score
-correction for DDIM and DPM-Solver++ (Algorithm 2).
+The registry's entries (`run_ddpm`, `run_ddim`, `run_dpmpp_2m`) take the one guided denoiser and the
+levels (guided/samplers/registry.py); they run the functions below, which keep the reference's order of
+operations over `(diffusion, model_fn, x_T, *, cond_fn=None, noise=None, ...)`: `model_fn(x, t)` is the
+network on ORIGINAL timesteps (labels and the mixing guidance terms bound in) and `cond_fn(x, t)` the
+sum of the gradient terms. Each step applies cond_fn in the form that suits it: the mean shift for
+DDPM (Algorithm 1 of Dhariwal & Nichol; `guidance_form="score"` gives it the score correction
+instead), the score correction (guided.guidance.denoiser.correct, Algorithm 2) for DDIM and DPM-Solver++.
 """
 from __future__ import annotations
 
@@ -16,29 +16,23 @@ from tqdm.auto import tqdm
 
 from guided.diffusion.gaussian import GaussianDiffusion
 from guided.errors import GuidedError
-from guided.guidance.terms import condition_mean, condition_score
+from guided.guidance.denoiser import correct
+from guided.samplers.noise import SampleNoise  # noqa: F401  (its former home)
 
 
-class SampleNoise:
-    """One random generator per sample (EDM's StackedRandomGenerator): sample i
-    draws from a generator seeded with `seeds[i]`, so the same seed gives the same
-    image whatever the batch size or process count.
+def condition_mean(out: dict, grad: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1: mu + Sigma * s grad log p(y | x_t)."""
+    return out["mean"].float() + out["variance"] * grad.float()
 
-    The generators live on the sampling device and draw there: no noise crosses from
-    the host in the loop. A CPU generator and a CUDA one give different streams from
-    one seed, so a seed's image depends on the kind of device (on the CPU it is the
-    stream of torch.Generator().manual_seed(seed), as it always was)."""
 
-    def __init__(self, seeds, device="cpu"):
-        self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-
-    def randn(self, shape) -> torch.Tensor:
-        """A [len(seeds), *shape] standard normal tensor on the device."""
-        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
-
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.randn(x.shape[1:]).to(x.dtype)
+def condition_score(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> dict:
+    """Algorithm 2 on the chain: eps_hat = correct(eps, grad, sqrt(1 - abar_t)), then x0 and the mean anew.
+    eps is recomputed from the (possibly clipped) x0 prediction, as the reference does."""
+    abar = diffusion.extract(diffusion.alphas_cumprod, t, x)
+    eps = correct(diffusion.eps_from_xstart(x, t, out["pred_xstart"]), grad, (1 - abar).sqrt())
+    pred_xstart = diffusion.xstart_from_eps(x, t, eps)
+    mean, _, _ = diffusion.q_posterior(pred_xstart, x, t)
+    return {**out, "pred_xstart": pred_xstart, "mean": mean}
 
 
 def _noise_like(noise, x):
@@ -46,7 +40,7 @@ def _noise_like(noise, x):
 
 
 def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, form="mean",
-                           clip_guided=False):
+                           clip_guided=False, clip_fn=None):
     """The model's p(x_{t-1} | x_t) at respaced index i, with classifier guidance
     as a mean shift (form="mean") or a score correction (form="score").
 
@@ -54,9 +48,12 @@ def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_deno
     where abar_t is tiny (the first steps of a cosine schedule, abar_T = 2e-9) the
     correction moves x0 by (1 - abar)/sqrt(abar) * s * grad, thousands of times the
     gradient, and one DDIM step then throws x far out of range. Off by default (the
-    paper's arithmetic); --clip-guided turns it on, as the shipped digits models do."""
+    paper's arithmetic); --clip-guided turns it on, as the shipped digits models do. `clip_fn` replaces
+    the static clip by another (a dynamic threshold: guided.diffusion.space)."""
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-    out = diffusion.p_mean_variance(model_fn(x, diffusion.model_t(t)), x, t, clip_denoised=clip_denoised)
+    clip_fn = clip_fn or (lambda v: v.clamp(-1, 1))
+    out = diffusion.p_mean_variance(model_fn(x, diffusion.model_t(t)), x, t, clip_denoised=False,
+                                    denoised_fn=clip_fn if clip_denoised else None)
     if cond_fn is not None:
         grad = cond_fn(x, diffusion.model_t(t))
         if form == "mean":
@@ -64,20 +61,20 @@ def guided_p_mean_variance(diffusion, model_fn, x, i, *, cond_fn=None, clip_deno
         else:
             out = condition_score(diffusion, out, x, t, grad)
             if clip_guided and clip_denoised:
-                x0 = out["pred_xstart"].clamp(-1, 1)
+                x0 = clip_fn(out["pred_xstart"])
                 out = {**out, "pred_xstart": x0, "mean": diffusion.q_posterior(x0, x, t)[0]}
     return out, t
 
 
 def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, guidance_form="mean",
-              clip_guided=False, **_):
+              clip_guided=False, clip_fn=None, **_):
     """x_{t-1} = mu + sigma z (Ho et al. Algorithm 2), mu shifted by guidance (Algorithm 1), or with
     guidance_form="score" the mean of the score-corrected x0 (Algorithm 2's correction in an ancestral
     step: at low noise the posterior variance Sigma is far below beta_t, so the mean shift under-guides)."""
     if guidance_form not in ("mean", "score"):
         raise GuidedError(f"the DDPM guidance form must be mean or score, not {guidance_form!r}")
     out, _ = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
-                                    form=guidance_form, clip_guided=clip_guided)
+                                    form=guidance_form, clip_guided=clip_guided, clip_fn=clip_fn)
     z = _noise_like(noise, x)
     if i == 0:
         return out["mean"], out
@@ -85,11 +82,11 @@ def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, no
 
 
 def ddim_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, eta=0.0,
-              clip_guided=False, **_):
+              clip_guided=False, clip_fn=None, **_):
     """DDIM update (Song et al. 2021 eq. 12) with eta-controlled noise, on the
     guidance-corrected eps (Algorithm 2 of Dhariwal & Nichol)."""
     out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
-                                    form="score", clip_guided=clip_guided)
+                                    form="score", clip_guided=clip_guided, clip_fn=clip_fn)
     eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"])
     abar = diffusion.extract(diffusion.alphas_cumprod, t, x)
     abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
@@ -119,7 +116,7 @@ def run_loop(step, diffusion: GaussianDiffusion, model_fn, x_T, *, start_index=N
 
 
 def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, start_index=None, after_step=None,
-             progress=False, clip_guided=False, callback=None, **_):
+             progress=False, clip_guided=False, callback=None, clip_fn=None, **_):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), a second-order multistep solver of the
     probability-flow ODE in data prediction, over the respaced steps. Guidance corrects eps
     as in DDIM (Algorithm 2 of Dhariwal & Nichol) before x0 is predicted. With one step it is DDIM."""
@@ -128,7 +125,8 @@ def dpmpp_2m(diffusion, model_fn, x_T, *, cond_fn=None, clip_denoised=True, star
     for i in tqdm(range(start, -1, -1), disable=not progress, desc="reverse steps", leave=False):
         with torch.no_grad():
             out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn,
-                                            clip_denoised=clip_denoised, form="score", clip_guided=clip_guided)
+                                            clip_denoised=clip_denoised, form="score", clip_guided=clip_guided,
+                                            clip_fn=clip_fn)
         x0 = out["pred_xstart"]
         if i == 0:  # the last step goes to abar = 1 (sigma = 0): first order, x = x0
             x = x0
@@ -156,3 +154,26 @@ def ddpm(diffusion, model_fn, x_T, **kw):
 def ddim(diffusion, model_fn, x_T, **kw):
     return run_loop(ddim_step, diffusion, model_fn, x_T, **kw)
 
+
+
+# -- the registry's entries: the guided denoiser and the levels ---------------------------------------
+def _chain_keywords(den, levels, noise, after_step, callback, progress) -> dict:
+    n = (levels.chain.num_timesteps if levels.start is None else levels.start + 1)
+    return dict(noise=noise, cond_fn=den.grad, clip_denoised=den.clips, clip_guided=den.clip_guided,
+                clip_fn=den.clip_x0, start_index=levels.start, after_step=after_step, progress=progress,
+                callback=None if callback is None else lambda i, x_i, x0: callback((n - i) / n, x0))
+
+
+def run_ddpm(den, x, levels, *, noise, after_step=None, callback=None, progress=False, ddpm_form="mean"):
+    kw = _chain_keywords(den, levels, noise, after_step, callback, progress)
+    return ddpm(levels.chain, den.output, x, guidance_form=ddpm_form, **kw)
+
+
+def run_ddim(den, x, levels, *, noise, after_step=None, callback=None, progress=False, eta=0.0):
+    kw = _chain_keywords(den, levels, noise, after_step, callback, progress)
+    return ddim(levels.chain, den.output, x, eta=eta, **kw)
+
+
+def run_dpmpp_2m(den, x, levels, *, noise, after_step=None, callback=None, progress=False):
+    kw = _chain_keywords(den, levels, noise, after_step, callback, progress)
+    return dpmpp_2m(levels.chain, den.output, x, **kw)

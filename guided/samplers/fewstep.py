@@ -1,7 +1,7 @@
 """Few-step samplers made for guidance, on the noise level sigma of an eps model's discrete VP chain.
 
-Each is a plain function `sampler(denoise, sigmas, x, *, noise, ...) -> x_0` over a `Denoiser`
-and a decreasing list of noise levels ending in 0, in the variables of Karras et al. 2022 (EDM):
+Each is a plain function `sampler(denoise, sigmas, x, *, noise, ...) -> x_0` over a data prediction
+D(x; sigma) (the guided denoiser, guided/guidance/denoiser.py) and a decreasing list of noise levels ending in 0, in the variables of Karras et al. 2022 (EDM):
 x = x_vp / alpha_t = x_0 + sigma n with sigma = sqrt((1 - abar_t) / abar_t), where the data
 prediction D(x; sigma) is the x0 estimate. The levels are those of the respaced chain of `--steps`
 (any respacing of guided.diffusion.gaussian, e.g. "20", "quad20", "karras20", "logsnr20"), so the
@@ -24,84 +24,25 @@ discrete-time models).
                (Euler into sigma = 0). N levels cost 2N - 1 network evaluations.
 
 GUIDANCE, the same for all three, where DPM-Solver++ applies it (Lu et al. 2022 sec. 4: guided
-sampling in data prediction): the Job's `model_fn` (mixing terms bound in: cfg, autoguidance)
-gives eps, the gradient terms correct it as in Dhariwal & Nichol Algorithm 2,
-eps_hat = eps - sqrt(1 - abar_t) cond_fn(x_vp, t), and D = x - sigma eps_hat is then thresholded in
-pixel space: "dynamic" (default; Saharia et al. 2022 sec. 2.3, as DPM-Solver++ does for pixel-space
-guided models: s = max(1, the `percentile` quantile of |D| per sample), D = clip(D, -s, s) / s),
-"static" (clip to [-1, 1]) or "none" (also what --no-clip gives). In EDM's sampler the same guided
-D enters dx/dsigma = (x - D) / sigma, i.e. the guided score (D - x) / sigma^2 = score + cond_fn * alpha.
+sampling in data prediction): GuidedDenoiser.x0 corrects the network's eps by the gradient terms
+(Dhariwal & Nichol Algorithm 2) and clips D = x - sigma eps_hat as the one clip setting says, where the
+data space has a range: "dynamic" (these samplers' default; Saharia et al. 2022 sec. 2.3), "static"
+or "none". In EDM's sampler the same guided D enters dx/dsigma = (x - D) / sigma, i.e. the guided
+score (D - x) / sigma^2 = score + cond_fn * alpha.
 
-Settings (`Job.extra`, the --sampler-arg KEY=VALUE of the command line): threshold, percentile;
-eta (dpm++2m-sde); churn, s_noise, s_tmin, s_tmax (edm; defaults: EDM Table 5's ImageNet-64 ADM
-settings, S_churn 80, S_tmin 0.05, S_tmax 50, S_noise 1.003). Noise is drawn with the Job's
-per-sample generators, so a seed gives the same image at any batch size.
+Settings (declared in the registry, --sampler-arg KEY=VALUE on the command line): eta (dpm++2m-sde);
+churn, s_noise, s_tmin, s_tmax (edm; defaults: EDM Table 5's ImageNet-64 ADM settings, S_churn 80,
+S_tmin 0.05, S_tmax 50, S_noise 1.003). Noise is drawn with per-sample generators, so a seed gives
+the same image at any batch size.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from guided.errors import GuidedError
-
-THRESHOLDS = ("dynamic", "static", "none")
 EDM_DEFAULTS = dict(churn=80.0, s_noise=1.003, s_tmin=0.05, s_tmax=50.0)  # EDM Table 5, ImageNet-64
-SETTINGS = {"threshold": str, "percentile": float, "eta": float, **{k: float for k in EDM_DEFAULTS}}
-
-
-def threshold(x0: torch.Tensor, kind: str = "dynamic", percentile: float = 0.995) -> torch.Tensor:
-    """Pixel-space thresholding of a data prediction (Saharia et al. 2022 sec. 2.3)."""
-    if kind == "none":
-        return x0
-    if kind == "static":
-        return x0.clamp(-1, 1)
-    s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1).to(x0.dtype)
-    s = s.view(-1, *[1] * (x0.dim() - 1))
-    return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
-class Denoiser:
-    """The guided data prediction D(x; sigma) of an eps network on a discrete VP chain.
-
-    `model_fn(x_vp, t_net)` and `cond_fn(x_vp, t_net)` are the guidance layer's two callables;
-    `alphas_cumprod` the whole chain's, `model_t` maps original timesteps to network time. Levels
-    are rounded to the chain's timesteps (`round`); `calls` counts the network evaluations."""
-
-    def __init__(self, model_fn, alphas_cumprod, *, cond_fn=None, model_t=None, clip: str = "dynamic",
-                 percentile: float = 0.995, preview: Optional[Callable] = None):
-        if clip not in THRESHOLDS:
-            raise GuidedError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {clip!r}")
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        self.log_sigmas = 0.5 * torch.log((1 - abar) / abar)
-        self.model_fn, self.cond_fn, self.clip, self.percentile = model_fn, cond_fn, clip, percentile
-        self.model_t = model_t or (lambda t: t)
-        self.preview, self.calls = preview, 0
-
-    def timestep(self, sigma: float) -> int:
-        """The original timestep of nearest log sigma."""
-        return int((self.log_sigmas - math.log(sigma)).abs().argmin())
-
-    def round(self, sigma: float) -> float:
-        """EDM's round_sigma: the chain's level nearest sigma."""
-        return math.exp(float(self.log_sigmas[self.timestep(sigma)]))
-
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        t = self.timestep(sigma)
-        sigma = math.exp(float(self.log_sigmas[t]))
-        alpha = 1 / math.sqrt(1 + sigma**2)  # sqrt(abar_t)
-        x_vp = x * alpha
-        t_net = self.model_t(torch.full((len(x),), t, device=x.device, dtype=torch.long))
-        eps = self.model_fn(x_vp, t_net)[:, :x.shape[1]].to(x.dtype)
-        if self.cond_fn is not None:  # Dhariwal & Nichol Algorithm 2: eps - sqrt(1 - abar) * s grad
-            eps = eps - sigma * alpha * self.cond_fn(x_vp, t_net).to(x.dtype)
-        self.calls += 1
-        x0 = threshold(x - sigma * eps, self.clip, self.percentile)
-        if self.preview is not None:
-            self.preview(x0)
-        return x0
 
 
 def _loop(sigmas, progress: bool):
@@ -203,50 +144,20 @@ def edm(denoise, sigmas, x, *, noise, churn: float = EDM_DEFAULTS["churn"], s_no
     return x
 
 
-FUNCTIONS = {"dpm++2m-sde": dpmpp_2m_sde, "dpm++3m": dpmpp_3m, "edm": edm}
-
-
-def settings(extra: dict) -> dict:
-    """The sampler settings of Job.extra, typed; unknown keys refused in one line."""
-    unknown = sorted(set(extra) - set(SETTINGS))
-    if unknown:
-        raise GuidedError(f"unknown sampler setting {unknown[0]!r}; the few-step samplers take {', '.join(SETTINGS)}")
-    try:
-        typed = {k: SETTINGS[k](v) for k, v in extra.items()}
-    except ValueError:
-        typed = {"threshold": None}
-    if typed.get("threshold", "dynamic") not in THRESHOLDS or not all(
-            math.isfinite(v) for k, v in typed.items() if k != "threshold"):
-        raise GuidedError(f"sampler settings are finite numbers and threshold one of {', '.join(THRESHOLDS)}: {extra}")
-    return typed
-
-
-def runner(name: str):
-    """The registry's run(job) of the few-step sampler `name` on the job's respaced chain."""
-    fn = FUNCTIONS[name]
-
-    def run(job) -> torch.Tensor:
-        kw = settings(job.extra)
-        kind = kw.pop("threshold", "dynamic") if job.clip_denoised else "none"
-        chain, base = job.model.process(str(job.steps)), job.model.base
-        ts = chain.timestep_map.flip(0).tolist()  # original timesteps, noisiest first
-        sig = [math.sqrt((1 - float(base.alphas_cumprod[t])) / float(base.alphas_cumprod[t])) for t in ts] + [0.0]
-        n_evals = len(ts) * (2 if name == "edm" else 1)
-        done = [0]
-
-        def show(x0):
-            done[0] += 1
-            job.preview(min(1.0, done[0] / n_evals), x0)
-        denoise = Denoiser(job.model_fn, base.alphas_cumprod, cond_fn=job.cond_fn, model_t=base.model_t, clip=kind,
-                           percentile=kw.pop("percentile", 0.995), preview=show if job.preview else None)
-        x = job.model.prior(job.noise, job.shape) if job.x_T is None else job.x_T.to(job.noise.device)
+def _wrap(fn):
+    """The registry's entry of `fn`: over the guided denoiser (D(x; sigma) = den(x, sigma)) and the chain's
+    levels, in EDM's variable x / sqrt(abar); SDEdit's start and mask re-noising carried across."""
+    def run(den, x, levels, *, noise, after_step=None, callback=None, progress=False, **settings):
+        sig = levels.sigmas if levels.start is None else levels.sigmas[len(levels.sigmas) - 2 - levels.start:]
         after = None
-        if job.sdedit is not None:
-            x, start, after_vp = job.sdedit.discrete_start(chain, x, job.noise)
-            sig = sig[len(ts) - 1 - start:]
-            if after_vp is not None:
-                after = lambda i, x, s: after_vp(i, x / math.sqrt(1 + s**2)) * math.sqrt(1 + s**2)  # noqa: E731
-        out = fn(denoise, sig, x * math.sqrt(1 + sig[0]**2), noise=job.noise, after_step=after,
-                 progress=job.progress, **kw)
-        return out.float()
+        if after_step is not None:
+            after = lambda i, x, s: after_step(i, x / math.sqrt(1 + s**2)) * math.sqrt(1 + s**2)  # noqa: E731
+        shown = None if callback is None else lambda i, x, x0: callback((i + 1) / (len(sig) - 1), x0)  # noqa: E731
+        return fn(den, sig, x * math.sqrt(1 + sig[0]**2), noise=noise, after_step=after, callback=shown,
+                  progress=progress, **settings)
+    run.__name__ = run.__qualname__ = f"run_{fn.__name__}"
+    run.__doc__ = fn.__doc__
     return run
+
+
+run_dpmpp_2m_sde, run_dpmpp_3m, run_edm = (_wrap(f) for f in (dpmpp_2m_sde, dpmpp_3m, edm))

@@ -1,16 +1,17 @@
 """SDEdit (Meng et al. 2022, "SDEdit: guided image synthesis and editing with stochastic differential
 equations"), once for every sampler: perturb a guide image to the level of t0 and run the reverse
 process from there; with a mask, only its white region changes (the rest is the guide, put back on
-its noised path after every step). `SDEdit` is the request, checked here once; the sampler registry
-starts each sampler family from it (`discrete_start`, and guided.samplers.continuous.sdedit).
+its noised path after every step). `SDEdit` is the request, checked here once; `start` begins any
+fixed-step sampler's levels from it (guided/samplers/levels.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from guided.diffusion.sde import expand_as
 from guided.errors import GuidedError
 
 
@@ -53,16 +54,29 @@ class SDEdit:
             return init
         return cls(init["image"], init["t0"], init.get("mask"))
 
-    def discrete_start(self, diffusion, x_T: torch.Tensor, noise):
-        """(x, start index, after_step) on a respaced discrete process: the guide noised to the
-        index nearest t0 of the chain; with a mask, the region outside it re-noised to each
-        step's level with fresh noise."""
-        guide = self.image.to(x_T.device).expand_as(x_T)
+    def start(self, levels, model, noise, shape, x_T=None):
+        """(x, levels, after_step) of an SDEdit run over `levels` (guided.samplers.levels.Levels): the
+        guide noised to the start level, the levels from there on, and the mask's re-noising (None
+        without a mask). The noise z is x_T, else the first draw of each sample's generator."""
+        z = noise.randn(shape) if x_T is None else x_T.to(noise.device)
+        if levels.kind == "chain":
+            return self._chain_start(levels, z, noise)
+        if levels.kind == "sde":
+            return self._sde_start(levels, model.sde, z)
+        raise GuidedError("SDEdit runs over fixed steps: use a sampler with --steps (ddpm, ddim, dpm++, "
+                          "dpm++2m-sde, dpm++3m, edm or pc)")
+
+    def _chain_start(self, levels, z, noise):
+        """On a respaced chain: the guide noised to the index nearest t0 of the chain; with a mask, the
+        region outside it re-noised to each step's level with fresh noise."""
+        diffusion = levels.chain
+        guide = self.image.to(z.device).expand_as(z)
         start = max(0, min(diffusion.num_timesteps - 1, round(self.t0 * diffusion.num_timesteps) - 1))
-        x = diffusion.q_sample(guide, torch.full((len(x_T),), start, device=x_T.device), x_T)
+        x = diffusion.q_sample(guide, torch.full((len(z),), start, device=z.device), z)
+        levels = replace(levels, start=start)
         if self.mask is None:
-            return x, start, None
-        mask = self.mask.to(x_T.device)
+            return x, levels, None
+        mask = self.mask.to(z.device)
 
         def keep_outside(i, xi):
             if i == 0:
@@ -70,4 +84,30 @@ class SDEdit:
             else:
                 known = diffusion.q_sample(guide, torch.full((len(xi),), i - 1, device=xi.device), noise.randn_like(xi))
             return mask * xi + (1 - mask) * known
-        return x, start, keep_outside
+        return x, levels, keep_outside
+
+    def _sde_start(self, levels, sde, z):
+        """On SDE time ([SDEdit] Sec. 3): the guide perturbed to t0 T, x = alpha x_g + sigma z, and the
+        reverse SDE from there in the same number of steps; with a mask, x is reset after every step
+        outside it to the guide re-noised to that step's level with the same z (as the SDEdit code does;
+        its mask marks the kept region instead), and to the guide at the end."""
+        t_start = self.t0 * sde.T
+        if t_start <= sde.eps:
+            raise GuidedError(f"SDEdit t0 = {self.t0} is below the SDE's end time eps = {sde.eps}: raise t0")
+        guide = self.image.to(z.device).expand_as(z)
+
+        def noised(t):  # the guide perturbed to time t, x_t ~ p_0t(. | x_g)
+            a, std = sde.marginal(t)
+            return expand_as(a, z) * guide + expand_as(std, z) * z
+
+        times = torch.linspace(t_start, sde.eps, levels.count).tolist()
+        sigmas = [float(s) for s in sde.marginal(torch.tensor(times, dtype=torch.float64))[1]]
+        levels = replace(levels, times=times, sigmas=sigmas)
+        x = noised(torch.full((len(z),), float(t_start), device=z.device, dtype=z.dtype))
+        if self.mask is None:
+            return x, levels, None
+        mask = self.mask.to(z.device)
+
+        def project(x, s):  # keep the unmasked region on the guide's noised path
+            return mask * x + (1 - mask) * (guide if s is None else noised(s))
+        return x, levels, project

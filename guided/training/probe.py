@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 PROBE_OPTIONS = {"eps": dict(sampler="dpm++", steps="quad25"),  # per ScoreModel kind
-                 "score": dict(sampler="langevin", steps="100")}
+                 "score": dict(sampler="langevin")}  # the ladder is its steps
 PROBE_SEED = 1_000_003  # fixed: every probe of a run draws the same noise
 
 
