@@ -9,6 +9,7 @@ from guided.diffusion.objectives import adapt
 from guided.errors import GuidedError
 from guided.generation import SampleOptions, load_pipeline, sample_batch
 from guided.generation.options import METHODS
+from guided.samplers.levels import make_levels
 from guided.samplers.registry import SAMPLERS, sampler_for
 
 
@@ -41,22 +42,25 @@ def test_each_sampler_serves_the_model_kinds_its_entry_names():
     for name, spec in SAMPLERS.items():
         for model in (eps, ladder):
             if model.kind in spec.kinds:
-                assert sampler_for(name, model) is spec
+                assert sampler_for(name, model.kind) is spec
             else:
                 with pytest.raises(GuidedError, match=re.escape(name) if model.kind == "score" else "NCSN"):
-                    sampler_for(name, model)
+                    sampler_for(name, model.kind)
     with pytest.raises(GuidedError, match="unknown sampler"):
-        sampler_for("euler", eps)
+        sampler_for("euler", eps.kind)
 
 
-def test_fixed_and_adaptive_steps_are_checked_by_the_registry():
+def test_fixed_and_adaptive_steps_are_made_into_levels_in_one_place():
     eps = adapt(uncond_cfg())
-    assert SAMPLERS["ode"].check_steps(eps, "adaptive") is None  # chooses its own
-    assert SAMPLERS["pc"].check_steps(eps, "30") == 30
+    assert make_levels(eps, "adaptive", "adaptive").sigmas == []  # ode chooses its own
+    pc = make_levels(eps, "sde", "30", "pc")
+    assert pc.count == 30 and len(pc.times) == 30 and pc.times[0] == eps.sde.T
+    chain = make_levels(eps, "chain", "karras10")
+    assert len(chain.sigmas) == 11 and chain.sigmas[-1] == 0 and chain.sigmas == sorted(chain.sigmas, reverse=True)
     with pytest.raises(GuidedError, match="plain step count"):
-        SAMPLERS["pc"].check_steps(eps, "quad25")
+        make_levels(eps, "sde", "quad25", "pc")
     with pytest.raises(GuidedError, match="respacing"):
-        SAMPLERS["ddim"].check_steps(eps, "quadx")
+        make_levels(eps, "chain", "quadx")
 
 
 def test_guidance_methods_are_one_table():
@@ -76,6 +80,6 @@ def test_no_sampler_keeps_an_autograd_graph(uncond):
     for name, spec in SAMPLERS.items():
         if "eps" not in spec.kinds or spec.adaptive:
             continue
-        steps = "30" if spec.plain_count else "4"
+        steps = "30" if spec.levels == "sde" else "4"
         x = sample_batch(uncond, [1], [0], SampleOptions(sampler=name, steps=steps, scale=2.0))
         assert not x.requires_grad, name

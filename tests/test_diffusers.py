@@ -107,7 +107,7 @@ def test_ddim_equals_ddim_pipeline(tmp_path, prediction, eta, spacing, offset):
     unet = cifar_unet(seed=1)
     sched = DDIMScheduler(prediction_type=prediction, timestep_spacing=spacing, steps_offset=offset)
     p = load_pipeline(str(save(tmp_path, unet, sched)), classifier="none")
-    ours = sample_batch(p, [0, 0], SEEDS, SampleOptions(sampler="ddim", steps="10", eta=eta))
+    ours = sample_batch(p, [0, 0], SEEDS, SampleOptions(sampler="ddim", steps="10", settings={"eta": eta}))
     ref = DDIMPipeline(unet=unet, scheduler=sched)(batch_size=2, generator=generators(), num_inference_steps=10,
                                                    eta=eta, use_clipped_model_output=True, output_type="pt").images
     assert relative(ours, ref) < 1e-4
@@ -144,7 +144,7 @@ def test_guided_steps_equal_the_formulas_on_the_unet(tmp_path, prediction):
     p = Pipeline(loaded.model, loaded.diffusion_cfg, clf)
     s, y, i = 3.0, torch.tensor([2, 7]), 5  # respaced index 5 of leading10: t = 500, previous 400
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model_fn, cond_fn = guided_functions(p, y, SampleOptions(scale=s, clip_denoised=False))
+    model_fn, cond_fn = guided_functions(p, y, SampleOptions(scale=s, clip="none"))
     diffusion = p.score_model.process("10")
     with torch.no_grad():  # the gradient term takes its own
         mean = discrete.guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=False)[0]
@@ -196,7 +196,7 @@ def test_every_sampler_and_guidance_term_runs_on_it(tiny_pair, sampler, steps):
                          x0_scale=1.0, extra={"rtol": 1e-2, "atol": 1e-2} if sampler == "ode" else {})
     x = sample_batch(p, [1, 3], [0, 1], opts)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
-    plain = sample_batch(p, [1, 3], [0, 1], SampleOptions(sampler=sampler, steps=steps or "5", extra=opts.extra))
+    plain = sample_batch(p, [1, 3], [0, 1], SampleOptions(sampler=sampler, steps=steps or "5", settings=opts.settings))
     assert not torch.allclose(x, plain)
 
 

@@ -20,6 +20,7 @@ from guided.config import DiffusionConfig, node
 from guided.diffusion.gaussian import create_diffusion, sigma_steps, space_timesteps
 from guided.errors import GuidedError
 from guided.generation import SampleOptions, sample_batch
+from guided.diffusion.space import threshold
 from guided.samplers import fewstep
 from mixture_nets import MEANS, VARS, WEIGHTS
 from test_guidance_layer import EMPTY, TERMS, draw, pipeline
@@ -136,11 +137,11 @@ def test_karras_and_logsnr_respacings():
 
 def test_dynamic_thresholding():
     x0 = torch.tensor([[0.5, -0.2, 0.9, 0.1], [3.0, -4.0, 0.5, 1.0]]).view(2, 1, 2, 2)
-    out = fewstep.threshold(x0, "dynamic", percentile=0.5)
+    out = threshold(x0, "dynamic", percentile=0.5)
     assert torch.equal(out[0], x0[0].clamp(-1, 1))  # quantile under 1: a plain clip
     s = torch.quantile(x0[1].abs().flatten(), 0.5)
     assert torch.allclose(out[1], x0[1].clamp(-s, s) / s) and out.abs().max() <= 1
-    assert torch.equal(fewstep.threshold(x0, "none"), x0)
+    assert torch.equal(threshold(x0, "none"), x0)
 
 
 # -- through the application's path ------------------------------------------------------------------
@@ -149,8 +150,8 @@ def test_the_registry_samples_the_exact_guided_law(sampler):
     """Classifier guidance at scale 1 on the unconditional mixture samples component k exactly
     (at 50 levels the solvers' own variance error is under 4%: the oracle above)."""
     p = pipeline(unconditional=True)
-    o = SampleOptions(sampler=sampler, steps="karras50", scale=1.0, clip_denoised=False, calibration=False,
-                      extra={"churn": 5.0, "s_tmin": 0.0, "s_tmax": 1e9} if sampler == "edm" else {})
+    o = SampleOptions(sampler=sampler, steps="karras50", scale=1.0, clip="none", calibration=False,
+                      settings={"churn": 5.0, "s_tmin": 0.0, "s_tmax": 1e9} if sampler == "edm" else {})
     x = sample_batch(p, [K] * 3000, range(3000), o).flatten(1)
     assert torch.allclose(x.mean(0), MEANS[K], atol=0.012), x.mean(0)
     assert torch.allclose(x.var(0), VARS[K].expand(2), rtol=0.1), x.var(0)
@@ -187,10 +188,10 @@ def test_network_evaluations_and_bad_settings():
         counts[sampler] = len(calls)
         p.model._forward_hooks.clear()
     assert counts == {"dpm++2m-sde": 10, "dpm++3m": 10, "edm": 19}
-    for extra, match in (({"churn": "lots"}, "finite numbers"), ({"threshold": "soft"}, "threshold"),
-                         ({"rtol": 1.0}, "unknown sampler setting")):
+    for extra, match in (({"churn": "lots"}, "takes a float"), ({"churn": -5}, r"must lie in \[0, inf\]"),
+                         ({"rtol": 1.0}, "has no setting 'rtol'"), ({"eta": 0.5}, "has no setting 'eta'")):
         with pytest.raises(GuidedError, match=match):
-            sample_batch(p, [0], [0], SampleOptions(sampler="edm", steps="karras10", extra=extra))
+            sample_batch(p, [0], [0], SampleOptions(sampler="edm", steps="karras10", settings=extra))
 
 
 def test_edm_steps_down_from_pure_noise_without_blowing_up():

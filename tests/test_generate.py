@@ -130,7 +130,7 @@ def test_sdedit_mask_keeps_the_outside(tmp_path):
 @pytest.mark.parametrize("sampler, extra", [("pc", {}), ("ode", {"rtol": 1e-3, "atol": 1e-3}), ("dpm++", {})])
 def test_every_eps_sampler_runs_and_is_seeded_per_sample(sampler, extra):
     p = tiny_pipeline()
-    opts = SampleOptions(sampler=sampler, steps="6" if sampler != "dpm++" else "quad6", scale=1.0, extra=extra)
+    opts = SampleOptions(sampler=sampler, steps="6" if sampler != "dpm++" else "quad6", scale=1.0, settings=extra)
     a = sample_batch(p, [0, 1, 2], [5, 6, 7], opts)
     b = sample_batch(p, [1, 2], [6, 7], opts)
     assert a.shape == (3, 3, 8, 8) and torch.isfinite(a).all()

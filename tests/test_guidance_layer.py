@@ -46,9 +46,9 @@ TERMS = {  # term -> (options with it on, options with it off, interval field)
 
 
 def draw(p, sampler, n=8, steps="10", **opts):
-    o = SampleOptions(sampler=sampler, steps=steps, clip_denoised=False, **opts)
+    o = SampleOptions(sampler=sampler, steps=None if sampler == "ode" else steps, clip="none", **opts)
     if sampler == "ode":
-        o.extra = dict(rtol=1e-4, atol=1e-4)
+        o.settings = dict(rtol=1e-4, atol=1e-4)
     labels = [0, 1] * (n // 2)
     return sample_batch(p, labels, range(100, 100 + n), o)
 
@@ -69,7 +69,7 @@ def test_langevin_interval_on_the_ncsn_ladder():
     p = Pipeline(MixtureNCSN(sigmas), DIFF, LadderClassifier(sigmas), objective="ncsn", ncsn_sigmas=sigmas)
 
     def run(**kw):
-        o = SampleOptions(sampler="langevin", clip_denoised=False, extra=dict(n_steps_each=5), **kw)
+        o = SampleOptions(sampler="langevin", clip="none", settings=dict(n_steps_each=5), **kw)
         return sample_batch(p, [0, 1] * 4, range(8), o)
     full, none = run(scale=2.0), run(scale=0.0)
     assert not torch.allclose(full, none, atol=1e-3)
@@ -136,8 +136,8 @@ def test_autoguidance_moves_a_gaussian_as_theory_says(sampler, steps, stochastic
     n = 1000 if sampler in ("ode", "pc") else 2000
     # pc without its Langevin corrector: with guidance the corrector targets the tilted marginal at each t,
     # not the reverse SDE's law that the oracle integrates
-    extra = {"ode": dict(rtol=1e-5, atol=1e-5), "pc": dict(corrector=None)}.get(sampler, {})
-    o = SampleOptions(sampler=sampler, steps=steps or "100", clip_denoised=False, autoguide_scale=W, extra=extra)
+    extra = {"ode": dict(rtol=1e-5, atol=1e-5), "pc": dict(corrector="none")}.get(sampler, {})
+    o = SampleOptions(sampler=sampler, steps=steps or (None if sampler == "ode" else "100"), clip="none", autoguide_scale=W, settings=extra)
     x = sample_batch(p, [0] * n, range(n), o).reshape(n, 2)
     want = oracle_std(stochastic)
     assert want < math.sqrt(S) * 0.9  # autoguidance at w > 1 sharpens: the effect tested is real

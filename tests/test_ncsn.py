@@ -42,7 +42,7 @@ def test_ncsn_classifier_trains_and_guides_langevin(tiny):
 
     def logp(scale):
         x = sample_batch(p, y, seeds, SampleOptions(sampler="langevin", scale=scale,
-                                                    extra={"n_steps_each": 5}))
+                                                    settings={"n_steps_each": 5}))
         with torch.no_grad():  # the classifier at the smallest sigma (ladder index L - 1)
             logits = trainer.net.eval()(x, torch.full((8,), 3))
         return torch.log_softmax(logits, -1)[:, 4].mean().item()

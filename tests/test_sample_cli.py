@@ -176,7 +176,7 @@ def test_the_shipped_models_default_to_the_few_step_sampler(tmp_path, capsys):
         args = build_parser().parse_args(list(argv))
         resolve_sampler(args)
         opts = options(args, 1.0)
-        return opts.sampler, opts.steps, opts.extra
+        return opts.sampler, opts.steps, opts.settings
 
     assert resolved("--model", "uncond") == ("dpm++2m-sde", "karras20", {"threshold": "static"})
     assert resolved("--model", "cond", "--steps", "50") == ("ddpm", "50", {})

@@ -160,4 +160,5 @@ def _wrap(fn):
     return run
 
 
-run_dpmpp_2m_sde, run_dpmpp_3m, run_edm = (_wrap(f) for f in (dpmpp_2m_sde, dpmpp_3m, edm))
+FUNCTIONS = {"dpm++2m-sde": dpmpp_2m_sde, "dpm++3m": dpmpp_3m, "edm": edm}  # over (D, sigmas, x)
+run_dpmpp_2m_sde, run_dpmpp_3m, run_edm = (_wrap(f) for f in FUNCTIONS.values())
