@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -23,6 +24,19 @@ os.umask(_UMASK)
 # Test hook (fault injection, tests/test_faults.py): pause this many seconds between writing a
 # ckpt-*.pt temp file and renaming it, so a harness can kill the process mid-checkpoint.
 PAUSE_ENV = "GUIDED_FAULT_PAUSE_CKPT_WRITE"
+
+
+CKPT_FORMAT = "guided-checkpoint"  # the header of a full training state (guided.training.checkpoints)
+_CKPT_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ckpt-*.pt in run_dir, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT_NAME.match(p.name))]
+    return sorted(found)
 
 
 def atomic_write(path: str | Path, write: Callable) -> Path:
@@ -79,34 +93,30 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _remedy(path: Path, what: str) -> str:
+def _remedy(what: str, url: Optional[str]) -> str:
     """What to do about a damaged file: a training checkpoint has earlier ones, a weights file
-    was copied or downloaded, a released ADM checkpoint comes from the paper's site."""
-    from guided.networks.adm import RELEASE_URL, released_name
-
+    was copied or downloaded, a released ADM checkpoint comes from the paper's site (`url`)."""
     if what == "checkpoint":
         return "delete it and resume from an earlier one"
-    if (name := released_name(path)) is not None:
-        return f"download it again ({RELEASE_URL}{name})"
+    if url is not None:
+        return f"download it again ({url})"
     return "copy, export or download it again"
 
 
-def read_file(path: str | Path, what: str = "checkpoint"):
-    """torch.load(weights_only=True) whose failures are one-line GuidedErrors."""
-    from guided.networks.adm import RELEASE_URL, released_name
-
+def read_file(path: str | Path, what: str = "checkpoint", url: Optional[str] = None):
+    """torch.load(weights_only=True) whose failures are one-line GuidedErrors; `url`: where the file can be
+    downloaded (a released checkpoint's address), named in the message."""
     path = Path(path)
     if not path.exists():
-        name = released_name(path)
-        where = f" (download it from {RELEASE_URL}{name})" if name else ""
+        where = f" (download it from {url})" if url else ""
         raise GuidedError(f"{what} {path} does not exist{where}")
     if path.is_dir():
         raise GuidedError(f"{what} {path} is a folder, not a file")
     if path.stat().st_size == 0:
-        raise GuidedError(f"{what} {path} is empty (0 bytes): {_remedy(path, what)}")
+        raise GuidedError(f"{what} {path} is empty (0 bytes): {_remedy(what, url)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zipfile, pickle, EOF and storage errors of a damaged file
         why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        fix = "" if what == "checkpoint" else f": {_remedy(path, what)}"  # (training skips to an older one)
+        fix = "" if what == "checkpoint" else f": {_remedy(what, url)}"  # (training skips to an older one)
         raise GuidedError(f"{what} {path} is truncated or corrupt ({why[:100]}){fix}") from None

@@ -1,5 +1,6 @@
 """guided-demo: the page's requests and streams on tiny models, and the real page in headless Chromium."""
-import csv
+import dataclasses
+import json
 import math
 import threading
 import time
@@ -7,6 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from guided.config import SamplingConfig
+from guided.generation import load_pipeline
 from PIL import Image
 
 from guided.config import ClassifierConfig, DiffusionConfig, UNetConfig, node
@@ -52,7 +56,7 @@ def test_each_method_sets_its_sample_options():
     # the command line's sampler flags are kept; the page's sampler and steps replace its own
     args = build_parser().parse_args(["--eta", "0.5", "--no-clip", "--sampler", "pc", "--steps", "77"])
     opts = ask(p, args)[2]
-    assert (opts.eta, opts.clip_denoised, opts.sampler, opts.steps) == (0.5, False, "ddim", "10")
+    assert (opts.settings["eta"], opts.clip, opts.sampler, opts.steps) == (0.5, "none", "ddim", "10")
     labels, seeds, opts = ask(p, class_text="0, 2", num_samples=4, seed=7)
     assert labels.tolist() == [0, 2, 0, 2] and seeds.tolist() == [7, 8, 9, 10]
     assert (opts.sampler, opts.steps) == ("ddim", "10")
@@ -82,7 +86,9 @@ def test_bad_requests_get_one_line(kw, message):
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("sampler, steps", [("ddpm", "10"), ("dpm++", "quad10"), ("pc", "10")])
 def test_stream_shows_x0_along_the_way_and_the_same_samples(channels, sampler, steps):
-    p = tiny_pipeline(channels)
+    # clip_guided where it changes the sampler, as the shipped models' configs say: pc's unclipped score
+    # saturates this random-weight network's images from the first step, and there is nothing to preview
+    p = tiny_pipeline(channels, defaults=SamplingConfig(clip_guided=True))
     labels, seeds, opts = ask(p, sampler=sampler, steps=steps)
     events = list(stream(p, labels, seeds, opts, "cpu"))
     done = [d for d, _, _ in events]
@@ -118,19 +124,26 @@ def test_a_page_that_goes_away_stops_the_sampling_thread():
     assert time.perf_counter() - start < 5  # 1,000 steps would take far longer
 
 
+def write_results(folder, rows=((0, 61.0, 0.87), (4, 41.6, 0.96))):
+    """A sweep's results.json as guided.evaluation.sweeps.save_results writes it (one seed per value)."""
+    one = lambda v: {"mean": v, "std": None, "min": v, "max": v}  # noqa: E731
+    summary = [{"scale": s, "seeds": 1, "num_samples": 10, "fid": one(f), "judge_accuracy": one(a)} for s, f, a in rows]
+    (folder / "results.json").write_text(json.dumps({"param": "scale", "summary": summary, "runs": []}))
+
+
 def test_read_sweep(tmp_path):
-    with open(tmp_path / "results.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["scale", "fid", "judge_accuracy"], ["0", "61.0", "0.87"], ["4", "41.6", "0.96"]])
+    write_results(tmp_path)
     Image.new("RGB", (40, 30), "white").save(tmp_path / "sweep.png")
     (tmp_path / "scale_4").mkdir()
     Image.new("L", (20, 10)).save(tmp_path / "scale_4" / "grid.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    header, rows, plots = read_sweep(tmp_path)
-    assert header == ["scale", "fid", "judge_accuracy"] and rows == [["0", "61.0", "0.87"], ["4", "41.6", "0.96"]]
+    header, rows, plots = read_sweep(tmp_path)  # the rows of results.csv, read from results.json
+    assert header[:4] == ["scale", "seeds", "num_samples", "fid_mean"] and "judge_accuracy_mean" in header
+    assert [r[:4] for r in rows] == [[0, 1, 10, 61.0], [4, 1, 10, 41.6]]
     assert [(cap, im.size) for im, cap in plots] == [("sweep.png", (40, 30)), ("scale_4/grid.png", (20, 10))]
     with pytest.raises(GuidedError, match="is not a folder"):
         read_sweep(tmp_path / "nowhere")
-    with pytest.raises(GuidedError, match="holds no results.csv"):
+    with pytest.raises(GuidedError, match="holds no results.json"):
         read_sweep(tmp_path / "scale_4")
 
 
@@ -179,7 +192,7 @@ def test_the_page_in_a_real_browser(tmp_path):
 
         sweep = tmp_path / "sweep"
         sweep.mkdir()
-        (sweep / "results.csv").write_text("scale,fid,judge_accuracy\n0,61.0,0.87\n4,41.6,0.96\n")
+        write_results(sweep)
         Image.new("RGB", (120, 80), "navy").save(sweep / "sweep.png")
         driver.find_element("xpath", "//button[@role='tab' and contains(., 'Sweep')]").click()
         web.field(driver, "sweep-folder", sweep)
@@ -269,8 +282,10 @@ def test_the_page_starts_on_the_samplers_of_sample_guided():
 
     def started(*argv):
         args = build_parser().parse_args(list(argv))
-        start(args)
-        return args.sampler, args.steps
+        p = load_pipeline("uncond")
+        if args.model != "cond":  # a model whose config sets no sampling defaults
+            p = dataclasses.replace(p, defaults=SamplingConfig())
+        return start(args, p)[2:]
 
     assert started() == ("dpm++2m-sde", "karras20")
     assert started("--steps", "10") == ("ddpm", "10")

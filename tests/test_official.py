@@ -13,9 +13,13 @@ from guided.cli.options import options, pipeline_keywords
 from guided.cli.sample import build_parser, main
 from guided.evaluation.conformance import LOOP_TOL, TOL, rel_error
 from guided.generation import load_pipeline as load, sample_batch, to_uint8
-from guided.generation.pipeline import make_job
-from guided.samplers.discrete import SampleNoise
-from guided.samplers.registry import discrete_inputs, guided_score
+import dataclasses
+
+from guided.config import SamplingConfig
+from guided.generation.pipeline import guided_denoiser
+from guided.generation.resolve import resolve
+from guided.samplers.levels import make_levels
+from guided.samplers.noise import SampleNoise
 
 
 def load_pipeline(args, device):
@@ -23,15 +27,17 @@ def load_pipeline(args, device):
 
 
 def discrete_sampler(p, labels, opts, noise):
-    """(diffusion, model_fn, keywords) of one discrete step, as the sampler registry runs it."""
-    job = make_job(p, labels, noise, opts)
-    diffusion, kw = discrete_inputs(opts.sampler, job)
-    return diffusion, job.model_fn, kw
+    """(diffusion, model_fn, keywords) of one discrete step, as the registry's entries run it."""
+    opts = resolve(p, opts)
+    den = guided_denoiser(p, torch.as_tensor(labels), opts)
+    chain = make_levels(p.score_model, "chain", opts.steps).chain
+    kw = dict(noise=noise, cond_fn=den.grad, clip_denoised=den.clips, clip_guided=den.clip_guided, clip_fn=den.clip_x0)
+    form = opts.settings.get("ddpm_form")
+    return chain, den.output, {**kw, **({"guidance_form": form} if form else {"eta": opts.settings.get("eta", 0.0)})}
 
 
 def score_function(p, y, opts):
-    job = make_job(p, y.tolist(), SampleNoise(range(len(y))), opts)
-    return guided_score(job), p.score_model.sde
+    return guided_denoiser(p, y, resolve(p, opts)).score(), p.score_model.sde
 from guided.samplers.discrete import ddim_step, ddpm_step
 
 GUIDED_A = Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance" / "guided_a.pt"
@@ -69,24 +75,28 @@ def save_random(build, flags, path, seed=0):
 
 
 # -- 1. the extra clip: off (the paper's arithmetic) except for the shipped cosine digits models ---------
-@pytest.mark.parametrize("argv, expected", [
-    (["--model", "cond", "--sampler", "ddim"], True),
-    (["--model", "uncond", "--sampler", "dpm++"], True),
-    (["--model", "uncond", "--sampler", "pc"], True),
-    (["--model", "uncond", "--sampler", "ddpm"], False),  # guidance shifts the mean: nothing to clip again
-    (["--model", "uncond", "--sampler", "ddim", "--no-clip"], False),
-    (["--model", "ncsn", "--sampler", "pc"], False),
-    (["--model", "cond", "--sampler", "ddim", "--no-clip-guided"], False),
-    (["--model", "64x64_diffusion.pt", "--sampler", "ddim"], False),
-    (["--model", "runs/mine", "--sampler", "ode"], False),
-    (["--model", "runs/mine", "--sampler", "dpm++", "--clip-guided"], True),
+@pytest.mark.parametrize("model, argv, expected", [
+    ("cond", ["--sampler", "ddim"], True),
+    ("uncond", ["--sampler", "dpm++"], True),
+    ("uncond", ["--sampler", "pc"], True),
+    ("uncond", ["--sampler", "ddpm"], False),  # guidance shifts the mean: nothing to clip again
+    ("uncond", ["--sampler", "ddim", "--no-clip"], False),
+    ("ncsn", ["--sampler", "pc"], False),
+    ("cond", ["--sampler", "ddim", "--no-clip-guided"], False),
+    ("other", ["--sampler", "ddim"], False),  # a model whose config sets no sampling defaults
+    ("other", ["--sampler", "ode"], False),
+    ("other", ["--sampler", "dpm++", "--clip-guided"], True),
 ])
-def test_clip_guided_default_per_model_kind(argv, expected):
-    assert options(build_parser().parse_args(argv), 4.0).clip_guided is expected
+def test_clip_guided_default_per_model(model, argv, expected):
+    """Decided once, after loading, from the model's own config (its sampling node), else off."""
+    p = load("uncond" if model == "other" else model)
+    if model == "other":
+        p = dataclasses.replace(p, defaults=SamplingConfig())
+    assert resolve(p, options(build_parser().parse_args(argv), 4.0)).clip_guided is expected
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--clip-guided", "--no-clip", "--sampler", "ddim"], "--clip-guided clips x0 to [-1, 1]; it cannot go with"),
+    (["--clip-guided", "--no-clip", "--sampler", "ddim"], "--clip-guided clips x0 to the data range; it cannot go"),
     (["--clip-guided", "--sampler", "ddpm"], "--clip-guided does not change the ddpm sampler"),
 ])
 def test_clip_guided_that_cannot_apply_is_refused(tmp_path, capsys, argv, message):
@@ -255,7 +265,7 @@ def test_cli_defaults_take_the_reference_guided_ddim_step(reference):
     d, argv = reference
     args = build_parser().parse_args(argv)
     opts = options(args, args.scale)
-    assert opts.clip_denoised and d["clip_denoised"]
+    assert resolve(load_pipeline(args, "cpu"), opts).clip == "static" and d["clip_denoised"]
     p = load_pipeline(args, "cpu")
     x, i = d["step_x"], int(d["step_index"][0])
     diffusion, model_fn, kw = discrete_sampler(p, [int(c) for c in d["y"]], opts, SampleNoise([0, 1]))

@@ -160,8 +160,9 @@ def test_help_shows_the_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("guidance scale s (0 = none) (default: 1 where the model has a noise-aware classifier and no other guidance method is named, else 0)", "(default: 100; the ode and langevin",
                   "(default: out)", "how many samples to draw (default: 100)",
-                  "(default: ddpm; for the shipped cond and uncond models asked for no --steps either, dpm++2m-sde on "
-                  "karras20)"):
+                  "(default: the model's own, set in its config's sampling node: dpm++2m-sde on karras20 for the "
+                  "shipped cond and uncond models asked for no --steps either; else ddpm for eps models, langevin "
+                  "for NCSN models)"):
         assert shown in text, shown
 
 
@@ -169,24 +170,24 @@ def test_the_shipped_models_default_to_the_few_step_sampler(tmp_path, capsys):
     """Asked for neither --sampler nor --steps, the shipped models sample with DPM-Solver++(2M) SDE on
     karras20, statically thresholded (README "Guided sampling in few steps"): the same images as
     naming those settings; naming --steps, another model or an init image keeps the paper's ddpm."""
-    from guided.cli.options import options, resolve_sampler
+    from guided.cli.options import options
     from guided.cli.sample import build_parser
+    from guided.generation import load_pipeline
+    from guided.generation.resolve import resolve
 
-    def resolved(*argv):
-        args = build_parser().parse_args(list(argv))
-        resolve_sampler(args)
-        opts = options(args, 1.0)
-        return opts.sampler, opts.steps, opts.settings
+    def resolved(*argv, model="uncond", editing=False):
+        args = build_parser().parse_args(["--model", model, *argv])
+        opts = resolve(load_pipeline(model), options(args, 1.0), editing=editing)  # decided after loading
+        return opts.sampler, opts.steps, opts.clip
 
-    assert resolved("--model", "uncond") == ("dpm++2m-sde", "karras20", {"threshold": "static"})
-    assert resolved("--model", "cond", "--steps", "50") == ("ddpm", "50", {})
-    assert resolved("--model", "uncond", "--sampler", "edm", "--steps", "karras10") == \
-        ("edm", "karras10", {"threshold": "static"})
-    assert resolved("--model", "uncond", "--sampler", "dpm++2m-sde", "--sampler-arg", "threshold=dynamic") == \
-        ("dpm++2m-sde", "100", {"threshold": "dynamic"})
-    assert resolved("--model", "ncsn", "--sampler", "langevin")[0] == "langevin"
-    assert resolved("--model", "uncond", "--init-image", "x.png")[0] == "ddpm"
-    assert resolved("--model", str(tmp_path / "run"))[:2] == ("ddpm", "100")  # not shipped: the paper's sampler
+    assert resolved() == ("dpm++2m-sde", "karras20", "static")
+    assert resolved("--steps", "50", model="cond") == ("ddpm", "50", "static")
+    assert resolved("--sampler", "edm", "--steps", "karras10") == ("edm", "karras10", "static")
+    assert resolved("--sampler", "dpm++2m-sde", "--sampler-arg", "threshold=dynamic") == \
+        ("dpm++2m-sde", "100", "dynamic")
+    assert resolved("--sampler", "langevin", model="ncsn")[0] == "langevin"
+    assert resolved(model="ncsn")[0] == "langevin"  # the registry's default for an NCSN model
+    assert resolved(editing=True)[0] == "ddpm"
 
     base = ("--model", "uncond", "--class", 4, "--scale", 2.5, "--num-samples", 3, "--seed", 7, "--grid", 0)
     assert run(capsys, *base, "--out", tmp_path / "default")[0] == 0
@@ -195,8 +196,8 @@ def test_the_shipped_models_default_to_the_few_step_sampler(tmp_path, capsys):
     with np.load(tmp_path / "default" / "samples.npz") as a, np.load(tmp_path / "named" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
     settings = json.loads((tmp_path / "default" / "settings.json").read_text())["options"]
-    assert (settings["sampler"], settings["steps"], settings["extra"]) == ("dpm++2m-sde", "karras20",
-                                                                            {"threshold": "static"})
+    assert (settings["sampler"], settings["steps"], settings["clip"], settings["settings"]) == (
+        "dpm++2m-sde", "karras20", "static", {"eta": 1.0})  # every value that shaped the samples
 
 
 def test_grid_size_is_an_option(tmp_path, capsys):
@@ -344,21 +345,27 @@ def test_a_model_without_a_classifier_samples_unguided(tmp_path, capsys):
 
 
 def test_the_three_programs_share_the_guidance_defaults():
-    """sample_guided.py, the sweep and the demo resolve --scale by one rule."""
+    """sample_guided.py, the sweep and the demo resolve --scale by one rule, after loading."""
     from guided.cli import demo, sample, sweep
-    from guided.cli.options import resolve_scale
+    from guided.cli.options import options, pipeline_keywords
+    from guided.generation import load_pipeline
+    from guided.generation.resolve import resolve
 
     cases = {(): 1.0, ("--autoguide-scale", "2"): 0.0, ("--x0-scale", "4"): 0.0, ("--cfg-scale", "2"): 0.0,
              ("--classifier", "none"): 0.0, ("--cfg-scale", "2", "--scale", "3"): 3.0}
     for argv, scale in cases.items():
         for program, more in ((sample, []), (sweep, ["--out", "s"]), (demo, [])):
-            assert resolve_scale(program.build_parser().parse_args([*argv, *more])) == scale, (program, argv)
+            args = program.build_parser().parse_args([*argv, *more])
+            p = load_pipeline(**pipeline_keywords(args, "cpu"))
+            assert resolve(p, options(args, args.scale)).scale == scale, (program, argv)
     args = sweep.build_parser().parse_args(["--sweep", "x0_scale=1,2", "--out", "s"])
     assert sweep.base_scale(args, "x0_scale") == 0.0  # the swept method runs alone
     for argv, start in {(): ("classifier", 1.0), ("--x0-scale", "3"): ("x0-classifier", 3.0),
                         ("--method", "autoguidance"): ("autoguidance", 2.0), ("--classifier", "none"): ("none", 0.0),
                         ("--method", "classifier", "--scale", "6"): ("classifier", 6.0)}.items():
-        assert demo.start(demo.build_parser().parse_args(list(argv))) == start, argv
+        args = demo.build_parser().parse_args(list(argv))
+        p = load_pipeline(**pipeline_keywords(args, "cpu", optional=("autoguide", "x0_classifier")))
+        assert demo.start(args, p)[:2] == start, argv
 
 
 def test_overwrite_leaves_nothing_of_the_previous_run(tmp_path, capsys):

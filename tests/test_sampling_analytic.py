@@ -95,7 +95,7 @@ def test_step_callback_sees_each_x0_prediction_and_changes_nothing(sampler, step
 def test_preview_reports_tweedies_x0_along_a_score_sampler():
     """generate.previewing: at each score evaluation of the pc sampler, the share of [T, eps] done
     and (x + sigma^2 s) / alpha, which for Gaussian data is exactly E[x0 | x_t]; pc's output unchanged."""
-    from guided.samplers.registry import reporting as previewing
+    from guided.guidance.denoiser import reporting as previewing
     from guided.samplers.continuous import pc_sampler
     from guided.diffusion.sde import VPSDE
 

@@ -12,7 +12,6 @@ results.csv and its PNG plots. Needs the demo extra: pip install -e ".[demo]" (G
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import queue
@@ -31,6 +30,7 @@ from guided.errors import GuidedError
 from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
 from guided.generation import to_uint8
 from guided.generation.loading import parse_classes
+from guided.evaluation.sweeps import flat_rows, load_sweep
 from guided.generation.options import METHODS as GUIDANCE
 from guided.generation.runtime import check_device, default_device
 from guided.generation.resolve import check_guidance, resolve
@@ -217,13 +217,9 @@ def read_sweep(folder):
     folder = Path(str(folder).strip()).expanduser()
     if not folder.is_dir():
         raise GuidedError(f"{folder} is not a folder; give a sweep folder (python -m guided.cli.sweep --out FOLDER)")
-    table = folder / "results.csv"
-    if not table.is_file():
-        raise GuidedError(f"{folder} holds no results.csv; write one with python -m guided.cli.sweep --out {folder}")
-    with open(table, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise GuidedError(f"{table} is empty")
+    rows = flat_rows(load_sweep(folder))  # the one reader of a sweep's results (guided.evaluation.sweeps)
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [header, *([r.get(k, "") for k in header] for r in rows)]
     plots = []
     for png in sorted(folder.glob("*.png")) + sorted(folder.glob("*/grid.png")):
         try:

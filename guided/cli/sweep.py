@@ -15,36 +15,27 @@ their curves to OUT/sweep.png (guided.evaluation.plots; python -m guided.cli.plo
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import io
-import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Optional
-
-import torch
 
 from guided.cli import Parser, run_cli
 from guided.cli.evaluation_options import add_feature_options
 from guided.cli.options import (_number, _scales, add_guidance_args, add_model_args, add_sampler_args, guide_settings,
                                 interval, options, pipeline_keywords)
 from guided.errors import GuidedError
-from guided.evaluation.evaluate import METRICS, NpzImages, evaluate
+from guided.evaluation.evaluate import NpzImages
 from guided.evaluation.features import get_extractor
-from guided.evaluation.metrics import summarize
-from guided.evaluation.plots import label, plot_sweep
-from guided.generation import SampleOptions, generate, load_pipeline
+from guided.evaluation.plots import plot_sweep
+from guided.evaluation.sweeps import SweepPlan, claim, file_digest, format_table, run_sweep, weights_digest
+from guided.generation import SampleOptions, load_pipeline
 from guided.generation.loading import parse_classes
 from guided.generation.options import METHODS
 from guided.generation.resolve import resolve
 from guided.generation.runtime import processes
-from guided.generation.writer import write_output
 
 DIGITS_REFERENCE = {"data": "digits", "num_samples": 1000, "seed": 0}  # python -m guided.cli.reference_batch digits
-RESULT_FILES = ("settings.json", "results.json", "results.csv", "runs.csv", "sweep.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,25 +120,6 @@ def build_parser() -> Parser:
     return p
 
 
-# -- what a sweep is made with -------------------------------------------------------------------
-def weights_digest(module) -> Optional[str]:
-    """sha256 of a network's weights (values in order, so a compiled copy digests the same)."""
-    if module is None:
-        return None
-    h = hashlib.sha256()
-    for t in module.state_dict().values():
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def sweep_settings(args, param: str, pipeline, classes, features: str, base) -> dict:
     """Everything that changes the numbers of a sweep; not the values, seeds, batch size or device."""
     opts = dataclasses.asdict(base)
@@ -167,96 +139,6 @@ def sweep_settings(args, param: str, pipeline, classes, features: str, base) -> 
             "autoguide_weights": weights_digest(pipeline.weak_model),
             "x0_classifier_weights": weights_digest(pipeline.x0_classifier),
             "options": opts, "reference": reference, "features": features}
-
-
-def _flat(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def differences(old: dict, new: dict) -> list[str]:
-    a, b = _flat(old), _flat(new)
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
-
-
-def claim(out: Path, settings: dict, overwrite: bool, write: bool) -> None:
-    """Make `out` this sweep's folder: refuse one holding another sweep (or samples), unless
-    `overwrite`, which deletes that sweep first. Only the writing process (`write`) changes files."""
-    settings = json.loads(json.dumps(settings))  # as it reads back
-    f = out / "settings.json"
-    old = json.loads(f.read_text()) if f.is_file() else None
-    if old is not None and "sweep" not in old:
-        raise GuidedError(f"{out} holds samples of sample_guided.py, not a sweep; choose another --out")
-    legacy = old is None and (out / "results.json").is_file()
-    if (legacy or (old is not None and old != settings)) and not overwrite:
-        why = "a sweep from before sweeps recorded their settings" if legacy else \
-            "a sweep with other settings (" + "; ".join(differences(old, settings)) + ")"
-        raise GuidedError(f"{out} holds {why}; pass --overwrite to delete it and start afresh, or choose another --out")
-    if not write:
-        return
-    if overwrite and (legacy or old is not None):
-        param = old["sweep"] if old else "scale"
-        for p in [*(out / n for n in RESULT_FILES), *out.glob(f"{param}_*"), *out.glob("reference_digits_*")]:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    if not f.is_file() or overwrite:
-        write_output(f, lambda fh: fh.write((json.dumps(settings, indent=1) + "\n").encode()))
-
-
-# -- the results book ----------------------------------------------------------------------------
-def load_runs(out: Path) -> list[dict]:
-    f = out / "results.json"
-    return json.loads(f.read_text())["runs"] if f.is_file() else []
-
-
-def summarize_runs(runs: list[dict], param: str) -> list[dict]:
-    """Per value: how many seeds, and mean / std / min / max of every metric over them."""
-    values = list(dict.fromkeys(r[param] for r in runs))
-    if all(isinstance(v, (int, float)) for v in values):
-        values.sort()
-    rows = []
-    for v in values:
-        mine = [r for r in runs if r[param] == v]
-        row = {param: v, "seeds": len(mine), "num_samples": mine[0]["num_samples"]}
-        row.update({m: summarize([r.get(m) for r in mine]) for m in METRICS if any(m in r for r in mine)})
-        rows.append(row)
-    return rows
-
-
-def save_results(out: Path, settings: dict, runs: list[dict], extractor) -> dict:
-    param = settings["sweep"]
-    results = {"param": param, "features": extractor.name, "fd_key": extractor.fd_key, "settings": settings,
-               "summary": summarize_runs(runs, param), "runs": runs}
-    write_output(out / "results.json", lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
-    flat = [{param: r[param], "seeds": r["seeds"], "num_samples": r["num_samples"],
-             **{f"{m}_{s}": r[m][s] for m in METRICS if m in r for s in ("mean", "std", "min", "max")}}
-            for r in results["summary"]]
-    _write_csv(out / "results.csv", flat)
-    _write_csv(out / "runs.csv", runs)
-    plot_sweep(out / "sweep.png", results)
-    return results
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    w.writeheader()
-    w.writerows(rows)
-    write_output(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def format_table(results: dict) -> str:
-    """The summary as text: mean +- std (min) of every metric per value, with the counts."""
-    param, rows = results["param"], results["summary"]
-    metrics = [m for m in METRICS if any(m in r for r in rows)]
-    cell = lambda s: "-" if s["mean"] is None else (  # noqa: E731
-        f"{s['mean']:.4g}" + (f" +- {s['std']:.2g} (min {s['min']:.4g})" if s["std"] is not None else ""))
-    table = [[param, "seeds", "samples", *metrics]]
-    table += [[label(r[param]), str(r["seeds"]), str(r["num_samples"]), *(cell(r[m]) if m in r else "-" for m in metrics)]
-              for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 
 # -- the sweep -----------------------------------------------------------------------------------
@@ -293,24 +175,6 @@ def reference_file(args, out: Path, settings: dict) -> Path:
     return path
 
 
-def run_point(args, pipeline, classes, spec, value, seed, point: Path, device, rank, world, barrier) -> Path:
-    npz, record = point / "samples.npz", point / "settings.json"
-    opts = resolve(pipeline, spec.options(options(args, args.scale), value))
-    if npz.exists() and record.exists():  # sampled before an interruption: it must be this point's
-        expected = {"seed": seed, "num_samples": args.num_samples, "options": dataclasses.asdict(opts)}
-        found = json.loads(record.read_text())
-        if any(found.get(k) != json.loads(json.dumps(v)) for k, v in expected.items()):
-            raise GuidedError(f"{npz} was drawn with other settings than this sweep's; delete {point} "
-                              f"or use --overwrite")
-        return npz
-    # without settings.json the assembly was cut short: its batches are still in parts/ and are reused
-    generate(pipeline, point, classes=classes, num_samples=args.num_samples, batch_size=args.batch_size, seed=seed,
-             opts=opts, device=device, rank=rank, world_size=world, barrier=barrier, class_sampling=args.class_sampling,
-             settings={"model": args.model, "classifier": args.classifier, "sweep": str(point.parent.parent)},
-             overwrite=npz.exists())
-    return npz
-
-
 def sweep(args) -> dict:
     param, values = swept(args)
     spec = SWEEPABLE[param]
@@ -319,7 +183,7 @@ def sweep(args) -> dict:
     if param == "eta" and args.sampler is None:  # eta is DDIM's
         args.sampler = "ddim"
     base_scale(args, param)
-    options(args, args.scale)  # contradictory sampler options are refused before any loading
+    request = options(args, args.scale)  # contradictory sampler options are refused before any loading
     if args.reference != "digits":  # a missing, empty or foreign reference is refused before any sampling
         if not Path(args.reference).exists():
             raise GuidedError(f"reference batch {args.reference} does not exist")
@@ -330,7 +194,7 @@ def sweep(args) -> dict:
     pipeline = load_pipeline(**pipeline_keywords(args, device, optional=swept_network(param)))
     classes = parse_classes(args.classes, pipeline)
     features = args.features or ("digits" if args.reference == "digits" else "inception")
-    base = resolve(pipeline, options(args, args.scale))  # the policy, once: every point's options derive from it
+    base = resolve(pipeline, request)  # the policy, once: every point's options derive from the same request
     settings = sweep_settings(args, param, pipeline, classes, features, base)
     claim(out, settings, args.overwrite, write=rank == 0)
     if barrier:
@@ -339,34 +203,13 @@ def sweep(args) -> dict:
     if rank == 0:  # before any sampling: missing weights fail now, not after hours
         extractor = get_extractor(features, pipeline.shape()[1], args.inception_weights, device, args.dinov2_weights)
         reference = reference_file(args, out, settings)
-    runs = load_runs(out)
-    done = {(json.dumps(r[param]), r["seed"]) for r in runs}
-    seeds = [args.seed + j * args.num_samples for j in range(args.seeds)]
-    todo = [(v, s) for v in values for s in seeds if (json.dumps(v), s) not in done]
-    warned = set()
-    for value, seed in todo:
-        point = out / f"{param}_{label(value)}" / f"seed_{seed}"
-        npz = run_point(args, pipeline, classes, spec, value, seed, point, device, rank, world, barrier)
-        if rank != 0:
-            continue
-        m = evaluate(npz, reference, extractor, batch_size=64, device=device)
-        runs.append({param: value, "seed": seed, **{k: m[k] for k in (*METRICS, "num_samples", "num_reference",
-                                                                      "num_labelled") if k in m}})
-        save_results(out, settings, runs, extractor)
-        print(f"{param}={label(value)} seed={seed}: " + " ".join(
-            f"{k}={m[k]:.4g}" for k in METRICS if k in m) + f" ({m['num_samples']} samples)")
-        for w in m["warnings"]:
-            if w not in warned:
-                print(f"warning: {w}", file=sys.stderr)
-                warned.add(w)
-    if rank != 0:
-        return {}
-    if not runs:
-        raise GuidedError(f"{out}: nothing to evaluate")
-    results = json.loads((out / "results.json").read_text())
-    if not todo:
-        print(f"{out} is complete: {len(values)} values x {len(seeds)} seeds already evaluated; nothing to do")
-    print(format_table(results))
+    plan = SweepPlan(param, values, spec.options, request, classes, args.num_samples, args.batch_size,
+                     [args.seed + j * args.num_samples for j in range(args.seeds)], args.class_sampling,
+                     record={"model": args.model, "classifier": args.classifier})
+    results = run_sweep(pipeline, plan, out, settings, extractor, reference, device=device, rank=rank, world=world,
+                        barrier=barrier, plot=lambda o, r: plot_sweep(o / "sweep.png", r))
+    if results:
+        print(format_table(results))
     return results
 
 

@@ -2,8 +2,8 @@
 
 An objective owns its noise levels (`num_levels`, what training losses are logged by quarter
 of), the randomness it draws for a batch (`prepare`), its per-example loss (`loss`), how the
-classifier trainer noises clean images for it (`noise`, `network_t`), and which samplers its
-networks allow (`samplers`). `objective_from_config(run_cfg)` builds the one a config names;
+classifier trainer noises clean images for it (`noise`, `network_t`), and the kind of model its
+networks are (`kind`: the sampler registry says which samplers serve each kind). `objective_from_config(run_cfg)` builds the one a config names;
 `OBJECTIVES` lists them all. Level indices t run from little to much noise for every objective.
 
   eps     the eps-MSE of Ho et al. (eq. 14), plus L_vb on a learned variance (the hybrid loss,
@@ -88,12 +88,6 @@ class Objective:
     def adapt(cls, diffusion_cfg, sigmas=None, learned_variance: bool = False) -> ScoreModel:
         """Its networks adapted to the samplers' interface: an eps network on the chain of diffusion_cfg."""
         return EpsModel(diffusion_cfg, learned_variance)
-
-    @property
-    def samplers(self) -> tuple[str, ...]:
-        """The samplers its networks allow: the registry's entries that serve its kind."""
-        from guided.samplers.registry import serving  # samplers sit above diffusion: asked, not imported
-        return serving(self.kind)
 
 
 class EpsObjective(Objective):

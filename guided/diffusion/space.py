@@ -2,7 +2,7 @@
 
 A sampler works on x in the model's space and never assumes pixels: the x0 prediction is clipped or
 thresholded only where the space has a range (`clip`), and the sampler's output is turned into
-images once, at the end (`finish`). `Pixels` is the space of every pixel model (images in [-1, 1]);
+images once, at the end (`finish`); no sampler clamps its own output. `Pixels` is the space of every pixel model (images in [-1, 1]);
 a latent space (a VAE's, with encode/decode and no range) declares `range = None`, so nothing in it
 is ever clipped to a pixel range.
 
@@ -57,8 +57,10 @@ class DataSpace:
         return threshold(x0, kind, percentile, hi)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """A sampler's output as images: clamped to a bounded space's range (a latent space decodes here)."""
-        return x.float() if not self.bounded else x.float().clamp(*self.range)
+        """A sampler's output as images in float32 (a latent space decodes here). Nothing is clamped: the paper's
+        p_sample_loop returns the raw sample and its script clamps when it writes 8 bits, as
+        guided.generation.images.to_uint8 does."""
+        return x.float()
 
     def default_clip(self) -> str:
         return "static" if self.bounded else "none"

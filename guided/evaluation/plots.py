@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from guided.errors import GuidedError
+from guided.evaluation.sweeps import label, load_sweep  # noqa: F401  (label: the figures' names of values)
 
 NAMES = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "sfid": "sFID", "inception_score": "Inception Score",
          "precision": "precision", "recall": "recall", "judge_accuracy": "judge accuracy"}
@@ -40,10 +41,6 @@ def _positions(values):
     if all(isinstance(v, (int, float)) for v in values):
         return [float(v) for v in values], None
     return list(range(len(values))), [str(v) for v in values]
-
-
-def label(value) -> str:
-    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def plot_sweep(path: Path, results: dict) -> None:
@@ -71,20 +68,6 @@ def plot_sweep(path: Path, results: dict) -> None:
                  f"{results['features']} features", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
-
-
-def load_sweep(folder) -> dict:
-    """results.json of a sweep folder (guided.cli.sweep), with its folder."""
-    f = Path(folder) / "results.json"
-    try:
-        data = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise GuidedError(f"{folder} holds no results.json: not a finished sweep of python -m guided.cli.sweep") from None
-    except (OSError, ValueError) as e:
-        raise GuidedError(f"cannot read {f}: {e}") from None
-    if not isinstance(data, dict) or "summary" not in data or not data["summary"]:
-        raise GuidedError(f"{f} is not the results of python -m guided.cli.sweep (rerun the sweep to update it)")
-    return dict(data, folder=str(folder))
 
 
 def tradeoff_rows(sweeps: list[dict], labels: list[str]) -> list[dict]:

@@ -83,10 +83,10 @@ class GuidedDenoiser:
         if grad is not None:
             plain = score
             score = lambda x, t: plain(x, t) + 1.0 * grad(x, model.model_time(t))  # noqa: E731
-        return score if self.preview is None else _reporting(score, model.sde, self.preview)
+        return score if self.preview is None else reporting(score, model.sde, self.preview)
 
 
-def _reporting(score, sde, preview):
+def reporting(score, sde, preview):
     """The score, also reporting at each evaluation Tweedie's denoised estimate
     E[x0 | x_t] = (x_t + sigma_t^2 s(x_t, t)) / alpha_t (Efron 2011) with the share of [T, eps] done."""
     def score_fn(x, t):

@@ -17,9 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from guided.config import load_config, saved_config, to_yaml
 from guided.errors import GuidedError
-from guided.files import atomic_save, atomic_write_text, read_file
-from guided.networks.adm import clean_state_dict, load_state_dict_strict
-from guided.training.checkpoints import CKPT_FORMAT, list_checkpoints
+from guided.files import CKPT_FORMAT, atomic_save, atomic_write_text, list_checkpoints, read_file
+from guided.networks.adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
 
 WEIGHTS_FORMAT = "guided-weights"
 
@@ -128,8 +127,13 @@ def _unpack(obj, which: str | None, path: Path) -> dict:
 def read_state_dict(path: str | Path, which: str | None = None) -> dict:
     """The state dict in a bare .pt (e.g. the paper's released 256x256_diffusion.pt), a weights
     file or a checkpoint, with torch.compile / DDP prefixes removed; non-finite weights are refused."""
-    return check_finite(clean_state_dict(_unpack(read_file(path, "weights file"), which, Path(path))["state_dict"]),
-                        path)
+    return check_finite(clean_state_dict(_unpack(read_weights(path), which, Path(path))["state_dict"]), path)
+
+
+def read_weights(path):
+    """A weights file read in one line's failure; a released checkpoint's message names its address."""
+    name = released_name(path)
+    return read_file(path, "weights file", url=None if name is None else RELEASE_URL + name)
 
 
 def check_finite(state_dict: dict, where) -> dict:
@@ -150,7 +154,7 @@ def resolve_trained(path_or_dir, which: str | None = None) -> tuple[dict, object
     path = Path(path_or_dir)
     if path.is_dir():
         path = _weights_file(path, which)
-    w = _unpack(read_file(path, "weights file"), which, path)
+    w = _unpack(read_weights(path), which, path)
     return w, _config_for(path, w["config"], w["kind"]), _label_map_for(path, w["label_map"]), path
 
 

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from guided.diffusion.sde import lerp_table
 from guided.errors import GuidedError
 
 CLASS_EMBEDS = (None, "timestep")  # an embedding table of num_class_embeds labels, or labels as a sinusoid

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from guided.diffusion.gaussian import GaussianDiffusion
 from guided.errors import GuidedError
 from guided.guidance.denoiser import correct
-from guided.samplers.noise import SampleNoise  # noqa: F401  (its former home)
+from guided.samplers.noise import SampleNoise  # noqa: F401  (re-exported: its former home)
 
 
 def condition_mean(out: dict, grad: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,13 @@ only once a newer one is complete.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
 from guided.config import to_yaml
 from guided.errors import GuidedError
-from guided.files import atomic_save, atomic_write_text, read_file
+from guided.files import CKPT_FORMAT, atomic_save, atomic_write_text, list_checkpoints, read_file  # noqa: F401
 
-CKPT_FORMAT = "guided-checkpoint"
-_CKPT_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -26,15 +23,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise GuidedError(f"{path} is not a training checkpoint of this project (no '{CKPT_FORMAT}' header)")
     return state
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every ckpt-*.pt in run_dir, oldest first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT_NAME.match(p.name))]
-    return sorted(found)
 
 
 def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
