@@ -46,7 +46,7 @@ class MixtureEps(_Mixture):
     def __init__(self, alphas_cumprod, **kw):
         super().__init__(alphas_cumprod, **kw)
         self.num_classes = len(self.means)
-        self.cfg = node(UNetConfig, dict(image_size=1, in_channels=2, num_classes=self.num_classes,
+        self.cfg = node(UNetConfig, dict(image_size=1, in_channels=self.means.shape[1], num_classes=self.num_classes,
                                          null_class=True, learn_sigma=False, num_head_channels=-1))
 
     def forward(self, x, t, y=None):
@@ -64,7 +64,7 @@ class MixtureEps(_Mixture):
 class MixtureClassifier(_Mixture):
     def __init__(self, alphas_cumprod, **kw):
         super().__init__(alphas_cumprod, **kw)
-        self.cfg = node(ClassifierConfig, dict(image_size=1, in_channels=2, num_classes=len(self.means)))
+        self.cfg = node(ClassifierConfig, dict(image_size=1, in_channels=self.means.shape[1], num_classes=len(self.means)))
 
     def forward(self, x, t):
         abar = self.abar(t)
@@ -94,7 +94,7 @@ class LadderClassifier(_Mixture):
     def __init__(self, sigmas, **kw):
         super().__init__(None, **kw)
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        self.cfg = node(ClassifierConfig, dict(image_size=1, in_channels=2, num_classes=len(self.means)))
+        self.cfg = node(ClassifierConfig, dict(image_size=1, in_channels=self.means.shape[1], num_classes=len(self.means)))
 
     def forward(self, x, t):
         s2 = self.sigmas[t.long()] ** 2

@@ -8,8 +8,8 @@ import pytest
 
 from guided.errors import GuidedError
 from guided.cli.plots import main
-from guided.evaluation.plots import tradeoff
-from guided.cli.sweep import save_results
+from guided.evaluation.plots import plot_sweep, tradeoff
+from guided.evaluation.sweeps import save_results
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +26,8 @@ def make_sweep(folder, shift=0.0, features=("digits16", "fid"), num_samples=100,
             runs.append({k: v for k, v in row.items() if metrics is None or k in metrics or k in
                          ("scale", "seed", "num_samples")})
     settings = {"sweep": "scale", "num_samples": num_samples, "reference": {"data": "digits"}}
-    save_results(folder, settings, runs, SimpleNamespace(name=features[0], fd_key=features[1]))
+    results = save_results(folder, settings, runs, SimpleNamespace(name=features[0], fd_key=features[1]))
+    plot_sweep(folder / "sweep.png", results)  # as the sweep's loop does after each run
     return folder
 
 

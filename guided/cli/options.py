@@ -157,6 +157,13 @@ def add_guidance_args(p):
                            default=1.0, help="the x0 classifier's logits are divided by this")
         if m.loader:
             g.add_argument("--" + m.loader.replace("_", "-"), default=None, help=LOADER_HELP[m.loader])
+    g.add_argument("--guide", action="append", default=None, metavar="NAME=SCALE",
+                   help="a guidance term registered from outside the package (guided.guidance.terms.register_term) "
+                        "at this scale; repeat for more (docs: Extending guided)")
+    g.add_argument("--guide-interval", action="append", default=None, metavar="NAME=LO,HI",
+                   help="the sigma range where a --guide term acts (default: every level)")
+    g.add_argument("--guide-network", action="append", default=None, metavar="NAME=PATH",
+                   help="the network of a --guide term, loaded by the term's own loader")
     g.add_argument("--no-calibration", action="store_true",
                    help="ignore the classifier's fitted temperatures (default: use them when it has them)")
     g.add_argument("--ddpm-form", choices=("mean", "score"), default=None,
@@ -179,10 +186,39 @@ def options(args, scale, **override) -> SampleOptions:
     if clip not in (None, *CLIPS):
         raise GuidedError(f"threshold must be one of {', '.join(CLIPS)}, not {clip!r}")
     opts = SampleOptions(**{**parsed, "sampler": sampler, "steps": steps, "scale": scale, "clip": clip,
-                            "percentile": percentile, "calibration": not args.no_calibration, "settings": given})
+                            "percentile": percentile, "calibration": not args.no_calibration, "settings": given,
+                            "terms": registered_terms(args)})
     if sampler is not None:  # a setting the named sampler does not take is refused before loading
         SAMPLERS[sampler].typed(given)
     return opts
+
+
+def _pairs(given, flag: str) -> dict:
+    pairs = [g.split("=", 1) for g in given or []]
+    if any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise GuidedError(f"{flag} takes NAME=VALUE, not {next(g for g, p in zip(given, pairs) if len(p) != 2 or not p[0].strip())!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def registered_terms(args) -> dict:
+    """--guide NAME=SCALE and --guide-interval NAME=LO,HI as SampleOptions.terms (checked after loading)."""
+    scales, intervals = _pairs(getattr(args, "guide", None), "--guide"), _pairs(getattr(args, "guide_interval", None),
+                                                                             "--guide-interval")
+    terms = {}
+    for name, text in scales.items():
+        try:
+            scale = float(text)
+        except ValueError:
+            raise GuidedError(f"--guide {name}={text}: the scale must be a number") from None
+        try:
+            span = interval(intervals[name]) if name in intervals else None
+        except TypeError:
+            raise GuidedError(f"--guide-interval {name}={intervals[name]}: give LO,HI with 0 <= LO <= HI") from None
+        terms[name] = {"scale": scale, "interval": span, "schedule": "constant"}
+    stray = sorted(set(intervals) - set(scales))
+    if stray:
+        raise GuidedError(f"--guide-interval {stray[0]}=... goes with --guide {stray[0]}=SCALE")
+    return terms
 
 
 def sampler_settings(args) -> dict:
@@ -213,7 +249,8 @@ def pipeline_keywords(args, device, optional=()) -> dict:
     """Every keyword of guided.generation.load_pipeline from parsed options."""
     return dict(model=args.model, classifier=args.classifier, adm_flags=args.adm_flags, scheduler=args.scheduler,
                 classifier_flags=args.classifier_flags, device=device, channels_last=args.channels_last,
-                compile=args.compile, cuda_graphs=args.cuda_graphs, **guides(args, optional))
+                compile=args.compile, cuda_graphs=args.cuda_graphs, **guides(args, optional),
+                term_networks=_pairs(getattr(args, "guide_network", None), "--guide-network"))
 
 
 def guide_settings(args, pipeline, opts: SampleOptions) -> dict:
@@ -223,4 +260,7 @@ def guide_settings(args, pipeline, opts: SampleOptions) -> dict:
         if m.loader:
             on = getattr(opts, m.scale) != m.off
             named[m.loader] = (getattr(args, m.loader) or getattr(pipeline.defaults, m.loader)) if on else None
+    networks = _pairs(getattr(args, "guide_network", None), "--guide-network")
+    if networks:
+        named["guide_networks"] = networks
     return named

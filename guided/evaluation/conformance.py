@@ -18,9 +18,9 @@ import torch
 from guided.networks import adm
 from guided.diffusion.gaussian import create_diffusion
 from guided.errors import GuidedError
-from guided.guidance.terms import classifier_cond_fn, classifier_grad, condition_mean, condition_score
+from guided.guidance.terms import classifier_cond_fn, classifier_grad
 from guided.diffusion.losses import training_losses
-from guided.samplers.discrete import ddim, guided_p_mean_variance
+from guided.samplers.discrete import condition_mean, condition_score, ddim, guided_p_mean_variance
 
 TOL, LOOP_TOL = 1e-4, 1e-3
 METADATA = {"kind", "case", "description", "notes", "seed", "reference", "reference_commit", "torch_version"}

@@ -5,19 +5,21 @@ guide networks; class names; SDEdit's guide images.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from guided.config import SamplingConfig
+from guided.config import DiffusionConfig, SamplingConfig, node
 from guided.diffusion.objectives import objective_from_config
 from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
+from guided.guidance.terms import KINDS
 from guided.networks import adm
 from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
-from guided.networks.diffusers import is_diffusers_folder
+from guided.networks.diffusers import is_diffusers_folder, load_unet
 from guided.networks.unet import EncoderUNetModel, UNetModel
 from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
@@ -60,13 +62,14 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
                   classifier_flags: Optional[str] = None, autoguide: Optional[str] = None,
                   x0_classifier: Optional[str] = None, guides=(), optional_guides=(), device="cpu",
                   channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
-                  scheduler: Optional[str] = None) -> Pipeline:
+                  scheduler: Optional[str] = None, term_networks: Optional[dict] = None) -> Pipeline:
     """The pipeline of a score model: a shipped name (SHIPPED_MODELS), a run folder or checkpoint of the
     trainers, an official ADM checkpoint (released names need no flags), or a diffusers UNet2DModel (a
     pipeline folder, or a unet folder and `scheduler`, its scheduler_config.json). `classifier`: None = the
     shipped model's default, "none" = no classifier. `guides`: the guide networks to load ("autoguide",
     "x0_classifier": as named, else the shipped default, else an error); `optional_guides`: load those
-    only where one is named or shipped."""
+    only where one is named or shipped. `term_networks`: {term name: path} of registered guidance terms'
+    networks, each loaded by its term's loader (guided.guidance.terms.TermKind.load)."""
     net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags, scheduler)
     defaults = extra.pop("defaults", NO_DEFAULTS)
     spec = classifier if classifier is not None else (defaults.classifier or "none")
@@ -92,15 +95,51 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
     fast = dict(channels_last=channels_last, compile=compile, cuda_graphs=cuda_graphs)
     net, clf, weak, clean = (None if n is None else speed_up(n.eval().to(device), **fast)
                              for n in (net, clf, weak, clean))
+    extra["guides"] = {name: _term_network(name, path, device) for name, path in (term_networks or {}).items()}
     return Pipeline(net, diffusion_cfg, clf, label_map, name=str(model), weak_model=weak, x0_classifier=clean,
                     unconditional=SHIPPED_MODELS.get(model, {}).get("unconditional", False), defaults=defaults,
                     classifier_name=None if clf is None else spec, **extra)
 
 
+@dataclass(frozen=True)
+class ModelFormat:
+    """A format of score model files, tried before the project's own (run folders, checkpoints, ADM files).
+
+    `detect(path)` says whether a --model argument is of this format; `load(path, scheduler)` returns
+    (network, diffusion config, label map or None, Pipeline keywords): the network takes (x, t[, y=])
+    on the diffusion config's chain and carries the contract `cfg` (image_size, in_channels,
+    num_classes, null_class, learn_sigma) and `num_classes` (guided/networks/diffusers.py is the model);
+    the keywords may hold "defaults" (a guided.config.SamplingConfig) and "objective". `load_classifier
+    (path)`, where given, loads a noise-aware classifier of the format for --classifier."""
+    name: str
+    detect: Callable[[str], bool]
+    load: Callable
+    load_classifier: Optional[Callable[[str], object]] = None
+
+
+FORMATS: list[ModelFormat] = []
+
+
+def register_format(fmt: ModelFormat) -> ModelFormat:
+    """Add a model format (tried in order of registration, before the project's own files)."""
+    if any(f.name == fmt.name for f in FORMATS):
+        raise GuidedError(f"a model format named {fmt.name!r} is already registered")
+    FORMATS.append(fmt)
+    return fmt
+
+
+def _format_of(path: str, scheduler=None) -> Optional[ModelFormat]:
+    if scheduler is not None:  # a diffusers unet folder with its scheduler file
+        return FORMATS[0]
+    return next((f for f in FORMATS if f.detect(str(path))), None)
+
+
 def _score_network(model: str, adm_flags, scheduler=None):
     """(network, diffusion config, label map, Pipeline keywords, ADM flags or None) of --model."""
-    if scheduler is not None or is_diffusers_folder(model):
-        return _diffusers_network(model, scheduler)
+    fmt = _format_of(model, scheduler)
+    if fmt is not None:
+        net, diffusion_cfg, label_map, extra = fmt.load(model, scheduler)
+        return net, diffusion_cfg, label_map, dict(extra), None
     shipped = model in SHIPPED_MODELS
     model_flags = None if shipped else official_flags(model, adm_flags, "--adm-flags", classifier=False)
     if model_flags:
@@ -118,15 +157,31 @@ def _score_network(model: str, adm_flags, scheduler=None):
 
 def _diffusers_network(model: str, scheduler):
     """A diffusers UNet2DModel adapted to the project's networks (guided/networks/diffusers.py)."""
-    from guided.config import DiffusionConfig, node
-    from guided.networks.diffusers import load_unet
-
     net, values = load_unet(model, scheduler)
-    return net, node(DiffusionConfig, values), None, {}, None
+    return net, node(DiffusionConfig, values), None, {}
+
+
+register_format(ModelFormat("diffusers", is_diffusers_folder, _diffusers_network))
+
+
+def _term_network(name: str, path: str, device):
+    """The network of a registered guidance term, by the term's own loader."""
+    kind = KINDS.get(name)
+    if kind is None:
+        raise GuidedError(f"--guide-network {name}=...: no guidance term {name!r} is registered "
+                          f"(registered: {', '.join(KINDS)})")
+    if kind.load is None:
+        raise GuidedError(f"the {name} guidance term loads no network from a path (its TermKind has no load)")
+    net = kind.load(path)
+    return net.eval().to(device) if isinstance(net, torch.nn.Module) else net
 
 
 def _classifier(spec: str, flags):
-    """(classifier, its label map) of --classifier: built from ADM flags, or a trained/shipped one."""
+    """(classifier, its label map) of --classifier: built from ADM flags, a registered format's, or a
+    trained/shipped one."""
+    fmt = next((f for f in FORMATS if f.load_classifier is not None and f.detect(spec)), None)
+    if fmt is not None:
+        return fmt.load_classifier(spec), None
     if flags:
         weights = read_state_dict(spec)
         return adm.load_state_dict_strict(adm.create_classifier(flags), weights, spec), None
@@ -148,8 +203,7 @@ def guide_network(named, option: str, defaults: SamplingConfig, kind, what: str)
     if spec is None:
         raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")
     if kind is UNetModel and is_diffusers_folder(spec):  # a second diffusers model (its own scheduler folder)
-        net, _ = _diffusers_network(spec, None)[:2]
-        return net
+        return _diffusers_network(spec, None)[0]
     net, _, _ = load_trained(shipped_path(spec))
     if not isinstance(net, kind):
         raise GuidedError(f"{flag} {spec} does not hold {what}")

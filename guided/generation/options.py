@@ -39,6 +39,9 @@ class SampleOptions:
     x0_temperature: float = 1.0
     x0_interval: Optional[tuple] = None
     x0_schedule: str = "constant"
+    # guidance terms registered from outside the package (guided.guidance.terms.register_term), by name:
+    # {"scale": s, "interval": (lo, hi) or None, "schedule": "constant"}; their networks: Pipeline.guides
+    terms: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class Pipeline:
     x0_classifier: Optional[torch.nn.Module] = None  # a classifier of clean images, for x0-classifier guidance
     defaults: SamplingConfig = field(default_factory=SamplingConfig)  # the model's own sampling defaults
     classifier_name: Optional[str] = None  # what --classifier named (or the model's default), for the record
+    guides: dict = field(default_factory=dict)  # the networks of registered guidance terms, by term name
 
     def __post_init__(self):
         m = self.model.cfg
@@ -101,6 +102,8 @@ def guidance(p: Pipeline, opts: SampleOptions) -> Guidance:
         if m.term == "x0_classifier":
             net = _clean_classifier(net)
         terms.append(Term(m.term, getattr(opts, m.scale), net, getattr(opts, m.interval), **kw))
+    for name, t in opts.terms.items():  # registered terms (guided.guidance.terms.register_term), by name
+        terms.append(Term(name, float(t["scale"]), p.guides.get(name), t.get("interval"), t.get("schedule", "constant")))
     null = p.model.num_classes if getattr(p.model.cfg, "null_class", False) else None
     return Guidance(terms, p.score_model.sigma_of, null_label=null)
 

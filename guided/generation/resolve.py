@@ -19,14 +19,17 @@ The command line, the sweep, the demo and the Python API (`sample_batch`) all go
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from guided.diffusion.space import CLIPS
 from guided.errors import GuidedError
 from guided.generation.options import METHODS, SampleOptions
+from guided.guidance.terms import KINDS
 from guided.samplers.levels import make_levels
 from guided.samplers.registry import DEFAULT, DEFAULT_STEPS, clip_guided_samplers, sampler_for
 
+BUILTIN = tuple(m.term for m in METHODS)  # the terms with flags of their own (--scale, --cfg-scale, ...)
 CLASSIFIER_DEFAULT = 1.0  # the classifier's scale when nothing else is asked and the pipeline has one
 
 
@@ -87,7 +90,8 @@ def _clip(model, spec, d, opts, settings) -> tuple[str, bool]:
 
 def others_on(opts: SampleOptions) -> bool:
     """Whether a guidance method other than the noise-aware classifier is on."""
-    return any(getattr(opts, m.scale) != m.off for m in METHODS if m.term != "classifier")
+    return any(getattr(opts, m.scale) != m.off for m in METHODS if m.term != "classifier") or any(
+        t.get("scale") != (KINDS[n].off if n in KINDS else 0.0) for n, t in opts.terms.items())
 
 
 def _scale(p, opts: SampleOptions) -> float:
@@ -117,3 +121,13 @@ def check_guidance(p, opts: SampleOptions) -> None:
         raise GuidedError("--x0-scale needs a classifier of clean images (--x0-classifier)")
     if opts.x0_scale and p.score_model.kind != "eps":
         raise GuidedError("x0-classifier guidance needs a denoiser (an eps-prediction model)")
+    for name, t in opts.terms.items():
+        kind = KINDS.get(name)
+        if kind is None or name in BUILTIN:
+            raise GuidedError(f"--guide {name}: no registered guidance term of that name (registered from outside "
+                              f"the package: {', '.join(k for k in KINDS if k not in BUILTIN) or 'none'})")
+        v = t.get("scale")
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise GuidedError(f"--guide {name}: the scale must be a finite non-negative number, not {v}")
+        if kind.needs_network and v != kind.off and name not in p.guides:
+            raise GuidedError(f"--guide {name} needs its network: --guide-network {name}=PATH")

@@ -143,6 +143,7 @@ def checked_images(x: torch.Tensor, start: int, out: Path, opts: SampleOptions, 
 def remedy(opts: SampleOptions) -> str:
     """What to do about a ruined batch: lower the guidance that is on, else look at the model and steps."""
     on = [f"{m.flag} {getattr(opts, m.scale):g}" for m in active_methods(opts)]
+    on += [f"--guide {name}={t['scale']:g}" for name, t in opts.terms.items()]
     if on:
         return (f"the guidance is too strong: lower {' / '.join(on)} (the shipped digits models stay clean up to "
                 f"--scale 1000; README 'Ruined batches')")

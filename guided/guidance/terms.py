@@ -1,16 +1,17 @@
 """Guidance: composable terms wrapped around a model function, never built into a network or a sampler.
 
-Every sampler receives guidance through the same two callables (DESIGN.md: guidance wraps the
-model): `model_fn(x, t)`, the network output with the MIXING terms applied to its eps, and
+The guided denoiser every sampler receives (guided/guidance/denoiser.py) holds guidance as two
+callables: `model_fn(x, t)`, the network output with the MIXING terms applied to its eps, and
 `cond_fn(x, t)`, the sum of the GRADIENT terms, s * grad_x log p(y | x_t) in total. t is always
-the timestep the networks see (original diffusion steps, or an NCSN ladder index). A sampler
+the timestep the networks see (original diffusion steps, or an NCSN ladder index). The denoiser
 turns cond_fn into an eps correction, eps - sqrt(1 - abar_t) * cond_fn (Dhariwal & Nichol
 Algorithm 2), or, DDPM by default, into the paper's mean shift mu + Sigma * cond_fn (Algorithm 1).
 
-The terms (`Term.kind`):
+The kinds of term (`KINDS`, a registry: `register_term` adds one from outside the package):
   classifier     noise-aware classifier p(y | x_t, t), the gradient taken at x_t with the original t
                  (Dhariwal & Nichol 2021 sec. 4); logits divided by the classifier's fitted
-                 temperature per noise band when it has one (guided/calibration.py) and `calibrated`;
+                 temperature per noise band when it has one (guided/guidance/calibration.py) and
+                 `calibrated`;
   x0_classifier  a classifier of CLEAN images on the denoised estimate x0_hat(x_t), its gradient taken
                  through the denoiser to x_t, logits / temperature (Ma et al. 2023, "Elucidating the
                  design space of classifier-guided diffusion generation");
@@ -37,7 +38,41 @@ import torch.nn.functional as F
 from guided.errors import GuidedError
 
 CondFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-MIXING, GRADIENT = ("cfg", "autoguide"), ("classifier", "x0_classifier")
+
+
+@dataclass(frozen=True)
+class TermKind:
+    """A kind of guidance term. A MIXING term pushes the prediction away from another one:
+    eps + (w - 1)(eps - other), `other(term, x, t, y_net)` the other network output (w = 1: off). A
+    GRADIENT term adds s * grad_x log p(y | x_t): `grad(term, x, t, y, denoise)` gives the gradient
+    (s = 0: off); `denoise(x, t)` is the model's x0 estimate. `load(spec)` builds its network from a
+    path given on the command line (--guide-network NAME=PATH)."""
+    name: str
+    mode: str  # "mixing" | "gradient"
+    fn: Optional[Callable] = None  # other(...) of a mixing term, grad(...) of a gradient one
+    needs_network: bool = True
+    load: Optional[Callable[[str], Any]] = None
+
+    @property
+    def off(self) -> float:
+        return 1.0 if self.mode == "mixing" else 0.0
+
+
+KINDS: dict[str, TermKind] = {}
+
+
+def register_term(kind: TermKind) -> TermKind:
+    """Add a kind of guidance term (by its name; a name already taken is refused)."""
+    if kind.name in KINDS:
+        raise GuidedError(f"a guidance term named {kind.name!r} is already registered")
+    if kind.mode not in ("mixing", "gradient"):
+        raise GuidedError(f"guidance term {kind.name}: mode must be mixing or gradient, not {kind.mode!r}")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def _kinds(mode: str) -> tuple:
+    return tuple(k for k, v in KINDS.items() if v.mode == mode)
 
 # Weights over sigma; each is 1 where sigma is mid-range in the VP sense (abar = 1/2 at sigma = 1).
 SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -68,6 +103,26 @@ def x0_classifier_grad(classify, denoise, x, t, y, temperature: float = 1.0) -> 
         return torch.autograd.grad(selected.sum(), x_in)[0]
 
 
+def _classifier_term(term, x, t, y, denoise):
+    cal = getattr(term.network, "calibration", None) if term.calibrated else None
+    return classifier_grad(term.network, x, t, y, None if cal is None else cal.temperature_at(t))
+
+
+def _x0_classifier_term(term, x, t, y, denoise):
+    if denoise is None:
+        raise GuidedError("x0-classifier guidance needs a denoiser (an eps-prediction model)")
+    return x0_classifier_grad(term.network, denoise, x, t, y, term.temperature)
+
+
+def _autoguide_term(term, x, t, y_net):
+    return term.network(x, t) if y_net is None else term.network(x, t, y=y_net)
+
+
+for _k in (TermKind("classifier", "gradient", _classifier_term), TermKind("x0_classifier", "gradient", _x0_classifier_term),
+           TermKind("cfg", "mixing", None, needs_network=False), TermKind("autoguide", "mixing", _autoguide_term)):
+    register_term(_k)
+
+
 def classifier_cond_fn(classifier, y: torch.Tensor, scale: float) -> CondFn:
     """cond_fn(x, t) = scale * grad_x log p(y | x, t): the paper's form, one always-active term."""
     def cond_fn(x, t):
@@ -75,25 +130,10 @@ def classifier_cond_fn(classifier, y: torch.Tensor, scale: float) -> CondFn:
     return cond_fn
 
 
-def condition_mean(out: dict, grad: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1: mu + Sigma * s grad log p(y | x_t)."""
-    return out["mean"].float() + out["variance"] * grad.float()
-
-
-def condition_score(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> dict:
-    """Algorithm 2: eps_hat = eps - sqrt(1 - abar_t) * s grad, then x0 and the mean anew.
-    eps is recomputed from the (possibly clipped) x0 prediction, as the reference does."""
-    abar = diffusion.extract(diffusion.alphas_cumprod, t, x)
-    eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"]) - (1 - abar).sqrt() * grad
-    pred_xstart = diffusion.xstart_from_eps(x, t, eps)
-    mean, _, _ = diffusion.q_posterior(pred_xstart, x, t)
-    return {**out, "pred_xstart": pred_xstart, "mean": mean}
-
-
 # -- terms ----------------------------------------------------------------------------------------
 @dataclass
 class Term:
-    kind: str  # classifier | x0_classifier | cfg | autoguide
+    kind: str  # a name in KINDS: classifier | x0_classifier | cfg | autoguide, or a registered one
     scale: float  # s for gradient terms (0 = off), w for mixing terms (1 = off)
     network: Any = None  # classifier(x, t); classify(x0) -> logits; the weak model(x, t, y=...)
     interval: Optional[tuple] = None  # (sigma_lo, sigma_hi): active there only; None = every level
@@ -102,8 +142,8 @@ class Term:
     calibrated: bool = True  # classifier: use its fitted temperatures when it has them
 
     def __post_init__(self):
-        if self.kind not in (*MIXING, *GRADIENT):
-            raise GuidedError(f"unknown guidance term {self.kind!r}; one of {', '.join((*GRADIENT, *MIXING))}")
+        if self.kind not in KINDS:
+            raise GuidedError(f"unknown guidance term {self.kind!r}; one of {', '.join(KINDS)}")
         if self.schedule not in SCHEDULES:
             raise GuidedError(f"unknown guidance schedule {self.schedule!r}; one of {', '.join(SCHEDULES)}")
         if not math.isfinite(self.scale):
@@ -115,12 +155,12 @@ class Term:
             self.interval = (lo, hi)
         if not self.temperature > 0:
             raise GuidedError(f"the x0-classifier temperature must be positive, not {self.temperature}")
-        if self.network is None and self.kind != "cfg" and not self.neutral:
+        if self.network is None and KINDS[self.kind].needs_network and not self.neutral:
             raise GuidedError(f"{self.kind} guidance needs its network")
 
     @property
     def neutral(self) -> bool:
-        return self.scale == (1.0 if self.kind in MIXING else 0.0)
+        return self.scale == KINDS[self.kind].off
 
     @property
     def plain(self) -> bool:
@@ -156,7 +196,7 @@ class Guidance:
         """The network on the timesteps it sees, labels bound in, the mixing terms applied to its eps
         (learned-variance channels come from the plain pass)."""
         call = (lambda net, x, t, y: net(x, t)) if y_net is None else (lambda net, x, t, y: net(x, t, y=y))
-        mixing = self.of(MIXING)
+        mixing = self.of(_kinds("mixing"))
         if not mixing:
             return lambda x, t: call(model, x, t, y_net)
 
@@ -173,7 +213,7 @@ class Guidance:
             for term in mixing:
                 if null is None if term.kind == "cfg" else not self._active(term, t):  # cfg's was read above
                     continue
-                other = null if term.kind == "cfg" else call(term.network, x, t, y_net)
+                other = null if term.kind == "cfg" else KINDS[term.kind].fn(term, x, t, y_net)
                 w = (term.scale - 1) if term.plain else (term.scale - 1) * _per_sample(term.weight(sigma), x)
                 eps = eps + w * (out[:, :c] - other[:, :c])
             return torch.cat([eps, out[:, c:]], dim=1)
@@ -182,22 +222,16 @@ class Guidance:
     def cond_fn(self, y: torch.Tensor, denoise=None) -> Optional[CondFn]:
         """sum over gradient terms of weight(sigma_t) * s * grad_x log p(y | .), or None without them.
         `denoise(x, t)` (x0_hat, see ScoreModel.denoiser) is needed by x0_classifier terms."""
-        grads = self.of(GRADIENT)
+        grads = self.of(_kinds("gradient"))
         if not grads:
             return None
-        if any(g.kind == "x0_classifier" for g in grads) and denoise is None:
-            raise GuidedError("x0-classifier guidance needs a denoiser (an eps-prediction model)")
 
         def cond_fn(x, t):
             total = torch.zeros_like(x)
             for term in grads:
                 if not self._active(term, t):
                     continue
-                if term.kind == "classifier":
-                    cal = getattr(term.network, "calibration", None) if term.calibrated else None
-                    g = classifier_grad(term.network, x, t, y, None if cal is None else cal.temperature_at(t))
-                else:
-                    g = x0_classifier_grad(term.network, denoise, x, t, y, term.temperature)
+                g = KINDS[term.kind].fn(term, x, t, y, denoise)
                 total = total + (term.scale * g if term.plain else
                                  term.scale * _per_sample(term.weight(self.sigma_of(t)), x) * g)
             return total

@@ -144,9 +144,12 @@ def edm(denoise, sigmas, x, *, noise, churn: float = EDM_DEFAULTS["churn"], s_no
     return x
 
 
-def _wrap(fn):
-    """The registry's entry of `fn`: over the guided denoiser (D(x; sigma) = den(x, sigma)) and the chain's
-    levels, in EDM's variable x / sqrt(abar); SDEdit's start and mask re-noising carried across."""
+def over_sigmas(fn):
+    """The registry's entry of a sampler written over noise levels in EDM's variables (Karras et al. 2022),
+    fn(denoise, sigmas, x, *, noise, after_step, callback, progress, **settings) with x = x_0 + sigma n:
+    it gets the guided denoiser (D(x; sigma) = den(x, sigma)) and the chain's levels, x carried from the
+    model's variable x_t = x / sqrt(1 + sigma^2) and back, SDEdit's start and mask re-noising included.
+    The way to add a sampler from outside the package (docs: Extending guided)."""
     def run(den, x, levels, *, noise, after_step=None, callback=None, progress=False, **settings):
         sig = levels.sigmas if levels.start is None else levels.sigmas[len(levels.sigmas) - 2 - levels.start:]
         after = None
@@ -161,4 +164,4 @@ def _wrap(fn):
 
 
 FUNCTIONS = {"dpm++2m-sde": dpmpp_2m_sde, "dpm++3m": dpmpp_3m, "edm": edm}  # over (D, sigmas, x)
-run_dpmpp_2m_sde, run_dpmpp_3m, run_edm = (_wrap(f) for f in FUNCTIONS.values())
+run_dpmpp_2m_sde, run_dpmpp_3m, run_edm = (over_sigmas(f) for f in FUNCTIONS.values())
