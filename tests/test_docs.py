@@ -158,6 +158,14 @@ def test_every_api_reference_directive_names_an_object_of_the_library():
             pytest.fail(f"{page}: ::: {dotted} is no module")
 
 
+
+def test_the_home_page_follows_the_readme():
+    """docs/index.md is the README's text up to its documentation links (its links seen from docs/), then a
+    table of where to go: the two must not drift apart."""
+    readme = (REPO / "README.md").read_text().replace("](docs/", "](")
+    home = (REPO / "docs" / "index.md").read_text()
+    assert readme[:readme.index("\n## Documentation")] == home[:home.index("\n## Where to go next")]
+
 def test_the_site_builds_offline(tmp_path):
     """mkdocs build --strict (as .ci/run runs it), and no page loads a font, script or style from outside."""
     pytest.importorskip("mkdocs")
