@@ -1,11 +1,12 @@
-"""Render the fault-injection report of the tests as the README's Markdown tables.
+"""Render the fault-injection report of the tests as the Markdown tables of docs/project/faults.md.
 
     GUIDED_FAULT_REPORT=fault_report.json OMP_NUM_THREADS=1 \
-        python -m pytest -q tests/test_faults.py tests/test_bad_input.py
-    python scripts/fault_table.py fault_report.json
+        python -m pytest -q tests/test_faults.py tests/test_bad_input.py tests/test_diffusers.py
+    python scripts/fault_table.py fault_report.json --page docs/project/faults.md
 
 Every row comes from a test that injected the fault or fed the bad input and checked the outcome
-(tests/fault_harness.py writes the report); nothing here is typed by hand.
+(tests/fault_harness.py writes the report); nothing here is typed by hand. Without --page the
+tables are printed; with it they replace what lies between the page's two markers (BEGIN, END).
 """
 from __future__ import annotations
 
@@ -52,10 +53,26 @@ def render(report: dict) -> str:
     return "\n".join(out)
 
 
+BEGIN = "<!-- fault tables: written by scripts/fault_table.py, do not edit by hand -->"
+END = "<!-- end of the fault tables -->"
+
+
+def into_page(page: Path, tables: str) -> None:
+    """Replace the text between the page's BEGIN and END markers with the tables."""
+    text = page.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{page} does not hold the markers {BEGIN!r} and {END!r} once each, in that order")
+    head, rest = text.split(BEGIN)
+    page.write_text(head + BEGIN + "\n\n" + tables + "\n\n" + END + rest.split(END, 1)[1])
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    page = None
+    if len(argv) == 3 and argv[1] == "--page":
+        argv, page = argv[:1], Path(argv[2])
     if len(argv) != 1:
-        print("usage: python scripts/fault_table.py REPORT.json", file=sys.stderr)
+        print("usage: python scripts/fault_table.py REPORT.json [--page docs/project/faults.md]", file=sys.stderr)
         return 2
     path = Path(argv[0])
     try:
@@ -63,7 +80,15 @@ def main(argv=None) -> int:
     except (OSError, json.JSONDecodeError) as e:
         print(f"error: cannot read {path}: {e}", file=sys.stderr)
         return 2
-    print(render(report))
+    if page is None:
+        print(render(report))
+        return 0
+    try:
+        into_page(page, render(report))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the fault tables into {page}")
     return 0
 
 

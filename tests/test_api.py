@@ -1,4 +1,5 @@
-"""The public Python API as the README shows it, and the sampler registry's traits."""
+"""The public Python API as the Python API page (docs/reference/index.md) shows it, and the sampler
+registry's traits."""
 import re
 
 import pytest

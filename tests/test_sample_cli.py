@@ -1,6 +1,7 @@
 """sample_guided.py on the shipped digits models: the README's command, sweeps, guidance, refusals."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -272,25 +273,24 @@ def _active(settings: dict) -> set:
 
 
 def readme_sampling_commands() -> list[str]:
-    """Every `python sample_guided.py ...` line of the README's bash blocks (continuations joined,
-    comments dropped), but those that need files nobody has here (official checkpoints, runs/)."""
-    import re
-    import shlex
+    """Every `python sample_guided.py ...` line of the bash blocks of the README and of the documentation
+    pages (doc_commands.pages(): README.md and docs/**/*.md), but those that need files nobody has here
+    (official checkpoints, runs/, diffusers folders)."""
+    from doc_commands import bash_commands
 
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if "python sample_guided.py" not in line:
-                continue
-            command = line[line.index("python sample_guided.py"):].split("  #")[0].strip()
-            argv = shlex.split(command)[2:]
-            files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--model", "--classifier")]
-            if all(f in ("cond", "uncond", "ncsn", "none") for f in files):
-                found.append(" ".join(command.split()))
+    for _, command in bash_commands():
+        if "python sample_guided.py" not in command:
+            continue
+        command = command[command.index("python sample_guided.py"):]
+        argv = shlex.split(command)[2:]
+        files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--model", "--classifier")]
+        if all(f in ("cond", "uncond", "ncsn", "none") for f in files):
+            found.append(command)
     return found
 
 
-# each README sampling example -> the guidance its text describes
+# each sampling example of the README and the documentation pages -> the guidance its text describes
 README_GUIDANCE = {
     "python sample_guided.py --class 3 --scale 4 --num-samples 100 --out out/": {"classifier"},
     "python sample_guided.py --class 3 --scale 4": {"classifier"},
@@ -309,6 +309,13 @@ README_GUIDANCE = {
     "python sample_guided.py --model uncond --class 7 --x0-scale 4": {"x0_classifier"},
     "python sample_guided.py --model cond --cfg-scale 2 --cfg-interval 0.28,5.42 --scale 1": {"cfg", "classifier"},
     "python sample_guided.py --model uncond --class 7 --scale 4 --ddpm-form score": {"classifier"},
+    # docs/guide/few-step.md, "Which to use when"
+    "python sample_guided.py --sampler dpm++2m-sde --steps karras10 --sampler-arg eta=0.5": {"classifier"},
+    "python sample_guided.py --sampler dpm++ --steps karras8": {"classifier"},
+    "python sample_guided.py --model cond --autoguide-scale 1.75 --autoguide-interval 1,10 --sampler dpm++2m-sde "
+    "--steps karras16": {"autoguide"},
+    "python sample_guided.py --model cond --autoguide-scale 2 --autoguide-interval 2,3 --sampler dpm++2m-sde "
+    "--steps logsnr9": {"autoguide"},
 }
 
 
@@ -317,7 +324,7 @@ def test_every_readme_sampling_example_runs_the_guidance_its_text_describes(tmp_
     import shlex
 
     commands = readme_sampling_commands()
-    assert sorted(set(commands)) == sorted(README_GUIDANCE), "a README example without its expected guidance"
+    assert sorted(set(commands)) == sorted(README_GUIDANCE), "a documented example without its expected guidance"
     for k, command in enumerate(README_GUIDANCE):
         out = tmp_path / str(k)
         argv = shlex.split(command)[2:] + ["--num-samples", 2, "--batch-size", 2, "--steps", 3, "--out", out]
