@@ -232,11 +232,33 @@ def merge(base: DictConfig, *others) -> DictConfig:
         raise GuidedError(f"bad config: {_one_line(e)}") from None
 
 
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # a checkout; an install has guided/configs
+
+
+def shipped_configs() -> Path:
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else REPO_CONFIGS
+
+
+def find_config(name: str) -> Path:
+    """A config path as given, else a shipped config of that name (with or without .yaml, with or
+    without the configs/ folder in front), so `--config digits.yaml` works outside the repository."""
+    path = Path(name).expanduser()
+    if path.is_file() or path.parent.name not in ("", "configs"):
+        return path
+    shipped = shipped_configs() / (path.name if path.suffix else path.name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in shipped_configs().glob("*.yaml")))
+    raise GuidedError(f"config file {path} does not exist, nor is it a shipped config ({known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=RunConfig) -> DictConfig:
-    """Structured defaults <- YAML file <- dotted overrides, validated in struct mode."""
+    """Structured defaults <- YAML file (a path, or a shipped config's name: find_config) <- dotted overrides,
+    validated in struct mode."""
     cfg = structured(schema)
     if path is not None:
-        path = Path(path)
+        path = find_config(str(path))
         if not path.is_file():
             raise GuidedError(f"config file {path} does not exist (see configs/ for the shipped ones)")
         try:

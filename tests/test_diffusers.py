@@ -192,11 +192,11 @@ def test_every_sampler_and_guidance_term_runs_on_it(tiny_pair, sampler, steps):
     main, weak, clf = tiny_pair
     loaded = load_pipeline(str(main), classifier="none", autoguide=str(weak), guides=("autoguide",))
     p = Pipeline(loaded.model, loaded.diffusion_cfg, clf, weak_model=loaded.weak_model, x0_classifier=clf)
-    opts = SampleOptions(sampler=sampler, steps=steps or "5", scale=2.0, interval=(0.1, 50.0), autoguide_scale=1.5,
-                         x0_scale=1.0, extra={"rtol": 1e-2, "atol": 1e-2} if sampler == "ode" else {})
+    opts = SampleOptions(sampler=sampler, steps=steps, scale=2.0, interval=(0.1, 50.0), autoguide_scale=1.5,
+                         x0_scale=1.0, settings={"rtol": 1e-2, "atol": 1e-2} if sampler == "ode" else {})
     x = sample_batch(p, [1, 3], [0, 1], opts)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
-    plain = sample_batch(p, [1, 3], [0, 1], SampleOptions(sampler=sampler, steps=steps or "5", settings=opts.settings))
+    plain = sample_batch(p, [1, 3], [0, 1], SampleOptions(sampler=sampler, steps=steps, settings=opts.settings))
     assert not torch.allclose(x, plain)
 
 

@@ -206,7 +206,7 @@ def test_a_grey_model_sweeps_against_a_grey_reference(tmp_path, capsys):
 
 
 def test_an_interrupted_sweep_evaluates_the_samples_it_has(tmp_path, capsys, monkeypatch):
-    import guided.cli.sweep as sweep_module
+    import guided.evaluation.sweeps as sweep_module  # the sweep engine, in the library
     out = tmp_path / "s"
     assert run(capsys, *FAST, "--scales", "1", "--out", out)[0] == 0
     (out / "results.json").unlink()  # killed after sampling, before the row was written

@@ -27,6 +27,7 @@ import numpy as np
 from guided.cli import Parser, run_cli
 from guided.cli.options import _number, add_guidance_args, add_model_args, add_sampler_args, options, pipeline_keywords
 from guided.errors import GuidedError
+from guided.signals import exit_status
 from guided.generation import Pipeline, SampleOptions, check_labels, grid_image, load_pipeline, plan_labels, sample_batch
 from guided.generation import to_uint8
 from guided.generation.loading import parse_classes
@@ -271,7 +272,7 @@ def generate_fields(gr, p: Pipeline, args) -> list:
     """The Generate tab's inputs: class, method, scale, sampler, steps, samples, seed."""
     names = class_choices(p)
     first_method, first_scale, start_sampler, first_steps = start(args, p)
-    first = ",".join(args.classes) if args.classes is not None else (names[0] if names else None)  # --class x2
+    first = ",".join(args.classes) if args.classes is not None else None  # --class x2; none: every class
     return [gr.Dropdown(names, value=first, label="class", allow_custom_value=True, elem_id="class",
                         interactive=bool(names),
                         info="a name, an index, or a comma list" if names else "this model has no classes"),
@@ -336,6 +337,8 @@ def _main(args) -> int:
     device = args.device or default_device()
     # the weak model and clean classifier too, so every method is offered
     pipeline = load_pipeline(**pipeline_keywords(args, device, optional=("autoguide", "x0_classifier")))
+    if args.classes is not None:  # a class the model does not hold is one line now, not on Generate
+        parse_classes(args.classes, pipeline)
     if args.method is not None and args.method not in available_methods(pipeline):
         raise GuidedError(f"--method {args.method}: this model offers {', '.join(available_methods(pipeline))}")
     page = build_page(pipeline, args, device)
@@ -350,24 +353,26 @@ def _main(args) -> int:
                           "is it in use? choose another --port") from None
     print(f"guided-demo: serving {pipeline.name} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     try:
-        wait_for_stop()
+        by = wait_for_stop()
     finally:
         stop_runs()
         page.close()
-    print("guided-demo: stopped", flush=True)
-    return 0
+    print(f"guided-demo: stopped by {by}", flush=True)
+    return exit_status(by)  # 130 after Ctrl-C, 143 after SIGTERM, as a stopped program exits
 
 
-def wait_for_stop() -> None:
-    """Block until SIGINT (Ctrl-C) or SIGTERM, then put the previous handlers back."""
-    stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+def wait_for_stop() -> str:
+    """Block until SIGINT (Ctrl-C) or SIGTERM, then put the previous handlers back; the signal's name."""
+    stopping, by = threading.Event(), []
+    previous = {sig: signal.signal(sig, lambda sig, _: (by.append(signal.Signals(sig).name), stopping.set()))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stopping.wait(0.5):
             pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return by[0]
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def add_model_args(p):
     src.add_argument("--model", default="cond",
                      help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
                           "train_diffusion.py, an official ADM checkpoint (the released file names need no "
-                          "--adm-flags), or a diffusers UNet2DModel folder (README: Guiding a diffusers model)")
+                          "--adm-flags), or a diffusers UNet2DModel folder (docs: Models from elsewhere)")
     src.add_argument("--scheduler", default=None,
                      help="a diffusers model's scheduler_config.json, for a unet folder without its pipeline's "
                           "scheduler/ (default: the pipeline folder's)")
@@ -140,7 +140,7 @@ def add_guidance_args(p):
     """The guidance layer's terms (guided/guidance), one set of flags per METHODS entry: its scale, its
     sigma interval, its schedule and temperature where it has them, the network it loads. --scale's
     default is decided after loading by guided.generation.resolve (the same rule in every program)."""
-    g = p.add_argument_group("guidance (terms compose: their corrections add up; README 'Guidance')")
+    g = p.add_argument_group("guidance (terms compose: their corrections add up; docs: Guidance)")
     for m in METHODS:
         default = None if m.term == "classifier" else m.off
         g.add_argument(m.flag, type=_number(float, 0.0), default=default,
@@ -182,7 +182,14 @@ def options(args, scale, **override) -> SampleOptions:
     clip = "none" if args.no_clip else args.clip
     if args.no_clip and args.clip not in (None, "none"):
         raise GuidedError(f"--no-clip is --clip none; it cannot go with --clip {args.clip}")
-    clip, percentile = given.pop("threshold", clip), float(given.pop("percentile", args.percentile))
+    if "threshold" in given and clip is not None and given["threshold"] != clip:
+        said = "--no-clip" if args.no_clip else f"--clip {args.clip}"
+        raise GuidedError(f"--sampler-arg threshold={given['threshold']} and {said} contradict each other: give one")
+    clip = given.pop("threshold", clip)
+    try:
+        percentile = float(given.pop("percentile", args.percentile))
+    except ValueError:
+        raise GuidedError("--sampler-arg percentile takes a number, a share in (0, 1] (99.5% is 0.995)") from None
     if clip not in (None, *CLIPS):
         raise GuidedError(f"threshold must be one of {', '.join(CLIPS)}, not {clip!r}")
     opts = SampleOptions(**{**parsed, "sampler": sampler, "steps": steps, "scale": scale, "clip": clip,

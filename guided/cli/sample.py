@@ -57,7 +57,9 @@ def _main(args) -> int:
     pipeline = load_pipeline(**pipeline_keywords(args, device))
     classes = parse_classes(args.classes, pipeline)
     init = sdedit_request(pipeline, args.init_image, args.t0, args.mask)
-    runs = [resolve(pipeline, options(args, scale), editing=init is not None) for scale in scales]  # the policy, once
+    say = (lambda line: print(line, file=sys.stderr)) if rank == 0 else None
+    runs = [resolve(pipeline, options(args, scale), editing=init is not None, say=say if i == 0 else None)
+            for i, scale in enumerate(scales)]  # the policy, once
     used = guide_settings(args, pipeline, max(runs, key=lambda o: o.scale))
     settings = {"model": args.model, "device": device, **used, "scheduler": args.scheduler,
                 "init_image": args.init_image, "t0": args.t0 if args.init_image else None, "mask": args.mask}

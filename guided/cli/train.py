@@ -11,15 +11,11 @@ input (one `error:` line), 143 / 130 stopped by SIGTERM / Ctrl-C after saving a 
 """
 from __future__ import annotations
 
-import importlib.resources
-from pathlib import Path
 
 from guided.cli import Parser, run_cli
 from guided.config import load_config, to_yaml
-from guided.errors import GuidedError
 from guided.signals import exit_status
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # a checkout; an install has guided/configs
 
 WHERE = """where it writes: train.out_dir (default runs/default; the shipped configs set their own) gets
   config.yaml and label_map.json at the start, metrics.jsonl every train.log_every steps, and every
@@ -27,24 +23,6 @@ WHERE = """where it writes: train.out_dir (default runs/default; the shipped con
   weights-only model.pt for sampling, and ema.pt where train.ema_rates is set (the diffusion configs; the
   classifier configs keep no EMA); TensorBoard curves under train.out_dir/tb.
   A folder with checkpoints is refused without --resume; one run at a time holds train.out_dir/.lock."""
-
-
-def shipped_configs() -> Path:
-    installed = Path(str(importlib.resources.files("guided") / "configs"))
-    return installed if installed.is_dir() else REPO_CONFIGS
-
-
-def find_config(name: str) -> Path:
-    """A config path as given, else a shipped config of that name (with or without .yaml, with or
-    without the configs/ folder in front), so `--config digits.yaml` works outside the repository."""
-    path = Path(name).expanduser()
-    if path.is_file() or path.parent.name not in ("", "configs"):
-        return path
-    shipped = shipped_configs() / (path.name if path.suffix else path.name + ".yaml")
-    if shipped.is_file():
-        return shipped
-    known = ", ".join(sorted(p.stem for p in shipped_configs().glob("*.yaml")))
-    raise GuidedError(f"config file {path} does not exist, nor is it a shipped config ({known})")
 
 
 def build_parser(prog: str, default: str) -> Parser:
@@ -60,7 +38,7 @@ def build_parser(prog: str, default: str) -> Parser:
 def _main(kind: str, argv) -> int:
     default = "digits.yaml" if kind == "diffusion" else "digits_classifier.yaml"
     args = build_parser(f"train_{kind}.py", default).parse_intermixed_args(argv)  # overrides and options in any order
-    cfg = load_config(find_config(args.config), args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0

@@ -83,13 +83,25 @@ class LabelMap:
     def name(self, index: int) -> str:
         return self.names[index]
 
+    def _imagenet_hint(self, i: int) -> str:
+        """Where an ImageNet-1k index names a class this (subset) label map holds: which index it is here."""
+        classes = imagenet_classes()
+        if not 0 <= i < len(classes) or not all(k in _imagenet_by_wnid() for k in self.keys):
+            return ""
+        c = classes[i]
+        if c.wnid in self.keys:
+            return (f"; {i} is ImageNet's {c.name} ({c.wnid}), which is index {self.keys.index(c.wnid)} here: "
+                    f"give --class {self.keys.index(c.wnid)} or --class {c.wnid}")
+        return f"; {i} is ImageNet's {c.name} ({c.wnid}), which this model does not hold"
+
     def index(self, query) -> int:
         """Index of a class given as an index, key, name or ImageNet synonym."""
         if isinstance(query, numbers.Integral) or (isinstance(query, str) and query.strip().isdigit()
                                       and query.strip() not in self.keys):
             i = int(query)
             if not 0 <= i < len(self):
-                raise GuidedError(f"class index {i} is out of range: this label map has {len(self)} classes")
+                raise GuidedError(f"class index {i} is out of range: this label map has {len(self)} classes"
+                                  f"{self._imagenet_hint(i)} (a number is the model's own index)")
             return i
         q = str(query).strip().lower()
         for field in (self.keys, self.names):

@@ -179,3 +179,29 @@ class LadderModel(ScoreModel):
     def prior(self, noise, shape):
         return noise.randn(shape) * self.sde.sigma_max
 
+
+
+def noise_process(model: ScoreModel) -> dict:
+    """What a network was trained on, to compare a guide network's with the model's: the kind, the noise
+    levels of its network times (float64: every original timestep of a VP chain, or the NCSN ladder),
+    and the time convention of its network input."""
+    if isinstance(model, LadderModel):
+        return {"kind": "score", "sigmas": model.ladder.sigmas.double(), "time": "ladder index"}
+    rescaled = bool(getattr(model.cfg, "rescale_timesteps", False))
+    return {"kind": "eps", "sigmas": model.log_sigmas.exp(), "time": "rescaled to 1000" if rescaled else "timestep"}
+
+
+def same_process(a: dict, b: dict) -> Optional[str]:
+    """None where two networks' noise processes agree, else what differs, in words."""
+    if a["kind"] != b["kind"]:
+        name = {"eps": "a VP chain (an eps model's)", "score": "an NCSN noise ladder"}
+        return f"it was trained on {name[a['kind']]}, the model on {name[b['kind']]}"
+    if len(a["sigmas"]) != len(b["sigmas"]):
+        return f"it was trained on {len(a['sigmas'])} noise levels, the model on {len(b['sigmas'])}"
+    if not torch.allclose(a["sigmas"], b["sigmas"], rtol=1e-4, atol=1e-8):
+        i = int(((a["sigmas"] - b["sigmas"]).abs() / b["sigmas"].abs().clamp(min=1e-12)).argmax())
+        return (f"its noise levels differ from the model's (level {i}: sigma {float(a['sigmas'][i]):.4g} against "
+                f"{float(b['sigmas'][i]):.4g}): another noise schedule")
+    if a["time"] != b["time"]:
+        return f"its network time is {a['time']}, the model's {b['time']}"
+    return None

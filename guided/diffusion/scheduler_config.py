@@ -30,6 +30,14 @@ SPACINGS = ("leading", "trailing", "linspace")
 # diffusers' variance_type -> the project's variance; the *_log forms draw the same noise
 VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
              "fixed_large_log": "fixed_large", "learned_range": "learned_range", "learned": "learned"}
+# the scheduler classes whose config describes a discrete VP chain of betas (the ones read here); any
+# other (ScoreSdeVeScheduler, EDMEulerScheduler, ... : VE or sigma-parameterised processes) is refused by name
+VP_CHAIN_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "DDIMParallelScheduler",
+                       "DDPMParallelScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                       "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler", "DEISMultistepScheduler",
+                       "UniPCMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                       "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                       "LMSDiscreteScheduler", "SASolverScheduler", "TCDScheduler", "LCMScheduler")
 # the shipped configs: guided/configs in an install, configs/ in a checkout
 CONFIGS_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
 
@@ -71,6 +79,11 @@ def check(cfg: dict, where) -> dict:
            "trained_betas": None, "variance_type": "fixed_small", "prediction_type": "epsilon",
            "timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True,
            "rescale_betas_zero_snr": False, **{k: v for k, v in cfg.items() if v is not None or k == "trained_betas"}}
+    kind = cfg.get("_class_name")
+    if kind is not None and kind not in VP_CHAIN_SCHEDULERS:
+        raise GuidedError(f"{where}: a {kind} config is not a discrete VP chain of betas (the process guided samples); "
+                          f"use a model whose scheduler is one of DDPMScheduler, DDIMScheduler, "
+                          f"DPMSolverMultistepScheduler, ...")
     if out["prediction_type"] not in PREDICTIONS:
         raise GuidedError(f"{where}: prediction_type {out['prediction_type']!r} is not supported; "
                           f"one of {', '.join(PREDICTIONS)}")

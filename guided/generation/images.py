@@ -32,7 +32,7 @@ def image_statistics(images: np.ndarray) -> dict:
             "speckle": float(sum(j.sum() for j in jumps) / max(pairs, 1))}
 
 
-# What a ruined batch looks like (scripts/ruin_study.py on the shipped digits models, README "Ruined
+# What a ruined batch looks like (scripts/ruin_study.py on the shipped digits models, docs/guide/sampling.md "Ruined
 # batches"): guidance far too strong drives the x0 prediction into the clip at both ends, so large
 # areas sit at 0 AND at 255 (inverted blobs), and at the extreme neighbouring pixels jump from one end
 # to the other (speckle). Healthy batches and the real digits have at most 1% at 255 and no speckle,

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from guided.config import DiffusionConfig, SamplingConfig, node
-from guided.diffusion.objectives import objective_from_config
+from guided.diffusion.models import noise_process
+from guided.diffusion.objectives import adapt, objective_from_config
 from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
 from guided.guidance.terms import KINDS
@@ -27,7 +28,7 @@ from guided.speed import speed_up
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
 # The shipped digits models by name: their file in guided/assets/digits; their sampling defaults are in
 # that file's config (the `sampling` node of <file>.yaml, guided.config.SamplingConfig). `uncond` is the
-# null class of the label-dropout `cond` network (README "Digits models" measures it against a separate
+# null class of the label-dropout `cond` network (docs/guide/digits-models.md measures it against a separate
 # unconditional model).
 SHIPPED_MODELS = {"cond": {"file": "cond"}, "uncond": {"file": "cond", "unconditional": True},
                   "ncsn": {"file": "ncsn"}}
@@ -80,7 +81,8 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
         flags = official_flags(spec, flags, "--classifier-flags", classifier=True)
     clf = None
     if spec != "none":
-        clf, clf_labels = _classifier(spec, flags)
+        clf, clf_labels, clf_process = _classifier(spec, flags)
+        extra.update(classifier_labels=clf_labels, classifier_process=clf_process)
         label_map = label_map or clf_labels
     if label_map is None and clf is not None and flags:
         label_map = _imagenet_labels(clf.cfg.num_classes)
@@ -181,14 +183,20 @@ def _classifier(spec: str, flags):
     trained/shipped one."""
     fmt = next((f for f in FORMATS if f.load_classifier is not None and f.detect(spec)), None)
     if fmt is not None:
-        return fmt.load_classifier(spec), None
+        return fmt.load_classifier(spec), None, None
     if flags:
         weights = read_state_dict(spec)
-        return adm.load_state_dict_strict(adm.create_classifier(flags), weights, spec), None
-    net, _, labels = load_trained(shipped_path(spec))
+        return adm.load_state_dict_strict(adm.create_classifier(flags), weights, spec), None, None
+    net, run_cfg, labels = load_trained(shipped_path(spec))
     if not isinstance(net, EncoderUNetModel):
         raise GuidedError(f"--classifier {spec} holds a score model (U-Net), not a noise-aware classifier")
-    return net, labels
+    return net, labels, noise_process(adapt_run(run_cfg))
+
+
+def adapt_run(run_cfg):
+    """The ScoreModel of a run config's noise process (its objective on its diffusion config)."""
+    objective = objective_from_config(run_cfg)
+    return adapt(run_cfg.diffusion, objective.name, objective.pipeline_kwargs()["ncsn_sigmas"])
 
 
 def shipped_path(spec: str) -> Path:

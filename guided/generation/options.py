@@ -15,6 +15,10 @@ from typing import Optional
 
 @dataclass
 class SampleOptions:
+    """What one sampling run asks for. A field left None is decided once, after loading, by
+    guided.generation.resolve.resolve (the model's own defaults, then the registry's); the resolved
+    options are what settings.json records. `settings` holds the sampler's declared settings (eta,
+    churn, snr, ...); `terms` the guidance terms registered from outside the package, by name."""
     sampler: Optional[str] = None  # None: the model's default, else the registry's for its kind
     steps: Optional[str] = None  # None: the model's default with its sampler, else "100" (fixed-step samplers)
     scale: Optional[float] = 0.0  # None: 1 where the pipeline has a classifier and no other method is on
@@ -58,7 +62,7 @@ class Method:
     help: str
     schedule: Optional[str] = None  # the SampleOptions field of its weight over sigma
     temperature: Optional[str] = None
-    start: float = 2.0  # its scale when it is picked without one (the demo's --method): the README's example value
+    start: float = 2.0  # its scale when it is picked without one (the demo's --method): the docs' example value
 
 
 METHODS = (

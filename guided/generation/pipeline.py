@@ -32,6 +32,9 @@ from guided.samplers.sdedit import SDEdit
 
 @dataclass
 class Pipeline:
+    """A score network adapted once to the samplers' interface (`score_model`), with its noise-aware
+    classifier, the networks of the other guidance terms, its label map and its own sampling defaults
+    (`defaults`, the `sampling` node of its config). Built by guided.generation.load_pipeline."""
     model: torch.nn.Module
     diffusion_cfg: object  # DiffusionConfig node
     classifier: Optional[torch.nn.Module] = None
@@ -45,6 +48,8 @@ class Pipeline:
     defaults: SamplingConfig = field(default_factory=SamplingConfig)  # the model's own sampling defaults
     classifier_name: Optional[str] = None  # what --classifier named (or the model's default), for the record
     guides: dict = field(default_factory=dict)  # the networks of registered guidance terms, by term name
+    classifier_labels: object = None  # the classifier's own label map, where it has one
+    classifier_process: Optional[dict] = None  # what the classifier was trained on (diffusion.models.noise_process)
 
     def __post_init__(self):
         m = self.model.cfg
@@ -78,11 +83,29 @@ class Pipeline:
         return (cfg.in_channels, cfg.image_size, cfg.image_size)
 
 
+def classifier_indices(p: Pipeline) -> Optional[list]:
+    """The classifier's index of each of the model's classes (-1: not among them) where the two have
+    different label maps (matched by key: wnid, folder or digit); None where they share one."""
+    a, b = p.label_map, p.classifier_labels
+    if a is None or b is None or tuple(a.keys) == tuple(b.keys):
+        return None
+    index = {k: i for i, k in enumerate(b.keys)}
+    return [index.get(k, -1) for k in a.keys]
+
+
 def check_labels(p: Pipeline, labels, opts: SampleOptions):
     """Refuse labels the pipeline cannot serve, in one line (the guidance itself: resolve.check_guidance)."""
     n = p.num_classes
     if n is not None and any(not 0 <= int(y) < n for y in labels):
         raise GuidedError(f"class {max(labels)} is outside the model's {n} classes (0..{n - 1})")
+    mapping = classifier_indices(p) if opts.scale and p.classifier is not None else None
+    if mapping is not None:
+        missing = [int(y) for y in labels if mapping[int(y)] < 0]
+        if missing:
+            y = missing[0]
+            raise GuidedError(f"class {p.label_map.keys[y]} ({p.label_map.names[y]}, the model's index {y}) is not among "
+                              f"the classifier's {len(p.classifier_labels)} classes: guide with a classifier of it")
+        return
     k = p.classifier.cfg.num_classes if opts.scale and p.classifier is not None else None
     if k is not None and any(not 0 <= int(y) < k for y in labels):
         raise GuidedError(f"class {max(labels)} is outside the classifier's {k} classes (0..{k - 1}): guide with a "
@@ -99,6 +122,8 @@ def guidance(p: Pipeline, opts: SampleOptions) -> Guidance:
             kw["temperature"] = getattr(opts, m.temperature)
         if m.term == "classifier":
             kw["calibrated"] = opts.calibration
+            mapping = classifier_indices(p)
+            kw["labels"] = None if mapping is None else torch.tensor(mapping)
         if m.term == "x0_classifier":
             net = _clean_classifier(net)
         terms.append(Term(m.term, getattr(opts, m.scale), net, getattr(opts, m.interval), **kw))

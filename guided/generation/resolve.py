@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from guided.diffusion.models import noise_process, same_process
 from guided.diffusion.space import CLIPS
 from guided.errors import GuidedError
 from guided.generation.options import METHODS, SampleOptions
@@ -33,8 +34,9 @@ BUILTIN = tuple(m.term for m in METHODS)  # the terms with flags of their own (-
 CLASSIFIER_DEFAULT = 1.0  # the classifier's scale when nothing else is asked and the pipeline has one
 
 
-def resolve(p, opts: SampleOptions, *, editing: bool = False) -> SampleOptions:
-    """The options that run: see the module docstring. `editing`: an SDEdit run."""
+def resolve(p, opts: SampleOptions, *, editing: bool = False, say=None) -> SampleOptions:
+    """The options that run: see the module docstring. `editing`: an SDEdit run; `say(line)` is told of a
+    choice a user may not expect (the command line prints it)."""
     model, d = p.score_model, p.defaults
     sampler, steps = opts.sampler, opts.steps
     if sampler is None:
@@ -42,6 +44,9 @@ def resolve(p, opts: SampleOptions, *, editing: bool = False) -> SampleOptions:
             sampler, steps = d.sampler, d.steps
         else:
             sampler = DEFAULT[model.kind]
+            if d.sampler and steps is not None and d.sampler != sampler and say is not None:
+                say(f"note: --steps {steps} without --sampler samples with {sampler}, the registry's default; this "
+                    f"model's own sampler ({d.sampler}) goes with its own steps ({d.steps}): name --sampler to choose")
     spec = sampler_for(sampler, model.kind)
     if editing and not spec.fixed_steps:
         raise GuidedError(f"SDEdit runs over fixed steps: the {sampler} sampler chooses its own; use ddpm, ddim, "
@@ -113,6 +118,11 @@ def check_guidance(p, opts: SampleOptions) -> None:
         raise GuidedError("guidance needs a class-conditional model or a classifier; neither was given")
     if opts.scale and p.classifier is None:
         raise GuidedError("--scale needs a noise-aware classifier (--classifier)")
+    if opts.scale and p.classifier_process is not None:
+        why = same_process(p.classifier_process, noise_process(p.score_model))
+        if why is not None:
+            raise GuidedError(f"the classifier cannot guide this model: {why}; train a classifier on the model's "
+                              f"noise process (train_classifier.py with the model's diffusion config)")
     if opts.cfg_scale != 1.0 and not (getattr(p.model.cfg, "null_class", False) and p.conditional):
         raise GuidedError("--cfg-scale needs a class-conditional model trained with label dropout (model.null_class)")
     if opts.autoguide_scale != 1.0 and p.weak_model is None:

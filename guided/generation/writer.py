@@ -72,8 +72,11 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
     if classes and not enforced and rank == 0:
         say(f"note: the labels are requests that nothing enforces: {p.name} samples without labels and no "
             f"classifier guides it (--scale 0), so the samples are random draws recorded with the classes asked")
+    names = None if p.label_map is None else [f"{p.label_map.keys[c]} {p.label_map.names[c]}".strip()
+                                              if p.label_map.keys[c] != p.label_map.names[c] else p.label_map.keys[c]
+                                              for c in classes]
     record = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, classes=classes,
-                  class_sampling=class_sampling, labels_enforced=enforced,
+                  class_names=names, class_sampling=class_sampling, labels_enforced=enforced,
                   options=asdict(opts))  # parts/ of another batch size do not fit
     per_sample = int(np.prod(p.shape()))  # bytes of one uint8 image
     lock = first_rank(lambda: _claim(out, record, overwrite, num_samples * per_sample), rank, world_size)
@@ -146,7 +149,7 @@ def remedy(opts: SampleOptions) -> str:
     on += [f"--guide {name}={t['scale']:g}" for name, t in opts.terms.items()]
     if on:
         return (f"the guidance is too strong: lower {' / '.join(on)} (the shipped digits models stay clean up to "
-                f"--scale 1000; README 'Ruined batches')")
+                f"--scale 1000; docs: Sampling, Ruined batches)")
     return "no guidance is on: check the model (is it trained?) and try more --steps"
 
 
@@ -178,8 +181,18 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
     plan = out / "parts" / "plan.json"
     text = json.dumps(record, sort_keys=True, default=str)
     if plan.exists() and plan.read_text() != text:
-        for f in (out / "parts").glob("batch-*.npz"):  # other settings: earlier batches do not belong
+        done = sorted((out / "parts").glob("batch-*.npz"))  # other settings: earlier batches do not belong
+        if done and not overwrite:
+            old = json.loads(plan.read_text())
+            diff = [k for k in dict.fromkeys([*old, *record]) if json.dumps(old.get(k), sort_keys=True, default=str)
+                    != json.dumps(record.get(k), sort_keys=True, default=str)]
+            raise GuidedError(f"{out} holds {len(done)} finished batch(es) of an interrupted run with other settings "
+                              f"({', '.join(diff[:4])}); rerun with its settings to resume it, or pass --overwrite "
+                              f"to discard them")
+        for f in done:
             f.unlink()
+        if done:
+            say(f"note: discarded {len(done)} batch(es) of an interrupted run with other settings in {out}")
     write_output(plan, lambda f: f.write(text.encode()))
 
 

@@ -10,7 +10,7 @@ The expected calibration error (Guo et al. eq. 3, 15 equal-width confidence bins
 reported before and after.
 
 `Calibration` travels with the classifier's weights (the "calibration" entry of a weights
-file, see guided/checkpoints.py) and guidance divides the logits by `temperature(t)`.
+file, see guided/networks/checkpoints.py) and guidance divides the logits by `temperature(t)`.
 """
 from __future__ import annotations
 

@@ -104,6 +104,8 @@ def x0_classifier_grad(classify, denoise, x, t, y, temperature: float = 1.0) -> 
 
 
 def _classifier_term(term, x, t, y, denoise):
+    if term.labels is not None:  # the model's class indices in the classifier's own label map
+        y = term.labels.to(y.device)[y]
     cal = getattr(term.network, "calibration", None) if term.calibrated else None
     return classifier_grad(term.network, x, t, y, None if cal is None else cal.temperature_at(t))
 
@@ -140,6 +142,7 @@ class Term:
     schedule: str = "constant"
     temperature: float = 1.0  # x0_classifier: logits / temperature
     calibrated: bool = True  # classifier: use its fitted temperatures when it has them
+    labels: Any = None  # classifier: LongTensor, the model's class index -> the classifier's (other label maps)
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -27,7 +27,7 @@ WEIGHTS_FORMAT = "guided-weights"
 def export_weights(path: str | Path, state_dict: dict, *, kind: str, cfg, label_map=None, which: str = "model",
                    step: int = 0, dtype: str = "fp32", calibration: dict | None = None) -> Path:
     """A compact, self-contained weights file for sampling (fp32 or fp16 floats); a classifier's
-    calibration (guided/calibration.py, Calibration.to_dict) travels in it."""
+    calibration (guided/guidance/calibration.py, Calibration.to_dict) travels in it."""
     if dtype not in ("fp32", "fp16"):
         raise GuidedError(f"export dtype must be fp32 or fp16, not {dtype!r}")
     cast = torch.float16 if dtype == "fp16" else torch.float32
@@ -193,7 +193,7 @@ def load_trained(path_or_dir, which: str | None = None, device="cpu"):
     model = build_network(w["kind"], cfg)
     load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in w["state_dict"].items()},
                            what=f"weights {path}")
-    if w.get("calibration"):  # a classifier's temperatures per noise band (guided/calibration.py)
+    if w.get("calibration"):  # a classifier's temperatures per noise band (guided/guidance/calibration.py)
         from guided.guidance.calibration import Calibration
         model.calibration = Calibration.from_dict(w["calibration"])
     return model.to(device).eval(), cfg, label_map

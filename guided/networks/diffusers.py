@@ -50,6 +50,10 @@ class DiffusersUNet(nn.Module):
         if c.class_embed_type not in CLASS_EMBEDS or c.class_embed_type == "timestep" and not c.num_class_embeds:
             raise GuidedError(f"the unet's class_embed_type {c.class_embed_type!r} takes no class indices: "
                               f"supported are an embedding table (num_class_embeds) or 'timestep' with num_class_embeds")
+        if getattr(c, "time_embedding_type", "positional") == "fourier":
+            raise GuidedError("the unet embeds time with Fourier features of the noise level (a score-SDE VE model, "
+                              "as ScoreSdeVePipeline's): it takes no discrete timesteps of a VP chain, which guided "
+                              "samples")
         learned = variance in ("learned", "learned_range")
         want = c.in_channels * (2 if learned else 1)
         if c.out_channels != want:

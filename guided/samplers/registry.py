@@ -73,6 +73,8 @@ class Sampler:
     default_clip: str = "static"  # the clip kind it uses when none is asked (guided.diffusion.space.CLIPS)
     adaptive: Optional[str] = None  # how it chooses its own steps (levels == "adaptive" or "ladder")
     help: str = ""
+    check: Optional[Callable[[dict], None]] = None  # refuses settings that contradict each other
+
 
     def typed(self, given: dict) -> dict:
         """Every declared setting, as given or its default; one line for a setting it does not take."""
@@ -81,7 +83,10 @@ class Sampler:
         if unknown:
             takes = ", ".join(declared) or "no settings"
             raise GuidedError(f"the {self.name} sampler has no setting {unknown[0]!r}; it takes {takes}")
-        return {k: s.parse(given[k], self.name) if k in given else s.default for k, s in declared.items()}
+        typed = {k: s.parse(given[k], self.name) if k in given else s.default for k, s in declared.items()}
+        if self.check is not None:
+            self.check(typed)
+        return typed
 
     def clips(self, ddpm_form: str = "mean") -> bool:
         """Whether the extra clip of the guided x0 (clip_guided) changes this sampler."""
@@ -137,6 +142,12 @@ DDPM_FORM = Setting("ddpm_form", str, "mean", choices=("mean", "score"),
                     help="guidance as the paper's mean shift (Algorithm 1) or the score correction (Algorithm 2)")
 SDE_ETA = Setting("eta", float, 1.0, 0.0, None, help="the SDE's noise (1 = the reverse SDE, 0 = DPM-Solver++(2M))")
 EDM = tuple(Setting(k, float, v, 0.0, None) for k, v in fewstep.EDM_DEFAULTS.items())
+
+
+def _edm_check(s: dict) -> None:
+    if s["s_tmin"] > s["s_tmax"]:
+        raise GuidedError(f"edm's s_tmin ({s['s_tmin']:g}) is above its s_tmax ({s['s_tmax']:g}): the churn would act "
+                          f"nowhere; give s_tmin <= s_tmax")
 PC = (Setting("predictor", str, "reverse_diffusion", choices=("reverse_diffusion", "euler_maruyama", "none")),
       Setting("corrector", str, "langevin", choices=("langevin", "none")),
       Setting("snr", float, 0.16, 0.0, None), Setting("n_corrector", int, 1, 1, None))
@@ -154,7 +165,7 @@ for _s in (
             help="DPM-Solver++(2M) SDE (Lu et al. 2022), guided in data prediction"),
     Sampler("dpm++3m", fewstep.run_dpmpp_3m, stochastic=False, default_clip="dynamic",
             help="DPM-Solver++(3M), guided in data prediction"),
-    Sampler("edm", fewstep.run_edm, settings=EDM, default_clip="dynamic",
+    Sampler("edm", fewstep.run_edm, settings=EDM, default_clip="dynamic", check=_edm_check,
             help="EDM's stochastic sampler (Karras et al. 2022, Algorithm 2)"),
     Sampler("pc", continuous.run_pc, ("eps", "score"), levels="sde", clip_guided="always", settings=PC,
             help="predictor-corrector on the reverse SDE (Song et al. 2021)"),

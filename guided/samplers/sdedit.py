@@ -67,11 +67,14 @@ class SDEdit:
                           "dpm++2m-sde, dpm++3m, edm or pc)")
 
     def _chain_start(self, levels, z, noise):
-        """On a respaced chain: the guide noised to the index nearest t0 of the chain; with a mask, the
-        region outside it re-noised to each step's level with fresh noise."""
+        """On a respaced chain: the guide noised to the chain's last level below the forward process's level
+        at t0 (original timestep t0 T, [SDEdit] Sec. 3), so t0 means one noise level whatever the steps
+        (karrasN, logsnrN and plain counts alike); with a mask, the region outside it re-noised to each
+        step's level with fresh noise."""
         diffusion = levels.chain
         guide = self.image.to(z.device).expand_as(z)
-        start = max(0, min(diffusion.num_timesteps - 1, round(self.t0 * diffusion.num_timesteps) - 1))
+        below = (diffusion.timestep_map < self.t0 * diffusion.num_original_steps).nonzero()
+        start = int(below.max()) if len(below) else 0
         x = diffusion.q_sample(guide, torch.full((len(z),), start, device=z.device), z)
         levels = replace(levels, start=start)
         if self.mask is None:

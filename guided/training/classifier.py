@@ -126,7 +126,7 @@ class ClassifierTrainer(Trainer):
 
     @torch.no_grad()
     def fit_calibration(self, order, gen, draws: int = 4):
-        """A softmax temperature per band of timesteps (guided/calibration.py), fitted on half of the
+        """A softmax temperature per band of timesteps (guided/guidance/calibration.py), fitted on half of the
         held-out images x_t and reported (accuracy, ECE before/after) on the other half; main process."""
         from guided.guidance.calibration import calibrate
 

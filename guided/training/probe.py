@@ -8,7 +8,7 @@ classifier): the Frechet distance in the judge's 64-d feature space to the
 held-out digits (Heusel et al. 2017, eq. 6), the judge's accuracy on the asked
 class, and the mean pixel. The same distance between as many training digits and
 the held-out ones is logged once as `probe_fid_floor`: what real data reach at this
-sample count. The curve shows when a model stops improving (README "Digits models").
+sample count. The curve shows when a model stops improving (docs/guide/digits-models.md).
 """
 from __future__ import annotations
 
