@@ -13,7 +13,7 @@ from guided.diffusion.space import CLIPS
 from guided.errors import GuidedError
 from guided.generation.options import METHODS, SampleOptions
 from guided.generation.resolve import CLASSIFIER_DEFAULT
-from guided.guidance.terms import SCHEDULES
+from guided.guidance.terms import SCHEDULES, check_interval
 from guided.samplers.registry import SAMPLERS
 
 LOADER_HELP = {
@@ -121,12 +121,9 @@ def interval(text):
     """'LO,HI' or 'LO:HI' (HI may be inf) -> (lo, hi): a term's active range of noise levels sigma."""
     parts = text.replace(":", ",").split(",")
     try:
-        lo, hi = (float(v) for v in parts)
-    except ValueError:
+        return check_interval(*parts) if len(parts) == 2 else check_interval(None, None)
+    except (ValueError, TypeError, GuidedError):
         raise TypeError from None
-    if not (0 <= lo <= hi) or math.isnan(hi):
-        raise TypeError
-    return lo, hi
 
 
 interval.__name__ = "noise-level interval LO,HI (0 <= LO <= HI, HI may be inf)"

@@ -18,6 +18,7 @@ import torch
 
 from guided.errors import GuidedError
 from guided.speed import DeviceCopies
+from guided.diffusion import scheduler_config as sc
 
 VARIANCES = ("fixed_large", "fixed_small", "learned_range", "learned")
 LOSSES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
@@ -285,7 +286,6 @@ class GaussianDiffusion:
 
 def _scheduler_chain(path, steps: int, respacing):
     """(betas, respacing, steps_offset) of a diffusers scheduler config (guided/diffusion/scheduler_config.py)."""
-    from guided.diffusion import scheduler_config as sc
 
     cfg = sc.read(path)
     base = sc.betas(cfg)

@@ -23,6 +23,8 @@ from guided.diffusion.models import EpsModel, LadderModel, ScoreModel, eps_model
 from guided.diffusion.losses import (LossSecondMomentResampler, UniformSampler, create_schedule_sampler,
                                      dsm_loss, ncsn_loss, training_losses)
 from guided.errors import GuidedError
+from guided.config import migrate, saved_config, to_yaml
+from guided.diffusion.sde import DiscreteVPSDE
 
 
 class Objective:
@@ -141,7 +143,6 @@ class VPDSMObjective(EpsObjective):
     noises_classifier = False
 
     def __init__(self, objective_cfg, diffusion_cfg):
-        from guided.diffusion.sde import DiscreteVPSDE
 
         super().__init__(objective_cfg, diffusion_cfg)
         self.sde = DiscreteVPSDE(self.diffusion.alphas_cumprod)
@@ -219,7 +220,6 @@ def adapt(diffusion_cfg, objective: str = "eps", sigmas=None, learned_variance: 
 def objective_from_config(run_cfg) -> Objective:
     """The objective of a RunConfig (train.objective.name; an old flat config is migrated first)."""
     if isinstance(run_cfg.train.get("objective"), str):
-        from guided.config import migrate, saved_config, to_yaml
 
         run_cfg = saved_config(to_yaml(migrate(run_cfg)))
     oc = run_cfg.train.objective

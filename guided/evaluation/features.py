@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from guided.errors import GuidedError
 from guided.evaluation.extractor import FeatureExtractor, check_images, compute_features  # noqa: F401 - re-exported
 from guided.evaluation.judge import load_judge
+from guided.networks.adm import load_state_dict_strict
+from guided.networks.checkpoints import read_state_dict
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 # pytorch-fid's name for the same converted network (same sha256 prefix 6726825d, same keys).
@@ -165,7 +167,6 @@ def dinov2_state_dict(state, net):
 
 def _read_weights(path):
     if not str(path).endswith(".safetensors"):
-        from guided.networks.checkpoints import read_state_dict
         return read_state_dict(path)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -193,7 +194,6 @@ class DINOv2Features(FeatureExtractor):
             import timm
         except ImportError:
             raise GuidedError('FD-DINOv2 needs timm: pip install -e ".[dinov2]" (or pip install timm)') from None
-        from guided.networks.adm import load_state_dict_strict
 
         path = find_weights(DINOV2_WEIGHTS, weights_path)
         net = timm.create_model(pretrained=False, num_classes=0, **arch)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from guided.errors import GuidedError
 from guided.evaluation.sweeps import label, load_sweep  # noqa: F401  (label: the figures' names of values)
+from guided.generation.writer import write_output
 
 NAMES = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "sfid": "sFID", "inception_score": "Inception Score",
          "precision": "precision", "recall": "recall", "judge_accuracy": "judge accuracy"}
@@ -30,7 +31,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from guided.generation.writer import write_output
 
     write_output(Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
     _pyplot().close(fig)
@@ -146,7 +146,6 @@ def _draw_tradeoff(out: Path, rows: list[dict], labels: list[str], panels, featu
 
 
 def _write_data(out: Path, rows: list[dict], warnings: list[str]) -> None:
-    from guided.generation.writer import write_output
 
     fields = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO()

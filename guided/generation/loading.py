@@ -24,6 +24,7 @@ from guided.networks.diffusers import is_diffusers_folder, load_unet
 from guided.networks.unet import EncoderUNetModel, UNetModel
 from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
+from guided.data.labels import LabelMap, imagenet_classes
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "digits"
 # The shipped digits models by name: their file in guided/assets/digits; their sampling defaults are in
@@ -221,7 +222,6 @@ def guide_network(named, option: str, defaults: SamplingConfig, kind, what: str)
 def _imagenet_labels(num_classes):
     if num_classes != 1000:
         return None
-    from guided.data.labels import LabelMap, imagenet_classes
     return LabelMap.from_keys(c.wnid for c in imagenet_classes())
 
 

@@ -132,6 +132,14 @@ def classifier_cond_fn(classifier, y: torch.Tensor, scale: float) -> CondFn:
     return cond_fn
 
 
+def check_interval(lo, hi) -> tuple:
+    """(lo, hi) of a term's active range of noise levels sigma: 0 <= lo <= hi (hi may be inf); the one rule."""
+    lo, hi = float(lo), float(hi)
+    if not (0 <= lo <= hi) or math.isnan(hi):
+        raise GuidedError(f"a guidance interval is sigma_lo,sigma_hi with 0 <= lo <= hi, not {lo:g},{hi:g}")
+    return lo, hi
+
+
 # -- terms ----------------------------------------------------------------------------------------
 @dataclass
 class Term:
@@ -152,10 +160,7 @@ class Term:
         if not math.isfinite(self.scale):
             raise GuidedError(f"the {self.kind} guidance scale must be a finite number, not {self.scale}")
         if self.interval is not None:
-            lo, hi = (float(v) for v in self.interval)
-            if not (0 <= lo <= hi) or math.isnan(hi):
-                raise GuidedError(f"a guidance interval is sigma_lo,sigma_hi with 0 <= lo <= hi, not {lo},{hi}")
-            self.interval = (lo, hi)
+            self.interval = check_interval(*self.interval)
         if not self.temperature > 0:
             raise GuidedError(f"the x0-classifier temperature must be positive, not {self.temperature}")
         if self.network is None and KINDS[self.kind].needs_network and not self.neutral:

@@ -19,6 +19,9 @@ from guided.config import load_config, saved_config, to_yaml
 from guided.errors import GuidedError
 from guided.files import CKPT_FORMAT, atomic_save, atomic_write_text, list_checkpoints, read_file
 from guided.networks.adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
+from guided.data import LabelMap
+from guided.guidance.calibration import Calibration
+from guided.networks.unet import EncoderUNetModel, UNetModel
 
 WEIGHTS_FORMAT = "guided-weights"
 
@@ -82,7 +85,6 @@ def _config_for(path: Path, embedded: str | None, kind: str):
 
 
 def _label_map_for(path: Path, embedded: dict | None):
-    from guided.data import LabelMap
 
     side = _beside(path, [f"{path.stem}.labels.json", "label_map.json"])
     if side is not None:
@@ -172,7 +174,6 @@ def ship(path_or_dir, out: str | Path, which: str | None = None, dtype: str = "f
 
 
 def build_network(kind: str, cfg):
-    from guided.networks.unet import EncoderUNetModel, UNetModel
 
     try:
         return UNetModel(cfg.model) if kind == "unet" else EncoderUNetModel(cfg.classifier)
@@ -194,6 +195,5 @@ def load_trained(path_or_dir, which: str | None = None, device="cpu"):
     load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in w["state_dict"].items()},
                            what=f"weights {path}")
     if w.get("calibration"):  # a classifier's temperatures per noise band (guided/guidance/calibration.py)
-        from guided.guidance.calibration import Calibration
         model.calibration = Calibration.from_dict(w["calibration"])
     return model.to(device).eval(), cfg, label_map

@@ -29,6 +29,7 @@ from torch import nn
 
 from guided.diffusion.sde import lerp_table
 from guided.errors import GuidedError
+from guided.diffusion import scheduler_config as sc
 
 CLASS_EMBEDS = (None, "timestep")  # an embedding table of num_class_embeds labels, or labels as a sinusoid
 
@@ -122,7 +123,6 @@ def unet_folder(path) -> Path:
 def load_unet(path, scheduler=None, null_class: bool = False, device="cpu"):
     """(DiffusersUNet, DiffusionConfig values) of a diffusers pipeline folder (unet/ + scheduler/) or of a
     unet folder and `scheduler`, a scheduler_config.json (or the folder holding it)."""
-    from guided.diffusion import scheduler_config as sc
 
     folder = unet_folder(path)
     if scheduler is None and not (Path(path) / "scheduler" / "scheduler_config.json").is_file():

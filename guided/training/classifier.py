@@ -25,6 +25,7 @@ from guided.errors import GuidedError
 from guided.networks.unet import EncoderUNetModel
 from guided.training.meters import QuarterMeter, derive_seed
 from guided.training.trainer import TrainResult, Trainer, train
+from guided.guidance.calibration import Calibration, calibrate
 
 
 def top_k(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -128,7 +129,6 @@ class ClassifierTrainer(Trainer):
     def fit_calibration(self, order, gen, draws: int = 4):
         """A softmax temperature per band of timesteps (guided/guidance/calibration.py), fitted on half of the
         held-out images x_t and reported (accuracy, ECE before/after) on the other half; main process."""
-        from guided.guidance.calibration import calibrate
 
         if not self.accel.is_main_process:
             return
@@ -170,7 +170,6 @@ class CalibrationPart:
         return self.fitted.to_dict() if self.fitted is not None else None
 
     def load_state_dict(self, d):
-        from guided.guidance.calibration import Calibration
 
         self.fitted = Calibration.from_dict(d)
 

@@ -12,6 +12,8 @@ import torch
 from guided.errors import GuidedError
 from guided.networks.unet import UNetModel
 from guided.training.trainer import TrainResult, Trainer, train
+from guided.generation import Pipeline
+from guided.training.probe import fid_floor, probe
 
 
 class DiffusionTrainer(Trainer):
@@ -57,8 +59,6 @@ class DiffusionTrainer(Trainer):
         if self.cfg.data.kind != "digits" or not self.ema.averages:
             return
         if self.accel.is_main_process:
-            from guided.generation import Pipeline
-            from guided.training.probe import fid_floor, probe
 
             net = UNetModel(self.cfg.model).to(self.device).eval()
             net.load_state_dict(next(iter(self.ema.state_dicts().values())))

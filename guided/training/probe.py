@@ -15,7 +15,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
+
+from guided.evaluation.judge import digits_data, load_judge, split_indices
+from guided.evaluation.metrics import feature_stats, frechet_distance
+from guided.generation import SampleOptions, plan_labels, sample_batch, to_uint8
 
 PROBE_OPTIONS = {"eps": dict(sampler="dpm++", steps="quad25"),  # per ScoreModel kind
                  "score": dict(sampler="langevin")}  # the ladder is its steps
@@ -25,8 +28,6 @@ PROBE_SEED = 1_000_003  # fixed: every probe of a run draws the same noise
 @functools.lru_cache(maxsize=4)
 def heldout_stats(image_size: int):
     """(mu, sigma) of the judge's pool features on the 297 held-out digits."""
-    from guided.evaluation.judge import digits_data, load_judge, split_indices
-    from guided.evaluation.metrics import feature_stats
 
     images, _ = digits_data(image_size)
     return feature_stats(load_judge(image_size).extract(images[split_indices()[1]])["pool"])
@@ -34,8 +35,6 @@ def heldout_stats(image_size: int):
 
 def judge_fid(images: np.ndarray) -> float:
     """Judge-space Frechet distance of uint8 NHWC images to the held-out digits."""
-    from guided.evaluation.judge import load_judge
-    from guided.evaluation.metrics import feature_stats, frechet_distance
 
     size = images.shape[1]
     mu, sigma = feature_stats(load_judge(size).extract(images)["pool"])
@@ -44,7 +43,6 @@ def judge_fid(images: np.ndarray) -> float:
 
 def fid_floor(image_size: int, n: int, seed: int = 0) -> float:
     """The judge-space distance of n real training digits (drawn without replacement) to the held-out ones."""
-    from guided.evaluation.judge import digits_data, split_indices
 
     images, _ = digits_data(image_size)
     train = split_indices()[0]
@@ -55,8 +53,6 @@ def fid_floor(image_size: int, n: int, seed: int = 0) -> float:
 def probe(pipeline, n: int, device="cpu", batch_size: int = 300, null: bool = False) -> dict:
     """Sample n images from `pipeline` and score them: probe_fid, probe_acc (conditional), probe_mean_pixel.
     null: sample a label-dropout model's null class (its unconditional score) instead."""
-    from guided.generation import SampleOptions, plan_labels, sample_batch, to_uint8
-    from guided.evaluation.judge import load_judge
 
     conditional = pipeline.model.num_classes is not None and not null
     labels = plan_labels(list(range(10)) if conditional else [], n)
