@@ -96,9 +96,11 @@ def _damaged_weights(d: Path) -> None:
         w = torch.load(SHIPPED / f"{name}.pt", weights_only=True)
         w["state_dict"]["input_blocks.1.0.in_layers.2.weight"][0, 0, 0, 0] = value
         torch.save(w, d / out)
-    m = ck.load_trained(SHIPPED / "cond.pt")[1].model  # the shipped model's image size and channels
+    shipped = ck.load_trained(SHIPPED / "cond.pt")[1]  # the shipped model's image size, channels and noise process
+    m = shipped.model
     cfg = load_config(None, TINY_CLASSIFIER + [f"classifier.image_size={m.image_size}",
                                                f"classifier.in_channels={m.in_channels}", "classifier.num_classes=3"])
+    cfg.diffusion = shipped.diffusion
     ck.export_weights(d / "clf3.pt", EncoderUNetModel(cfg.classifier).state_dict(), kind="classifier", cfg=cfg)
 
 
@@ -169,6 +171,22 @@ SAMPLE = [
      "tensor input_blocks.1.0.in_layers.2.weight holds inf"),
     (S, ["--classifier", "{bad}/clf3.pt", "--class", "7"],
      "--class 7 guided by a 3-class classifier (10-class model)", "class 7 is outside the classifier's 3 classes"),
+    (S, ["--model", "ncsn", "--classifier", "classifier", "--scale", "1", "--sampler", "pc"],
+     "a VP classifier guiding the NCSN model",
+     "the classifier cannot guide this model: it was trained on a VP chain"),
+    (S, ["--model", "uncond", "--classifier", "ncsn_classifier", "--scale", "1"],
+     "the NCSN ladder classifier guiding a VP model", "it was trained on an NCSN noise ladder, the model on a VP chain"),
+    (S, ["--sampler", "dpm++3m", "--eta", "0.5"], "--eta on a sampler without noise", "has no setting 'eta'"),
+    (S, ["--sampler", "dpm++2m-sde", "--sampler-arg", "churn=40"], "--sampler-arg churn on dpm++2m-sde",
+     "has no setting 'churn'; it takes eta"),
+    (S, ["--sampler", "ddim", "--sampler-arg", "eta=-1"], "--sampler-arg eta=-1", "must lie in [0, inf], not -1"),
+    (S, ["--sampler", "edm", "--sampler-arg", "s_tmin=10", "--sampler-arg", "s_tmax=1"], "edm's s_tmin above s_tmax",
+     "is above its s_tmax"),
+    (S, ["--sampler", "dpm++2m-sde", "--sampler-arg", "percentile=50"], "a percentile of 50 (not a share)",
+     "(99.5% is 0.995), not 50"),
+    (S, ["--no-clip", "--sampler-arg", "threshold=static"], "--no-clip with threshold=static",
+     "threshold=static and --no-clip contradict each other"),
+    (S, ["--guide", "nothing=1"], "--guide of a term nobody registered", "no registered guidance term of that name"),
 ]
 T, C = "train_diffusion.py", "train_classifier.py"
 TRAINING = [

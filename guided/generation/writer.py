@@ -182,17 +182,15 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
     text = json.dumps(record, sort_keys=True, default=str)
     if plan.exists() and plan.read_text() != text:
         done = sorted((out / "parts").glob("batch-*.npz"))  # other settings: earlier batches do not belong
-        if done and not overwrite:
+        if done:
             old = json.loads(plan.read_text())
             diff = [k for k in dict.fromkeys([*old, *record]) if json.dumps(old.get(k), sort_keys=True, default=str)
                     != json.dumps(record.get(k), sort_keys=True, default=str)]
-            raise GuidedError(f"{out} holds {len(done)} finished batch(es) of an interrupted run with other settings "
-                              f"({', '.join(diff[:4])}); rerun with its settings to resume it, or pass --overwrite "
-                              f"to discard them")
+            say(f"note: {out} held {len(done)} finished batch(es) of an interrupted run with other settings "
+                f"({', '.join(diff[:4])}); they do not belong to this run and are discarded (rerun with the old "
+                f"settings to resume that run instead)")
         for f in done:
             f.unlink()
-        if done:
-            say(f"note: discarded {len(done)} batch(es) of an interrupted run with other settings in {out}")
     write_output(plan, lambda f: f.write(text.encode()))
 
 
