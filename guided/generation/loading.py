@@ -14,6 +14,7 @@ import torch
 
 from guided.config import DiffusionConfig, SamplingConfig, node
 from guided.diffusion.models import noise_process
+from guided.diffusion.scheduler_config import clips_by_default, read as read_scheduler, scheduler_file
 from guided.diffusion.objectives import adapt, objective_from_config
 from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
@@ -169,13 +170,29 @@ def _score_network(model: str, adm_flags, scheduler=None, vae=None):
 
 def _diffusers_network(model: str, scheduler, vae=None):
     """A diffusers UNet2DModel or DiT adapted to the project's networks (guided/networks/diffusers.py), with the
-    latent space of its VAE where it has one."""
+    latent space of its VAE where it has one, sampled as its diffusers pipeline does by default."""
     net, values, space = load_latent(model, scheduler, vae)
+    extra = {"sampler_defaults": {"ddim": {"eps": "model"}}}  # DDIMScheduler.step's use_clipped_model_output=False
     if space is None:
-        return net, node(DiffusionConfig, values), None, {}
+        return net, node(DiffusionConfig, values), None, {**extra, "defaults": _pixel_defaults(model, scheduler)}
     sampler = default_sampler(model, scheduler)  # a latent folder samples as its diffusers pipeline does
     defaults = SamplingConfig(sampler=sampler, steps=PIPELINE_STEPS if sampler else None)
-    return net, node(DiffusionConfig, values), None, {"space": space, "defaults": defaults}
+    return net, node(DiffusionConfig, values), None, {**extra, "space": space, "defaults": defaults}
+
+
+def _pixel_defaults(model: str, scheduler) -> SamplingConfig:
+    """A pixel folder's clip as its scheduler config says: clip_sample (to [-1, 1]) or none. What the project
+    does not read is said: a clip_sample_range other than 1, and thresholding (--clip dynamic is the nearest)."""
+    path = scheduler_file(model if scheduler is None else scheduler)
+    cfg = {**read_scheduler(path), "clip_sample": clips_by_default(path)}
+    if cfg.get("thresholding"):
+        print(f"note: {model}: the scheduler's thresholding is not read; x0 is clipped to [-1, 1] (--clip dynamic "
+              f"--clip-percentile {cfg.get('dynamic_thresholding_ratio', 0.995)} is Saharia et al.'s threshold "
+              f"without its sample_max_value cap)", file=sys.stderr)
+    elif cfg["clip_sample"] and float(cfg.get("clip_sample_range", 1.0)) != 1.0:
+        print(f"note: {model}: clip_sample_range {cfg['clip_sample_range']} is not read; x0 is clipped to [-1, 1]",
+              file=sys.stderr)
+    return SamplingConfig(clip="static" if cfg["clip_sample"] or cfg.get("thresholding") else "none")
 
 
 register_format(ModelFormat("diffusers", is_diffusers_folder, _diffusers_network, takes_vae=True))

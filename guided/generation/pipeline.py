@@ -52,6 +52,7 @@ class Pipeline:
     classifier_labels: object = None  # the classifier's own label map, where it has one
     classifier_process: Optional[dict] = None  # what the classifier was trained on (diffusion.models.noise_process)
     space: DataSpace = PIXELS  # where the samples live: pixels, or a VAE's latents (guided.diffusion.space.LatentSpace)
+    sampler_defaults: dict = field(default_factory=dict)  # the model's own sampler settings: {sampler: {name: value}}
 
     def __post_init__(self):
         m = self.model.cfg
