@@ -134,6 +134,19 @@ def test_sample_batch_equals_dit_pipeline(models, pipe, sampler, steps):
     assert 0.05 < float(ref.mean()) < 0.95 and float(ref.std()) > 0.05  # not a saturated image
 
 
+def test_a_folder_naming_transformer2dmodel_loads(tmp_path):
+    """The published DiT folders name Transformer2DModel (facebook/DiT-XL-2-256's transformer/config.json)."""
+    from diffusers import Transformer2DModel
+
+    net = made(Transformer2DModel, 0, **DIT, norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    pipe = DiTPipeline(transformer=net, vae=made(AutoencoderKL, 1, **VAE), scheduler=DDIMScheduler(clip_sample=False))
+    pipe.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "transformer" / "config.json").read_text())["_class_name"] == "Transformer2DModel"
+    p = load_pipeline(str(tmp_path / "p"), classifier="none")
+    ours = sample_batch(p, LABELS, SEEDS, SampleOptions(sampler="ddim", steps="5", cfg_scale=4.0))
+    assert grey_levels(ours, reference(pipe, 5))[0] < 1.0
+
+
 def test_the_command_line_equals_dit_pipeline(models, tmp_path):
     """No flag beyond the guidance scale: the written uint8 (the paper's truncation) against DiTPipeline's PIL
     output (rounded) at its defaults (50 steps), within 1 grey level; settings.json names the VAE."""

@@ -58,7 +58,8 @@ def add_model_args(p):
     src.add_argument("--model", default="cond",
                      help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
                           "train_diffusion.py, an official ADM checkpoint (the released file names need no "
-                          "--adm-flags), or a diffusers UNet2DModel folder (docs: Models from elsewhere)")
+                          "--adm-flags), a diffusers UNet2DModel folder, or a latent one: a DiTPipeline folder or a UNet2DModel with "
+                          "its VAE (docs: Models from elsewhere)")
     src.add_argument("--scheduler", default=None,
                      help="a diffusers model's scheduler_config.json, for a unet folder without its pipeline's "
                           "scheduler/ (default: the pipeline folder's)")
