@@ -106,6 +106,18 @@ def test_a_latent_unet_loads_with_its_vae_or_with_the_vae_flag(models):
     assert torch.equal(sample_batch(a, [0, 0], SEEDS, opts), sample_batch(b, [0, 0], SEEDS, opts))
 
 
+@pytest.mark.parametrize("scheduler,variance", [(DDIMScheduler(clip_sample=False), "learned_range"),
+                                                (diffusers.DDPMScheduler(clip_sample=False), "fixed_small"),
+                                                (DPMSolverMultistepScheduler(), "learned_range")])
+def test_a_dit_uses_its_learned_sigma_unless_the_scheduler_declares_a_variance(tmp_path, scheduler, variance):
+    DiTPipeline(transformer=made(DiTTransformer2DModel, 0, **DIT), vae=made(AutoencoderKL, 1, **VAE),
+                scheduler=scheduler).save_pretrained(tmp_path / "p")
+    p = load_pipeline(str(tmp_path / "p"), classifier="none")
+    assert p.diffusion_cfg.variance == p.model.variance == variance and p.model.cfg.learn_sigma
+    x = sample_batch(p, LABELS, SEEDS, SampleOptions(sampler="ddpm", steps="3"))
+    assert torch.isfinite(x).all()
+
+
 def test_the_null_label_is_num_embeds_ada_norm(tmp_path):
     """On a 10-class DiT the null label is 10: classifier-free guidance equals its formula on the transformer."""
     dit, vae = made(DiTTransformer2DModel, 5, **{**DIT, "num_embeds_ada_norm": 10}), made(AutoencoderKL, 1, **VAE)

@@ -204,16 +204,18 @@ def _from_pretrained(class_name: str, folder: Path, what: str):
 def load_network(path, scheduler=None, null_class: bool = False):
     """(DiffusersUNet or DiffusersDiT, DiffusionConfig values) of a diffusers pipeline folder (unet/ or
     transformer/, and scheduler/) or of a network folder and `scheduler`, a scheduler_config.json (or the
-    folder holding it). A DiT with learned sigma on a scheduler without a learned variance (DDIMScheduler's
-    config has none) samples DDPM with it as learned_range, as DiT was trained (Peebles & Xie sec. 3.1)."""
+    folder holding it). A DiT's learned sigma is used by ddpm as learned_range, as DiT was trained (Peebles &
+    Xie sec. 3.1), where the scheduler declares no variance_type (DDIM's, DPM-Solver's); one that declares it
+    (DDPMScheduler's) is followed, as DiTPipeline does (it passes the eps channels alone to the scheduler)."""
     folder, name = network_folder(path)
     sched_path, cfg = _scheduler(path, scheduler)
     values = sc.diffusion_values(sched_path, cfg)
     alphas_cumprod = torch.cumprod(1 - torch.as_tensor(sc.betas(cfg)), 0)
     if name in DIT_CLASSES:
         net = DiffusersDiT(_from_pretrained(name, folder, "transformer"), alphas_cumprod, cfg["prediction_type"])
-        values["variance"] = (values["variance"] if values["variance"] in ("learned", "learned_range")
-                              else "learned_range") if net.cfg.learn_sigma else values["variance"]
+        declared = json.loads(sched_path.read_text()).get("variance_type") is not None  # DDPMScheduler's
+        if net.cfg.learn_sigma and not declared:
+            values["variance"] = "learned_range"
         net.variance = values["variance"]
         return net.eval(), values
     unet = _from_pretrained("UNet2DModel", folder, "unet")
