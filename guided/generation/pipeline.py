@@ -98,7 +98,7 @@ class Pipeline:
 
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images written: the decoded latents of a latent model."""
-        return self.space.image_shape(self.shape()) if self.space.bounded is False else self.shape()
+        return self.shape() if self.space.bounded else self.space.image_shape(self.shape())
 
 
 def _check_shape(what: str, takes: tuple, makes: tuple, space: DataSpace) -> None:
