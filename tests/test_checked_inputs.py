@@ -185,8 +185,9 @@ def test_every_declared_setting_of_every_sampler_changes_the_samples():
                 base, changed = {"s_tmax": 0.06}, {"s_tmax": 1000.0}
             if name == "pc" and setting.name == "predictor":
                 changed["predictor"] = "euler_maruyama"
+            clip = "static" if name == "ddim" and setting.name == "eps" else "none"  # eps matters where x0 is clipped
             draw = lambda s: sample_batch(p, [0, 1] * 4, range(8), SampleOptions(  # noqa: E731
-                sampler=name, steps=steps, scale=1.0, clip="none", calibration=False, settings=s))
+                sampler=name, steps=steps, scale=1.0, clip=clip, calibration=False, settings=s))
             a, b = draw(base), draw(changed)
             assert not torch.allclose(a, b, atol=1e-6), (name, setting.name, "changes nothing")
             seen += 1

@@ -99,17 +99,24 @@ def test_ddpm_equals_ddpm_pipeline(tmp_path, prediction, variance, spacing, offs
     assert relative(ours, ref) < 1e-4
 
 
-@pytest.mark.parametrize("prediction,eta,spacing,offset", [
-    ("epsilon", 0.0, "leading", 0), ("epsilon", 1.0, "leading", 1), ("v_prediction", 0.0, "trailing", 0),
-    ("v_prediction", 1.0, "leading", 0)])
-def test_ddim_equals_ddim_pipeline(tmp_path, prediction, eta, spacing, offset):
-    """The paper's DDIM takes eps from the clipped x0: DDIMPipeline's use_clipped_model_output=True."""
+@pytest.mark.parametrize("prediction,eta,spacing,offset,eps,clip", [
+    ("epsilon", 0.0, "leading", 0, None, True), ("epsilon", 1.0, "leading", 1, None, True),
+    ("v_prediction", 0.0, "trailing", 0, None, True), ("epsilon", 0.0, "leading", 0, None, False),
+    ("epsilon", 0.0, "leading", 0, "clipped", True), ("epsilon", 1.0, "leading", 1, "clipped", True),
+    ("v_prediction", 0.0, "trailing", 0, "clipped", True), ("v_prediction", 1.0, "leading", 0, "clipped", True)])
+def test_ddim_equals_ddim_pipeline(tmp_path, prediction, eta, spacing, offset, eps, clip):
+    """With no setting, a diffusers folder's DDIM is DDIMPipeline's default call: x0 clipped as the scheduler's
+    clip_sample says, the step on the network's eps (use_clipped_model_output=False); eps=clipped is the paper's
+    DDIM, eps re-derived from the clipped x0 (use_clipped_model_output=True). On this random-weight unet the two
+    differ by up to 255 grey levels, so each comparison tells them apart."""
     unet = cifar_unet(seed=1)
-    sched = DDIMScheduler(prediction_type=prediction, timestep_spacing=spacing, steps_offset=offset)
+    sched = DDIMScheduler(prediction_type=prediction, timestep_spacing=spacing, steps_offset=offset, clip_sample=clip)
     p = load_pipeline(str(save(tmp_path, unet, sched)), classifier="none")
-    ours = sample_batch(p, [0, 0], SEEDS, SampleOptions(sampler="ddim", steps="10", settings={"eta": eta}))
+    settings = {"eta": eta, **({} if eps is None else {"eps": eps})}
+    ours = sample_batch(p, [0, 0], SEEDS, SampleOptions(sampler="ddim", steps="10", settings=settings))
     ref = DDIMPipeline(unet=unet, scheduler=sched)(batch_size=2, generator=generators(), num_inference_steps=10,
-                                                   eta=eta, use_clipped_model_output=True, output_type="pt").images
+                                                   eta=eta, use_clipped_model_output=eps == "clipped",
+                                                   output_type="pt").images
     assert relative(ours, ref) < 1e-4
 
 
@@ -317,3 +324,12 @@ def test_a_mismatched_classifier_is_one_line(tiny_pair):
     loaded = load_pipeline(str(main), classifier="none")
     with pytest.raises(GuidedError, match="takes 32x32x3 images but the score model makes 8x8x1"):
         Pipeline(loaded.model, loaded.diffusion_cfg, tiny_classifier())
+
+
+@pytest.mark.parametrize("scheduler,clips", [(DDPMScheduler(), True), (DDIMScheduler(clip_sample=False), False),
+                                             (diffusers.DPMSolverMultistepScheduler(), False)])
+def test_a_pixel_folder_clips_as_its_scheduler_does(tmp_path, scheduler, clips):
+    """clip_sample where the class has it (DDPM/DDIM, default True); none for a class without it (DPM-Solver)."""
+    p = load_pipeline(str(save(tmp_path, cifar_unet(), scheduler)), classifier="none")
+    assert p.defaults.clip == ("static" if clips else "none")
+    assert p.sampler_defaults == {"ddim": {"eps": "model"}}

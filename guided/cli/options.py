@@ -58,10 +58,14 @@ def add_model_args(p):
     src.add_argument("--model", default="cond",
                      help="score model: 'cond' / 'uncond' / 'ncsn' (shipped digits models), a run dir or checkpoint of "
                           "train_diffusion.py, an official ADM checkpoint (the released file names need no "
-                          "--adm-flags), or a diffusers UNet2DModel folder (docs: Models from elsewhere)")
+                          "--adm-flags), a diffusers UNet2DModel folder, or a latent one: a DiTPipeline folder or a UNet2DModel with "
+                          "its VAE (docs: Models from elsewhere)")
     src.add_argument("--scheduler", default=None,
                      help="a diffusers model's scheduler_config.json, for a unet folder without its pipeline's "
                           "scheduler/ (default: the pipeline folder's)")
+    src.add_argument("--vae", default=None,
+                     help="the AutoencoderKL folder of a latent diffusers model (a DiT or UNet2DModel on latents) whose "
+                          "folder holds no vae/ (default: the pipeline folder's)")
     src.add_argument("--classifier", default=None,
                      help="noise-aware classifier: a train_classifier.py run dir or checkpoint, an official one (the "
                           "released file names need no --classifier-flags), or 'none'; default: the shipped digits "
@@ -252,6 +256,7 @@ def guides(args, optional=()) -> dict:
 def pipeline_keywords(args, device, optional=()) -> dict:
     """Every keyword of guided.generation.load_pipeline from parsed options."""
     return dict(model=args.model, classifier=args.classifier, adm_flags=args.adm_flags, scheduler=args.scheduler,
+                vae=getattr(args, "vae", None),
                 classifier_flags=args.classifier_flags, device=device, channels_last=args.channels_last,
                 compile=args.compile, cuda_graphs=args.cuda_graphs, **guides(args, optional),
                 term_networks=_pairs(getattr(args, "guide_network", None), "--guide-network"))

@@ -126,7 +126,7 @@ def sweep_settings(args, param: str, pipeline, classes, features: str, base) -> 
     opts.pop(SWEEPABLE[param].field, None)
     opts["settings"].pop(param, None)
     if args.reference == "digits":
-        size = pipeline.shape()[1]  # samples are written RGB (a grey model's as three equal channels)
+        size = pipeline.image_shape()[1]  # samples are written RGB (a grey model's as three equal channels)
         reference = dict(DIGITS_REFERENCE, image_size=size, channels=3)
     else:
         reference = {"file": str(Path(args.reference).resolve()), "sha256": file_digest(Path(args.reference))}
@@ -201,7 +201,7 @@ def sweep(args) -> dict:
         barrier()
     extractor, reference = None, None
     if rank == 0:  # before any sampling: missing weights fail now, not after hours
-        extractor = get_extractor(features, pipeline.shape()[1], args.inception_weights, device, args.dinov2_weights)
+        extractor = get_extractor(features, pipeline.image_shape()[1], args.inception_weights, device, args.dinov2_weights)
         reference = reference_file(args, out, settings)
     plan = SweepPlan(param, values, spec.options, request, classes, args.num_samples, args.batch_size,
                      [args.seed + j * args.num_samples for j in range(args.seeds)], args.class_sampling,

@@ -126,6 +126,18 @@ def _linspace32(a, b, n) -> np.ndarray:
     return torch.linspace(float(a), float(b), n, dtype=torch.float32).numpy()
 
 
+CLIPPING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "DDIMParallelScheduler",
+                       "DDPMParallelScheduler")  # the classes with a clip_sample setting (default True)
+
+
+def clips_by_default(path) -> bool:
+    """Whether diffusers' scheduler of this file clips x0 to [-1, 1] in its step: its clip_sample where its
+    class has the setting (default True), False for a class without it (DPM-Solver, Euler, ...)."""
+    raw = json.loads(Path(scheduler_file(path)).read_text())
+    kind = raw.get("_class_name")
+    return bool(raw.get("clip_sample", True)) if kind is None or kind in CLIPPING_SCHEDULERS else False
+
+
 def spacing(cfg: dict) -> tuple[str, int]:
     """(timestep_spacing, steps_offset) of set_timesteps."""
     return cfg["timestep_spacing"], int(cfg["steps_offset"])

@@ -14,13 +14,14 @@ import torch
 
 from guided.config import DiffusionConfig, SamplingConfig, node
 from guided.diffusion.models import noise_process
+from guided.diffusion.scheduler_config import clips_by_default, read as read_scheduler, scheduler_file
 from guided.diffusion.objectives import adapt, objective_from_config
 from guided.errors import GuidedError
 from guided.generation.pipeline import Pipeline
 from guided.guidance.terms import KINDS
 from guided.networks import adm
 from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
-from guided.networks.diffusers import is_diffusers_folder, load_unet
+from guided.networks.diffusers import PIPELINE_STEPS, default_sampler, is_diffusers_folder, load_latent, load_network
 from guided.networks.unet import EncoderUNetModel, UNetModel
 from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
@@ -64,15 +65,17 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
                   classifier_flags: Optional[str] = None, autoguide: Optional[str] = None,
                   x0_classifier: Optional[str] = None, guides=(), optional_guides=(), device="cpu",
                   channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
-                  scheduler: Optional[str] = None, term_networks: Optional[dict] = None) -> Pipeline:
+                  scheduler: Optional[str] = None, term_networks: Optional[dict] = None,
+                  vae: Optional[str] = None) -> Pipeline:
     """The pipeline of a score model: a shipped name (SHIPPED_MODELS), a run folder or checkpoint of the
     trainers, an official ADM checkpoint (released names need no flags), or a diffusers UNet2DModel (a
     pipeline folder, or a unet folder and `scheduler`, its scheduler_config.json). `classifier`: None = the
     shipped model's default, "none" = no classifier. `guides`: the guide networks to load ("autoguide",
     "x0_classifier": as named, else the shipped default, else an error); `optional_guides`: load those
     only where one is named or shipped. `term_networks`: {term name: path} of registered guidance terms'
-    networks, each loaded by its term's loader (guided.guidance.terms.TermKind.load)."""
-    net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags, scheduler)
+    networks, each loaded by its term's loader (guided.guidance.terms.TermKind.load). `vae`: the VAE folder of a
+    latent diffusers model whose folder holds none (a DiT or a UNet2DModel on latents: see docs, Latent models)."""
+    net, diffusion_cfg, label_map, extra, model_flags = _score_network(model, adm_flags, scheduler, vae)
     defaults = extra.pop("defaults", NO_DEFAULTS)
     spec = classifier if classifier is not None else (defaults.classifier or "none")
     flags = classifier_flags
@@ -99,6 +102,8 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
     net, clf, weak, clean = (None if n is None else speed_up(n.eval().to(device), **fast)
                              for n in (net, clf, weak, clean))
     extra["guides"] = {name: _term_network(name, path, device) for name, path in (term_networks or {}).items()}
+    if getattr(extra.get("space"), "vae", None) is not None:
+        extra["space"].vae.to(device)
     return Pipeline(net, diffusion_cfg, clf, label_map, name=str(model), weak_model=weak, x0_classifier=clean,
                     unconditional=SHIPPED_MODELS.get(model, {}).get("unconditional", False), defaults=defaults,
                     classifier_name=None if clf is None else spec, **extra)
@@ -112,12 +117,14 @@ class ModelFormat:
     (network, diffusion config, label map or None, Pipeline keywords): the network takes (x, t[, y=])
     on the diffusion config's chain and carries the contract `cfg` (image_size, in_channels,
     num_classes, null_class, learn_sigma) and `num_classes` (guided/networks/diffusers.py is the model);
-    the keywords may hold "defaults" (a guided.config.SamplingConfig) and "objective". `load_classifier
-    (path)`, where given, loads a noise-aware classifier of the format for --classifier."""
+    the keywords may hold "defaults" (a guided.config.SamplingConfig), "objective" and "space" (a latent
+    model's guided.diffusion.space.LatentSpace). `load_classifier(path)`, where given, loads a noise-aware
+    classifier of the format for --classifier. `takes_vae`: `load` also takes `vae=` (--vae FOLDER)."""
     name: str
     detect: Callable[[str], bool]
     load: Callable
     load_classifier: Optional[Callable[[str], object]] = None
+    takes_vae: bool = False
 
 
 FORMATS: list[ModelFormat] = []
@@ -137,11 +144,14 @@ def _format_of(path: str, scheduler=None) -> Optional[ModelFormat]:
     return next((f for f in FORMATS if f.detect(str(path))), None)
 
 
-def _score_network(model: str, adm_flags, scheduler=None):
+def _score_network(model: str, adm_flags, scheduler=None, vae=None):
     """(network, diffusion config, label map, Pipeline keywords, ADM flags or None) of --model."""
     fmt = _format_of(model, scheduler)
+    if vae is not None and (fmt is None or not fmt.takes_vae):
+        raise GuidedError(f"--vae goes with a latent diffusers model (a DiT or UNet2DModel folder without its vae/); "
+                          f"--model {model} is a pixel model")
     if fmt is not None:
-        net, diffusion_cfg, label_map, extra = fmt.load(model, scheduler)
+        net, diffusion_cfg, label_map, extra = fmt.load(model, scheduler, **({} if vae is None else {"vae": vae}))
         return net, diffusion_cfg, label_map, dict(extra), None
     shipped = model in SHIPPED_MODELS
     model_flags = None if shipped else official_flags(model, adm_flags, "--adm-flags", classifier=False)
@@ -158,13 +168,34 @@ def _score_network(model: str, adm_flags, scheduler=None):
     return net, run_cfg.diffusion, label_map, extra, None
 
 
-def _diffusers_network(model: str, scheduler):
-    """A diffusers UNet2DModel adapted to the project's networks (guided/networks/diffusers.py)."""
-    net, values = load_unet(model, scheduler)
-    return net, node(DiffusionConfig, values), None, {}
+def _diffusers_network(model: str, scheduler, vae=None):
+    """A diffusers UNet2DModel or DiT adapted to the project's networks (guided/networks/diffusers.py), with the
+    latent space of its VAE where it has one, sampled as its diffusers pipeline does by default."""
+    net, values, space = load_latent(model, scheduler, vae)
+    extra = {"sampler_defaults": {"ddim": {"eps": "model"}}}  # DDIMScheduler.step's use_clipped_model_output=False
+    if space is None:
+        return net, node(DiffusionConfig, values), None, {**extra, "defaults": _pixel_defaults(model, scheduler)}
+    sampler = default_sampler(model, scheduler)  # a latent folder samples as its diffusers pipeline does
+    defaults = SamplingConfig(sampler=sampler, steps=PIPELINE_STEPS if sampler else None)
+    return net, node(DiffusionConfig, values), None, {**extra, "space": space, "defaults": defaults}
 
 
-register_format(ModelFormat("diffusers", is_diffusers_folder, _diffusers_network))
+def _pixel_defaults(model: str, scheduler) -> SamplingConfig:
+    """A pixel folder's clip as its scheduler config says: clip_sample (to [-1, 1]) or none. What the project
+    does not read is said: a clip_sample_range other than 1, and thresholding (--clip dynamic is the nearest)."""
+    path = scheduler_file(model if scheduler is None else scheduler)
+    cfg = {**read_scheduler(path), "clip_sample": clips_by_default(path)}
+    if cfg.get("thresholding"):
+        print(f"note: {model}: the scheduler's thresholding is not read; x0 is clipped to [-1, 1] (--clip dynamic "
+              f"--clip-percentile {cfg.get('dynamic_thresholding_ratio', 0.995)} is Saharia et al.'s threshold "
+              f"without its sample_max_value cap)", file=sys.stderr)
+    elif cfg["clip_sample"] and float(cfg.get("clip_sample_range", 1.0)) != 1.0:
+        print(f"note: {model}: clip_sample_range {cfg['clip_sample_range']} is not read; x0 is clipped to [-1, 1]",
+              file=sys.stderr)
+    return SamplingConfig(clip="static" if cfg["clip_sample"] or cfg.get("thresholding") else "none")
+
+
+register_format(ModelFormat("diffusers", is_diffusers_folder, _diffusers_network, takes_vae=True))
 
 
 def _term_network(name: str, path: str, device):
@@ -212,7 +243,7 @@ def guide_network(named, option: str, defaults: SamplingConfig, kind, what: str)
     if spec is None:
         raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")
     if kind is UNetModel and is_diffusers_folder(spec):  # a second diffusers model (its own scheduler folder)
-        return _diffusers_network(spec, None)[0]
+        return load_network(spec)[0]  # a latent one's VAE is the main model's
     net, _, _ = load_trained(shipped_path(spec))
     if not isinstance(net, kind):
         raise GuidedError(f"{flag} {spec} does not hold {what}")
@@ -282,15 +313,26 @@ def sdedit_request(pipeline: Pipeline, init_image: Optional[str], t0: float, mas
             raise GuidedError("--mask goes with --init-image")
         return None
     t0 = check_t0(t0)
-    c, size, _ = pipeline.shape()
+    c, size, _ = pipeline.image_shape()
     image = read_image(init_image, size, c)
     if mask is None:
-        return SDEdit(image, t0)
+        return SDEdit(_to_space(pipeline, image), t0)
     keep = read_image(mask, size, 1, mode="L")  # a missing or broken mask is one line
     from PIL import Image
     with Image.open(init_image) as a, Image.open(mask) as b:
         if a.size != b.size:
             raise GuidedError(f"the mask is {b.size[0]}x{b.size[1]} but the image is {a.size[0]}x{a.size[1]}")
-    return SDEdit(image, t0, keep)
+    return SDEdit(_to_space(pipeline, image), t0, _to_space(pipeline, keep, mask=True))
 
 
+def _to_space(pipeline: Pipeline, image: torch.Tensor, mask: bool = False) -> torch.Tensor:
+    """A guide image [C, H, W] in [-1, 1] in the model's space: as it is for pixels, encoded by a latent model's VAE;
+    a mask max-pooled to the latent grid (a latent cell may change where any of its pixels may)."""
+    space = pipeline.space
+    if space.bounded:
+        return image
+    if mask:
+        return torch.nn.functional.adaptive_max_pool2d(image[None], pipeline.shape()[1:])[0]
+    vae = space.vae
+    with torch.no_grad():
+        return space.encode(image[None].to(next(vae.parameters()).device))[0].float().cpu()

@@ -18,6 +18,7 @@ import torch
 
 from guided.config import SamplingConfig
 from guided.diffusion.models import ScoreModel
+from guided.diffusion.space import PIXELS, DataSpace
 from guided.diffusion.objectives import adapt
 from guided.errors import GuidedError
 from guided.generation.options import METHODS, SampleOptions
@@ -50,15 +51,18 @@ class Pipeline:
     guides: dict = field(default_factory=dict)  # the networks of registered guidance terms, by term name
     classifier_labels: object = None  # the classifier's own label map, where it has one
     classifier_process: Optional[dict] = None  # what the classifier was trained on (diffusion.models.noise_process)
+    space: DataSpace = PIXELS  # where the samples live: pixels, or a VAE's latents (guided.diffusion.space.LatentSpace)
+    sampler_defaults: dict = field(default_factory=dict)  # the model's own sampler settings: {sampler: {name: value}}
 
     def __post_init__(self):
         m = self.model.cfg
+        self._check_space()
         for what, net in (("classifier", self.classifier), ("x0 classifier", self.x0_classifier),
                           ("weak model", self.weak_model)):
             c = getattr(net, "cfg", None)
-            if c is not None and (c.image_size != m.image_size or c.in_channels != m.in_channels):
-                raise GuidedError(f"the {what} takes {c.image_size}x{c.image_size}x{c.in_channels} images but the "
-                                  f"score model makes {m.image_size}x{m.image_size}x{m.in_channels}: use a matching pair")
+            if c is not None:
+                _check_shape(what, (c.in_channels, c.image_size, c.image_size),
+                             self.image_shape() if what == "x0 classifier" else self.shape(), self.space)
         if self.weak_model is not None and self.weak_model.num_classes != self.model.num_classes:
             raise GuidedError("the autoguidance model must have the main model's conditioning "
                               f"({self.model.num_classes} classes, not {self.weak_model.num_classes})")
@@ -66,6 +70,15 @@ class Pipeline:
             raise GuidedError("only a model trained with label dropout (model.null_class) has an unconditional score")
         self.score_model: ScoreModel = adapt(self.diffusion_cfg, self.objective, self.ncsn_sigmas,
                                              learned_variance=bool(getattr(m, "learn_sigma", False)))
+        if self.space is not PIXELS:
+            self.score_model.space = self.space  # the samplers see it on the model (guided/diffusion/models.py)
+
+    def _check_space(self):
+        """A latent model's VAE must make latents of the network's channels."""
+        c = getattr(self.space, "latent_channels", None)
+        if c is not None and c != self.model.cfg.in_channels:
+            raise GuidedError(f"the VAE makes {c}-channel latents but the network takes {self.model.cfg.in_channels} "
+                              f"channels: use the VAE the model was trained with")
 
     @property
     def conditional(self) -> bool:
@@ -79,8 +92,29 @@ class Pipeline:
         return self.classifier.cfg.num_classes if self.classifier is not None else None
 
     def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the samplers draw: images, or a latent model's latents."""
         cfg = self.model.cfg
         return (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images written: the decoded latents of a latent model."""
+        return self.shape() if self.space.bounded else self.space.image_shape(self.shape())
+
+
+def _check_shape(what: str, takes: tuple, makes: tuple, space: DataSpace) -> None:
+    """A guide network must take what the score model makes (latents for a noise-aware classifier and a
+    weak model of a latent model; decoded images for an x0 classifier)."""
+    if takes == makes:
+        return
+    c, h, _ = takes
+    if space.bounded:
+        raise GuidedError(f"the {what} takes {h}x{h}x{c} images but the score model makes "
+                          f"{makes[1]}x{makes[2]}x{makes[0]}: use a matching pair")
+    kind = "decoded images" if what == "x0 classifier" else f"latents of its VAE ({space.source})"
+    hint = ("a pixel classifier guides a latent model as --x0-classifier (through the decoder), not as --classifier"
+            if what == "classifier" else "use a matching pair")
+    raise GuidedError(f"the {what} takes {h}x{h}x{c} inputs but this latent model's {kind} are "
+                      f"{makes[1]}x{makes[2]}x{makes[0]}: {hint}")
 
 
 def classifier_indices(p: Pipeline) -> Optional[list]:
@@ -126,6 +160,8 @@ def guidance(p: Pipeline, opts: SampleOptions) -> Guidance:
             kw["labels"] = None if mapping is None else torch.tensor(mapping)
         if m.term == "x0_classifier":
             net = _clean_classifier(net)
+            if net is not None and not p.space.bounded:
+                net = _through_decoder(net, p.space)
         terms.append(Term(m.term, getattr(opts, m.scale), net, getattr(opts, m.interval), **kw))
     for name, t in opts.terms.items():  # registered terms (guided.guidance.terms.register_term), by name
         terms.append(Term(name, float(t["scale"]), p.guides.get(name), t.get("interval"), t.get("schedule", "constant")))
@@ -138,6 +174,13 @@ def _clean_classifier(net):
     if net is None or not hasattr(net, "cfg"):
         return net
     return lambda x0: net(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device))
+
+
+def _through_decoder(classify, space):
+    """classify(D(z0)): a pixel classifier on the decoded x0 estimate of a latent model, so the x0-classifier's
+    gradient grad_z log p(y | D(x0_hat(z_t))) runs back through the VAE decoder and the denoiser (EluCD's
+    term, Ma et al. 2023, in a latent space); the decoder's activations are held for one backward pass."""
+    return lambda z0: classify(space.decode(z0).to(z0.dtype))
 
 
 def network_labels(p: Pipeline, y: torch.Tensor) -> Optional[torch.Tensor]:

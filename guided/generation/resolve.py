@@ -11,8 +11,9 @@ it is used with:
   refused before any file is written;
 - the clip: as asked, else the model's default, else the sampler's; "none" in a space without a range;
   `clip_guided` as asked, else the model's default where it changes the sampler;
-- the sampler's own settings, typed and range-checked against what it declares (a setting it does not
-  take is refused, not recorded); SDEdit on SDE time runs the predictor alone ([SDEdit] Sec. 3);
+- the sampler's own settings, as asked, else the model's (a diffusers folder's DDIM takes the network's eps,
+  as DDIMScheduler.step does), else the sampler's; typed and range-checked against what it declares (a
+  setting it does not take is refused, not recorded); SDEdit on SDE time runs the predictor alone ([SDEdit] Sec. 3);
 - the noise-aware classifier's scale: as asked, else 1 where the pipeline has a classifier and no other
   guidance method is on, else 0; every guidance term checked against the network it needs.
 The command line, the sweep, the demo and the Python API (`sample_batch`) all go through it.
@@ -59,7 +60,7 @@ def resolve(p, opts: SampleOptions, *, editing: bool = False, say=None) -> Sampl
                           f"or pick a sampler with a fixed count")
     else:
         steps = spec.adaptive
-    settings = spec.typed(opts.settings)
+    settings = spec.typed({**getattr(p, "sampler_defaults", {}).get(sampler, {}), **opts.settings})
     if editing and spec.levels == "sde" and "corrector" not in opts.settings:
         settings["corrector"] = "none"
     clip, clip_guided = _clip(model, spec, d, opts, settings)

@@ -78,7 +78,9 @@ def generate(p: Pipeline, out_dir, *, classes: list[int], num_samples: int, batc
     record = dict(settings or {}, num_samples=num_samples, batch_size=batch_size, seed=seed, classes=classes,
                   class_names=names, class_sampling=class_sampling, labels_enforced=enforced,
                   options=asdict(opts))  # parts/ of another batch size do not fit
-    per_sample = int(np.prod(p.shape()))  # bytes of one uint8 image
+    if not p.space.bounded:  # a latent model: the VAE that decodes its samples
+        record["vae"] = p.space.source
+    per_sample = int(np.prod(p.image_shape()))  # bytes of one uint8 image
     lock = first_rank(lambda: _claim(out, record, overwrite, num_samples * per_sample), rank, world_size)
     try:
         if barrier:  # the other ranks start once rank 0 has prepared the folder

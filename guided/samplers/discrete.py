@@ -82,12 +82,20 @@ def ddpm_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, no
 
 
 def ddim_step(diffusion, model_fn, x, i, *, cond_fn=None, clip_denoised=True, noise=None, eta=0.0,
-              clip_guided=False, clip_fn=None, **_):
+              clip_guided=False, clip_fn=None, eps_from="clipped", **_):
     """DDIM update (Song et al. 2021 eq. 12) with eta-controlled noise, on the
-    guidance-corrected eps (Algorithm 2 of Dhariwal & Nichol)."""
-    out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
-                                    form="score", clip_guided=clip_guided, clip_fn=clip_fn)
-    eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"])
+    guidance-corrected eps (Algorithm 2 of Dhariwal & Nichol). `eps_from`: "clipped" re-derives eps from the
+    clipped x0 (the paper's code; DDIMScheduler.step's use_clipped_model_output=True), "model" keeps the
+    network's guided eps and clips x0 alone (DDIMScheduler.step's default)."""
+    if eps_from == "model":
+        out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=False, form="score")
+        eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"])  # the guided eps itself (x0 not clipped yet)
+        if clip_denoised:
+            out = {**out, "pred_xstart": (clip_fn or (lambda v: v.clamp(-1, 1)))(out["pred_xstart"])}
+    else:
+        out, t = guided_p_mean_variance(diffusion, model_fn, x, i, cond_fn=cond_fn, clip_denoised=clip_denoised,
+                                        form="score", clip_guided=clip_guided, clip_fn=clip_fn)
+        eps = diffusion.eps_from_xstart(x, t, out["pred_xstart"])
     abar = diffusion.extract(diffusion.alphas_cumprod, t, x)
     abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
@@ -169,9 +177,9 @@ def run_ddpm(den, x, levels, *, noise, after_step=None, callback=None, progress=
     return ddpm(levels.chain, den.output, x, guidance_form=ddpm_form, **kw)
 
 
-def run_ddim(den, x, levels, *, noise, after_step=None, callback=None, progress=False, eta=0.0):
+def run_ddim(den, x, levels, *, noise, after_step=None, callback=None, progress=False, eta=0.0, eps="clipped"):
     kw = _chain_keywords(den, levels, noise, after_step, callback, progress)
-    return ddim(levels.chain, den.output, x, eta=eta, **kw)
+    return ddim(levels.chain, den.output, x, eta=eta, eps_from=eps, **kw)
 
 
 def run_dpmpp_2m(den, x, levels, *, noise, after_step=None, callback=None, progress=False):

@@ -138,6 +138,9 @@ def clip_guided_samplers() -> tuple:
 
 
 ETA = Setting("eta", float, 0.0, 0.0, None, help="DDIM's noise (0 = deterministic; 1 = DDPM's variance)")
+DDIM_EPS = Setting("eps", str, "clipped", choices=("clipped", "model"),
+                   help="where a clipping DDIM step takes eps: re-derived from the clipped x0 (the paper's code) or "
+                        "the network's own (diffusers' DDIMScheduler.step by default)")
 DDPM_FORM = Setting("ddpm_form", str, "mean", choices=("mean", "score"),
                     help="guidance as the paper's mean shift (Algorithm 1) or the score correction (Algorithm 2)")
 SDE_ETA = Setting("eta", float, 1.0, 0.0, None, help="the SDE's noise (1 = the reverse SDE, 0 = DPM-Solver++(2M))")
@@ -157,7 +160,7 @@ LANGEVIN = (Setting("n_steps_each", int, 100, 1, None), Setting("step_lr", float
 for _s in (
     Sampler("ddpm", discrete.run_ddpm, settings=(DDPM_FORM,), clip_guided="score form",
             help="ancestral sampling (Ho et al. 2020), guided by Algorithm 1's mean shift"),
-    Sampler("ddim", discrete.run_ddim, stochastic=False, clip_guided="always", settings=(ETA,),
+    Sampler("ddim", discrete.run_ddim, stochastic=False, clip_guided="always", settings=(ETA, DDIM_EPS),
             help="DDIM (Song et al. 2021), guided by Algorithm 2"),
     Sampler("dpm++", discrete.run_dpmpp_2m, stochastic=False, clip_guided="always",
             help="DPM-Solver++(2M) in the paper's arithmetic (x0 clipped, then guided)"),
