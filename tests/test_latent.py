@@ -270,3 +270,47 @@ def test_a_latent_classifier_on_a_pixel_model_is_refused(models):
     from guided.config import DiffusionConfig, node
     with pytest.raises(GuidedError, match="the classifier takes 8x8x3 images but the score model makes 8x8x4"):
         Pipeline(net, node(DiffusionConfig, values), tiny_classifier(8, 3))
+
+
+# -- the x0-classifier through the decoder against an exact oracle ------------------------------------------
+class LinearVAE(torch.nn.Module):
+    """A decoder that is a rotation A of the unscaled latents: D(z / s + shift) = A z for the LatentSpace below."""
+
+    def __init__(self, rotation, scaling, shift):
+        super().__init__()
+        from types import SimpleNamespace
+        self.A = torch.nn.Parameter(rotation, requires_grad=False)
+        self.scaling, self.shift = scaling, shift
+        self.config = SimpleNamespace(latent_channels=2, out_channels=2, block_out_channels=(8,))
+
+    def decode(self, u):
+        from types import SimpleNamespace
+        z = ((u - self.shift) * self.scaling).flatten(1)
+        return SimpleNamespace(sample=(z @ self.A.T).reshape(u.shape))
+
+
+def test_x0_classifier_through_a_linear_decoder_is_the_latent_posterior():
+    """A latent Gaussian mixture decoded by a rotation is a pixel mixture with the rotated means and the
+    same isotropic variances, so the pixel classifier of the decoded x0 estimate is exactly the latent
+    classifier of the latent x0 estimate: the guidance gradient through the decoder (and the latent
+    space's scaling and shift) must equal the one taken on latents directly."""
+    from guided.diffusion.space import LatentSpace
+    from mixture_nets import MEANS, MixtureClassifier, MixtureEps
+    from test_guidance_layer import ABAR, DIFF
+
+    angle = torch.tensor(0.7)
+    rotation = torch.tensor([[angle.cos(), -angle.sin()], [angle.sin(), angle.cos()]])
+    space = LatentSpace(vae=LinearVAE(rotation, 0.5, 0.1), scaling_factor=0.5, shift_factor=0.1, source="linear")
+    through = Pipeline(MixtureEps(ABAR), DIFF, x0_classifier=MixtureClassifier(ABAR, means=MEANS @ rotation.T),
+                       space=space)
+    direct = Pipeline(MixtureEps(ABAR), DIFF, x0_classifier=MixtureClassifier(ABAR))
+    y, opts = torch.tensor([0, 1, 1, 0]), SampleOptions(x0_scale=2.0, x0_temperature=30.0)  # soft logits
+    between = MEANS.mean(0).view(1, 2, 1, 1)  # where the posterior is not yet saturated
+    for t in (10, 300, 800):
+        abar = float(ABAR[t])
+        x = abar**0.5 * between + 0.1 * torch.randn(4, 2, 1, 1, generator=torch.Generator().manual_seed(t))
+        tt = torch.full((4,), t)
+        g_through = guided_functions(through, y, opts)[1](x, tt)
+        g_direct = guided_functions(direct, y, opts)[1](x, tt)
+        assert g_direct.abs().max() > 1e-3, (t, g_direct)  # the term acts
+        assert torch.allclose(g_through, g_direct, rtol=1e-4, atol=1e-6), (t, g_through, g_direct)
