@@ -92,6 +92,8 @@ class DataConfig:
     split: str = "train"  # train | heldout (digits)
     num_workers: int = 0
     val_root: Optional[str] = None  # held-out images (class folders) for the classifier's evaluation
+    vae: Optional[str] = None  # a diffusers AutoencoderKL folder: train on its latents (guided/data/latents.py)
+    latent_cache: Optional[str] = None  # where the latents are cached (default: <train.out_dir>/latents)
 
 
 @dataclass

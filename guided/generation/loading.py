@@ -21,7 +21,8 @@ from guided.generation.pipeline import Pipeline
 from guided.guidance.terms import KINDS
 from guided.networks import adm
 from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
-from guided.networks.diffusers import PIPELINE_STEPS, default_sampler, is_diffusers_folder, load_latent, load_network
+from guided.networks.diffusers import (PIPELINE_STEPS, default_sampler, is_diffusers_folder, load_latent, load_network,
+                                      load_vae)
 from guided.networks.unet import EncoderUNetModel, UNetModel
 from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
@@ -165,6 +166,8 @@ def _score_network(model: str, adm_flags, scheduler=None, vae=None):
         raise GuidedError(f"--model {model} holds a noise-aware classifier, not a score model "
                           f"(pass it as --classifier)")
     extra = {**objective_from_config(run_cfg).pipeline_kwargs(), "defaults": run_cfg.sampling}
+    if run_cfg.data.get("vae"):  # trained on a VAE's latents (guided/data/latents.py): it samples latents
+        extra["space"] = load_vae(run_cfg.data.vae, "the run's data.vae")
     return net, run_cfg.diffusion, label_map, extra, None
 
 

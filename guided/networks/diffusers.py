@@ -233,11 +233,12 @@ def load_unet(path, scheduler=None, null_class: bool = False, device="cpu"):
     return net.to(device), values
 
 
-def load_vae(path) -> LatentSpace:
-    """The latent space of an AutoencoderKL: a VAE folder (config.json + safetensors) or a pipeline folder's vae/."""
+def load_vae(path, option: str = "--vae") -> LatentSpace:
+    """The latent space of an AutoencoderKL: a VAE folder (config.json + safetensors) or a pipeline folder's vae/.
+    `option`: how the user named it (--vae, data.vae), for the messages."""
     p = Path(path)
     if not p.exists():
-        raise GuidedError(f"--vae {path}: no such folder")
+        raise GuidedError(f"{option} {path}: no such folder (a diffusers AutoencoderKL folder; nothing is downloaded)")
     folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
     name = _unet_class(folder / "config.json")
     if name is None:

@@ -72,7 +72,7 @@ class ClassifierTrainer(Trainer):
         else:
             self.print("note: no held-out images (set data.val_root): no evaluation")
             return None
-        return build_dataset(d)
+        return self.encoded(build_dataset(d), "heldout")
 
     def prepare_batch(self, x0, y):
         n = len(x0)

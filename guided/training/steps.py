@@ -63,9 +63,17 @@ def start_accelerate(tc):
     return accel
 
 
-def check_fits(cfg, key: str) -> None:
-    """Refuse a network (cfg[key]) whose image size or channels differ from the data's."""
+def check_fits(cfg, key: str, latent_shape=None) -> None:
+    """Refuse a network (cfg[key]) whose image size or channels differ from the data's (the latents' shape
+    (c, h, w) where the data is encoded by a VAE, data.vae)."""
     net, data = cfg[key], cfg.data
+    if latent_shape is not None:
+        c, h, _ = latent_shape
+        if (net.in_channels, net.image_size) != (c, h):
+            raise GuidedError(f"data.vae makes {c}x{h}x{h} latents of the {data.image_size}px images but {key} takes "
+                              f"{net.in_channels}x{net.image_size}x{net.image_size}: set {key}.in_channels={c} and "
+                              f"{key}.image_size={h}")
+        return
     if data.image_size != net.image_size:
         raise GuidedError(f"data.image_size={data.image_size} but {key}.image_size={net.image_size}; set them equal")
     if data.channels != net.in_channels:

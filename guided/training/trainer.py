@@ -31,6 +31,8 @@ from guided.data import build_dataset, infinite_batches
 from guided.diffusion.objectives import objective_from_config
 from guided.locks import first_rank, lock_folder
 from guided.signals import StopRequest
+from guided.data.latents import LatentDataset, build_cache
+from guided.networks.diffusers import load_vae
 from guided.training.meters import QuarterMeter
 from guided.training.run_state import EMA, RunState
 from guided.training.steps import (BadSteps, RunLog, check_fits, check_train_config, local_batch, microbatches,
@@ -72,7 +74,7 @@ class Trainer:
         self.print(f"{self.kind} training: {self.world} process{'es' if self.world > 1 else ''}, device {self.device}; "
                    f"run folder {self.out_dir} (train.out_dir)")
         self.local_batch = local_batch(tc, self.world, self.device)
-        self.dataset = build_dataset(self.cfg.data)
+        self.dataset = self.encoded(build_dataset(self.cfg.data), "train")
         self.label_map = self.dataset.label_map
         self.fit_config_to_data()
         self.build(resume)
@@ -142,9 +144,23 @@ class Trainer:
         """Stateful parts to save with the run, by name (run_state.RunState.register)."""
         return self.objective.parts()
 
+    def encoded(self, dataset, split: str):
+        """The dataset itself, or with data.vae its latents from the cache (built once, by the main process:
+        guided/data/latents.py), in data.latent_cache/<split> (default: the run folder's latents/<split>)."""
+        if not self.cfg.data.get("vae"):
+            return dataset
+        space = load_vae(self.cfg.data.vae, "data.vae")
+        space.vae.to(self.device)
+        folder = Path(self.cfg.data.latent_cache or self.out_dir / "latents") / split
+        if self.accel.is_main_process:
+            build_cache(dataset, space, folder, self.cfg.data.image_size)
+        self.accel.wait_for_everyone()
+        return LatentDataset(folder, dataset)
+
     def fit_config_to_data(self):
-        """Check that the network fits the images, and build the objective."""
-        check_fits(self.cfg, self.net_cfg_key)
+        """Check that the network fits the images (or their latents), and build the objective."""
+        latents = getattr(self.dataset, "shape", None) if self.cfg.data.get("vae") else None
+        check_fits(self.cfg, self.net_cfg_key, latents)
         self.objective = objective_from_config(self.cfg)
 
     def set_num_classes(self, node):
