@@ -168,10 +168,13 @@ def ship(path_or_dir, out: str | Path, which: str | None = None, dtype: str = "f
 
 
 def build_network(kind: str, cfg):
-    from guided.networks.unet import EncoderUNetModel, UNetModel
+    from guided.networks.unet import EncoderUNetModel
+    from guided.training.recipes import build_unet  # a recipe's U-Net returns eps, as the paper's
 
+    if kind == "unet":
+        return build_unet(cfg)
     try:
-        return UNetModel(cfg.model) if kind == "unet" else EncoderUNetModel(cfg.classifier)
+        return EncoderUNetModel(cfg.classifier)
     except ValueError as e:
         raise GuidedError(f"cannot build the {kind} of this config: {e}") from None
 

@@ -24,6 +24,7 @@ from guided.data import build_dataset, shard_indices
 from guided.errors import GuidedError
 from guided.networks.unet import EncoderUNetModel
 from guided.training.meters import QuarterMeter, derive_seed
+from guided.training.recipes import is_default
 from guided.training.trainer import TrainResult, Trainer, train
 
 
@@ -40,6 +41,9 @@ class ClassifierTrainer(Trainer):
         super().fit_config_to_data()
         if self.cfg.train.objective.schedule_sampler != "uniform":
             raise GuidedError("the classifier is trained at uniform timesteps: set train.schedule_sampler=uniform")
+        if not is_default(self.cfg.train.objective):
+            raise GuidedError("train.objective.weighting and prediction are score-model recipes: leave them "
+                              "uniform and eps for a classifier")
         if not self.objective.noises_classifier:
             raise GuidedError("the classifier trains on the diffusion's noise (train.objective=eps) or an NCSN "
                               f"ladder (ncsn), not {self.objective.name!r}")
