@@ -1,0 +1,119 @@
+"""Training recipes on the digits, judged by the probe: FID to the held-out digits over steps and CPU time.
+
+    python scripts/training_recipes_study.py [--runs runs/recipes] [--until STAGE]   # train (resumable)
+    python scripts/training_recipes_study.py --report                               # figure and table
+
+Every run is configs/digits.yaml (the shipped `cond` model's network, batch, lr and EMA) with one recipe's
+train.objective settings (guided.training.recipes) and a seed, probed every 500 steps (300 samples,
+guided.training.probe). The plan runs in stages, most informative first: seed 0 of each new recipe to
+4,000 steps (a third of the shipped 12,000), then seed 1 of every recipe, then all to 12,000; the runs of
+a stage advance together, 1,000 steps at a time, so that whatever has finished compares equal steps. Each run
+checkpoints every 500 steps; rerunning the script continues where it stopped. One JSON line per probe
+goes to docs/training_recipes_study.jsonl (recipe, seed, step, FID, floor, training CPU seconds).
+The paper's seed 0 is the shipped run itself (docs/digits_training.csv, probed every 1,000 steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG = ROOT / "docs" / "training_recipes_study.jsonl"
+RECIPES = {  # name -> train.objective overrides on configs/digits.yaml
+    "paper": [],
+    "min_snr": ["train.objective.weighting=min_snr", "train.objective.min_snr_gamma=5"],
+    "edm": ["train.objective.weighting=edm", "train.objective.schedule_sampler=lognormal",
+            "train.objective.prediction=edm"],
+}
+STAGES = [  # (recipe, seed, steps), in order: runs of a seed advance together, 1,000 steps at a time
+    *[(r, 0, n) for n in (1000, 2000, 3000, 4000) for r in ("min_snr", "edm")],
+    *[(r, 1, n) for n in (1000, 2000, 3000, 4000) for r in RECIPES],
+    *[(r, s, 12000) for s in (0, 1) for r in RECIPES if (r, s) != ("paper", 0)],
+]
+SHIPPED_FID, TARGET_FACTOR = 11.7, 1.2
+
+
+def run_config(recipe: str, seed: int, steps: int, runs: Path):
+    from guided.config import load_config
+
+    return load_config(ROOT / "configs" / "digits.yaml", RECIPES[recipe] + [
+        f"train.seed={seed}", f"train.steps={steps}", f"train.out_dir={runs / f'{recipe}_s{seed}'}",
+        "train.probe.every=500", "train.save_every=500", "train.keep_checkpoints=1", "train.snapshot_steps=[]"])
+
+
+def timed_trainer(recipe: str, seed: int, log: Path):
+    """A DiffusionTrainer that appends each probe, with the CPU seconds spent training so far, to `log`."""
+    from guided.training.diffusion import DiffusionTrainer
+
+    class Timed(DiffusionTrainer):
+        def build(self, resume):
+            super().build(resume)
+            self.cpu_file = self.out_dir / "train_cpu_s.json"
+            saved = json.loads(self.cpu_file.read_text()) if self.cpu_file.exists() else {}
+            self.cpu_before = float(saved.get(str(self.step), 0.0))  # CPU spent before the checkpoint resumed
+            self.cpu_start, self.probe_cpu = time.process_time(), 0.0
+
+        def train_cpu(self) -> float:
+            return self.cpu_before + time.process_time() - self.cpu_start - self.probe_cpu
+
+        def probe(self):
+            start = time.process_time()
+            super().probe()
+            self.probe_cpu += time.process_time() - start
+            rows = [json.loads(x) for x in (self.out_dir / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in rows if r.get("step") == self.step and "probe_fid" in r][-1]
+            with open(log, "a") as f:
+                f.write(json.dumps({"recipe": recipe, "seed": seed, "step": self.step, "fid": last["probe_fid"],
+                                    "fid_null": last.get("probe_fid_null"), "acc": last.get("probe_acc"),
+                                    "floor": last["probe_fid_floor"], "train_cpu_s": round(self.train_cpu(), 1),
+                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+        def save(self):
+            super().save()
+            saved = json.loads(self.cpu_file.read_text()) if self.cpu_file.exists() else {}
+            saved[str(self.step)] = round(self.train_cpu(), 1)
+            self.cpu_file.write_text(json.dumps(saved))
+    return Timed
+
+
+def done_steps(out_dir: Path) -> int:
+    from guided.training.checkpoints import list_checkpoints
+
+    found = list_checkpoints(out_dir)
+    return found[-1][0] if found else 0
+
+
+def train_all(runs: Path, until: int, log: Path) -> None:
+    from guided.training.trainer import train
+
+    for i, (recipe, seed, steps) in enumerate(STAGES[:until]):
+        cfg = run_config(recipe, seed, steps, runs)
+        if done_steps(Path(cfg.train.out_dir)) >= steps:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] stage {i}: {recipe} seed {seed} to {steps} steps", flush=True)
+        if train(timed_trainer(recipe, seed, log), cfg, resume=True).status == "stopped":
+            print("stopped (SIGTERM or Ctrl-C): rerun the same command to continue", flush=True)
+            return
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default=str(ROOT / "runs" / "recipes"))
+    p.add_argument("--until", type=int, default=len(STAGES), help="run the first N stages of the plan")
+    p.add_argument("--report", action="store_true", help="write the figure and table from the log")
+    p.add_argument("--log", default=str(LOG))
+    args = p.parse_args(argv)
+    if args.report:
+        from training_recipes_report import report  # scripts/ is the script's own folder
+
+        report(Path(args.log), ROOT / "docs")
+        return 0
+    train_all(Path(args.runs), args.until, Path(args.log))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
