@@ -33,7 +33,11 @@ def check_train_config(tc) -> None:
              ("num_threads", tc.num_threads >= 0, "0 (default) or more"),
              ("ema_rates", all(0 <= r <= 1 for r in tc.ema_rates), "a list of rates in [0, 1]"),
              ("seed", 0 <= tc.seed < 2**63, "in 0 .. 2**63 - 1"),
-             ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16")]
+             ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16"),
+             ("posthoc_ema.every", tc.posthoc_ema.every >= 1, "at least 1"),
+             ("eval.bands", ev.bands >= 0, "0 (quarters only) or more"),
+             ("eval.done_window", ev.done_window >= 0, "0 (no done signal) or more"),
+             ("eval.done_margin", ev.done_margin >= 0, "0 or more")]
     for key, ok, want in rules:
         if not ok:
             value = list(tc.ema_rates) if key == "ema_rates" else OmegaConf.select(tc, key)

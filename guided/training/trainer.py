@@ -32,6 +32,7 @@ from guided.diffusion.objectives import objective_from_config
 from guided.locks import first_rank, lock_folder
 from guided.signals import StopRequest
 from guided.training.meters import QuarterMeter
+from guided.training.posthoc_ema import PowerEMA
 from guided.training.run_state import EMA, RunState
 from guided.training.steps import (BadSteps, RunLog, check_fits, check_train_config, local_batch, microbatches,
                                    optimizer_step, prepare_network, set_lr, start_accelerate, stop_agreed)
@@ -84,9 +85,12 @@ class Trainer:
         self.model, self.opt, self.net = prepare_network(self.accel, self.build_model(), tc)
         self.ema = EMA(self.net, tc.ema_rates, tc.ema_warmup)
         self.params = self.ema.params
+        ph = tc.posthoc_ema  # EDM2's power-function EMAs, snapshotted for a post-hoc choice (posthoc_ema.py)
+        self.phema = PowerEMA(self.net, ph.sigma_rels) if ph.sigma_rels else None
         self.run_state = RunState(self.accel, self.cfg, kind=self.kind, label_map=self.label_map, net=self.net,
                                   opt=self.opt, ema=self.ema, note=self.print)
-        for name, part in self.state_parts().items():
+        parts = {**self.state_parts(), **({"posthoc_ema": self.phema} if self.phema else {})}
+        for name, part in parts.items():
             self.run_state.register(name, part)
         self.rngs, self.step, self.last_ckpt, self.stopped_by = self.run_state.rngs, 0, None, None
         self.bad_steps = BadSteps(tc.max_bad_steps, self.print)
@@ -178,6 +182,8 @@ class Trainer:
         values = {k: torch.cat([v[k] for v in logs]) for k in logs[0]}
         values["grad_norm"] = norm.detach().float().expand(n)
         self.ema.update(took, self.step)
+        if self.phema is not None:
+            self.phema.update(took, self.step)
         return took, values, batch.get("t")
 
     def run(self, stop_after: int | None = None) -> str:
@@ -239,6 +245,9 @@ class Trainer:
             self.probe()
         if self.step in tc.snapshot_steps and (path := self.run_state.export_snapshot(self.step)):
             self.print(f"step {self.step}: EMA snapshot {path}")
+        if self.phema is not None and self.accel.is_main_process and (
+                self.step % tc.posthoc_ema.every == 0 or self.step == tc.steps):
+            self.phema.snapshot(self.out_dir, self.step)
         return read
 
     def read_bad_steps(self):
