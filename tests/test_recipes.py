@@ -2,7 +2,9 @@
 each against its formula computed here from the papers' definitions."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +230,56 @@ def test_trainer_keeps_posthoc_snapshots_that_resume_and_export(tiny, tmp_path):
     assert type(net) is recipes.PreconditionedUNet and cfg.train.objective.prediction == "v"
     with pytest.raises(GuidedError, match="sigma_rels"):
         train_diffusion(tiny("diffusion", "train.posthoc_ema.sigma_rels=[0.5]"))
+
+
+# -- the classifier's progress signals --------------------------------------------------------
+def test_done_signal_on_synthetic_curves():
+    from guided.training.progress import done_index
+
+    rising = [[0.1 * i, 0.05 * i] for i in range(10)]  # every band still gains 5-10 points an evaluation
+    assert done_index(rising, margin=0.005, window=3) is None
+    # band 0 flattens from evaluation 4 on, band 1 from evaluation 6 on (gains 0.001 < margin after)
+    curve = [[min(0.1 * i, 0.4) + 0.001 * i, min(0.1 * i, 0.6) + 0.001 * i] for i in range(12)]
+    # done at the first i with max over (i-2..i) - max over (..i-3) <= 0.005 in both bands: i - 3 >= 6
+    assert done_index(curve, margin=0.005, window=3) == 9
+    assert done_index(curve, margin=0.005, window=0) is None
+
+
+def test_diverging_signals_on_synthetic_curves():
+    from guided.training.progress import accuracy_diverging, loss_diverging
+
+    falling = [1.0 / (1 + 0.1 * i) for i in range(20)]
+    assert not loss_diverging(falling)
+    assert loss_diverging(falling + [0.9] * 5)  # the last five average far above the five before
+    assert loss_diverging([0.5, float("nan")])
+    assert not accuracy_diverging([0.2, 0.5, 0.7, 0.69, 0.71])  # noise around the best
+    assert accuracy_diverging([0.2, 0.5, 0.7, 0.6, 0.55])  # two evaluations in a row 10+ points below
+
+
+def test_progress_says_done_once_and_warns_once(capsys):
+    from guided.training.progress import Progress
+
+    said = []
+    p = Progress()
+    for step, acc in enumerate([0.1, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8]):
+        p.see_eval(step, [acc], [0.0], acc, 0.005, 3, said.append)
+    assert [s for s in said if s.startswith("done")] == [said[0]] and p.done_step == 5
+    for i, loss in enumerate([1.0] * 10 + [2.0] * 10):
+        p.see_loss(i, loss, said.append)
+    assert sum("rising" in s for s in said) == 1
+
+
+def test_classifier_logs_accuracy_and_ece_per_band_and_plots(tiny):
+    from guided.training.classifier import train_classifier
+
+    cfg = tiny("classifier", "train.eval.every=2", "train.eval.bands=5", "train.eval.done_window=1",
+               "train.eval.done_margin=1.0")
+    r = train_classifier(cfg)
+    ev = r.trainer.last_eval
+    assert {f"val_acc@1_b{b}" for b in range(5)} <= ev.keys() and {f"val_ece_b{b}" for b in range(5)} <= ev.keys()
+    assert ev["val_band_edges"] == [0, 20, 40, 60, 80, 100]
+    assert all(0 <= ev[f"val_ece_b{b}"] <= 1 for b in range(5))
+    out = Path(cfg.train.out_dir)
+    assert (out / "accuracy_by_t.png").stat().st_size > 1000
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["done_step"] for r in rows if "done_step" in r] == [4]  # evaluation 1 (step 4) is the first i >= window

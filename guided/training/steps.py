@@ -202,6 +202,7 @@ class RunLog:
         quarters = " ".join(f"{stats[f'loss_q{i}']:.4g}" for i in range(4) if f"loss_q{i}" in stats)
         self.print(f"step {step}: loss {stats.get('loss', float('nan')):.4g} (quarters {quarters}) "
                    f"{stats['images_per_s']:.1f} img/s")
+        return stats
 
     def record(self, stats: dict, step: int, last_ckpt):
         """Send to the trackers and append to out_dir/metrics.jsonl (main process)."""

@@ -33,6 +33,7 @@ from guided.locks import first_rank, lock_folder
 from guided.signals import StopRequest
 from guided.training.meters import QuarterMeter
 from guided.training.posthoc_ema import PowerEMA
+from guided.training.progress import Progress
 from guided.training.run_state import EMA, RunState
 from guided.training.steps import (BadSteps, RunLog, check_fits, check_train_config, local_batch, microbatches,
                                    optimizer_step, prepare_network, set_lr, start_accelerate, stop_agreed)
@@ -89,7 +90,8 @@ class Trainer:
         self.phema = PowerEMA(self.net, ph.sigma_rels) if ph.sigma_rels else None
         self.run_state = RunState(self.accel, self.cfg, kind=self.kind, label_map=self.label_map, net=self.net,
                                   opt=self.opt, ema=self.ema, note=self.print)
-        parts = {**self.state_parts(), **({"posthoc_ema": self.phema} if self.phema else {})}
+        self.progress = Progress()  # the curves the done and diverging signals read (progress.py)
+        parts = {**self.state_parts(), "progress": self.progress, **({"posthoc_ema": self.phema} if self.phema else {})}
         for name, part in parts.items():
             self.run_state.register(name, part)
         self.rngs, self.step, self.last_ckpt, self.stopped_by = self.run_state.rngs, 0, None, None
@@ -138,6 +140,9 @@ class Trainer:
 
     def probe(self):
         """A sample-quality probe of the EMA weights, every train.probe.every steps."""
+
+    def finish(self):
+        """At the end of a run that reached train.steps (the figures of its evaluations)."""
 
     def after_step(self, t, values, took):
         """See a finished step's timesteps and per-example values."""
@@ -215,6 +220,7 @@ class Trainer:
                         self.save()
                 if not tc.eval.every or self.step % tc.eval.every:
                     self.evaluate()
+                self.finish()
                 if start < tc.steps or self.last_ckpt is None:
                     self.save()
                 return "done"
@@ -237,8 +243,10 @@ class Trainer:
         read = self.step % tc.log_every == 0 or self.step == tc.steps
         if read:
             self.read_bad_steps()
-            self.runlog.log(self.meter, bar, window, step=self.step, bad_total=self.bad_total,
-                            lr=self.opt.param_groups[0]["lr"], last_ckpt=self.last_ckpt)
+            stats = self.runlog.log(self.meter, bar, window, step=self.step, bad_total=self.bad_total,
+                                    lr=self.opt.param_groups[0]["lr"], last_ckpt=self.last_ckpt)
+            if "loss" in stats:
+                self.progress.see_loss(self.step, stats["loss"], self.print)
         if tc.eval.every and self.step % tc.eval.every == 0:
             self.evaluate()
         if tc.probe.every and self.step % tc.probe.every == 0:
