@@ -99,6 +99,76 @@ def train_all(runs: Path, until: int, log: Path) -> None:
             return
 
 
+# -- the report ---------------------------------------------------------------------------------
+SHIPPED_RUN = "cond (configs/digits.yaml, lr 1e-3)"  # its rows in docs/digits_training.csv
+SHIPPED_S_PER_STEP = 90 * 60 / 12000  # README "Digits models": 90 wall minutes for 12,000 steps, one thread
+
+
+def curves(log: Path) -> dict:
+    """{(recipe, seed): [(step, fid, floor, train CPU s or None)]}: the log's probes (the last of
+    repeated steps) and the shipped run as the paper's seed 0 (its CPU time estimated from its wall time)."""
+    import csv
+
+    runs: dict = {}
+    for row in (json.loads(x) for x in log.read_text().splitlines() if x.strip()) if log.exists() else []:
+        runs.setdefault((row["recipe"], row["seed"]), {})[row["step"]] = (row["fid"], row["floor"], row["train_cpu_s"])
+    with open(ROOT / "docs" / "digits_training.csv") as f:
+        shipped = {int(r["step"]): (float(r["fid"]), float(r["floor"]), None) for r in csv.DictReader(f)
+                   if r["run"] == SHIPPED_RUN}
+    runs[("paper", 0)] = shipped
+    return {k: [(s, *v) for s, v in sorted(d.items())] for k, d in sorted(runs.items())}
+
+
+def first_reach(points, target: float):
+    """(step, CPU s) of the first probe at or under `target`, or None."""
+    for step, fid, _, cpu in points:
+        if fid <= target:
+            return step, cpu
+    return None
+
+
+def table(runs: dict) -> list[str]:
+    def cell(hit):
+        if hit is None:
+            return "not reached"
+        step, cpu = hit
+        return f"{step:,} ({cpu / 60:.0f} CPU-min)" if cpu is not None else f"{step:,} (~{step * SHIPPED_S_PER_STEP / 60:.0f} min wall)"
+    lines = ["| recipe | seed | steps probed | last FID | to 1.2x floor | to 11.7 (shipped) |", "|---|---|---|---|---|---|"]
+    for (recipe, seed), pts in runs.items():
+        floor = pts[-1][2]
+        lines.append(f"| {recipe} | {seed} | {pts[-1][0]:,} | {pts[-1][1]:.1f} (floor {floor:.1f}) | "
+                     f"{cell(first_reach(pts, TARGET_FACTOR * floor))} | {cell(first_reach(pts, SHIPPED_FID))} |")
+    return lines
+
+
+def report(log: Path, out: Path) -> None:
+    """out.png (FID against steps, every run) and out.md (the table)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = curves(log)
+    colours = {r: f"C{i}" for i, r in enumerate(RECIPES)}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (recipe, seed), pts in runs.items():
+        label = f"{recipe} seed {seed}" + (" (the shipped run)" if (recipe, seed) == ("paper", 0) else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[recipe],
+                ls="-" if seed == 0 else "--", label=label)
+    floor = next(iter(runs.values()))[-1][2]
+    ax.axhline(floor, color="k", lw=0.8, ls=":", label=f"real digits (floor {floor:.1f})")
+    ax.axhline(TARGET_FACTOR * floor, color="grey", lw=0.8, ls="-.", label=f"1.2x floor ({TARGET_FACTOR * floor:.1f})")
+    ax.axhline(SHIPPED_FID, color="r", lw=0.8, ls=":", label=f"shipped cond at 12,000 ({SHIPPED_FID})")
+    ax.axvline(4000, color="grey", lw=0.5)
+    ax.set(xlabel="training step (batch 64)", ylabel="probe FID (judge space, 300 samples)", yscale="log",
+           title="digits: training recipes judged by the probe (EMA 0.999 weights)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    text = "\n".join(table(runs)) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=str(ROOT / "runs" / "recipes"))
@@ -107,9 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--log", default=str(LOG))
     args = p.parse_args(argv)
     if args.report:
-        from training_recipes_report import report  # scripts/ is the script's own folder
-
-        report(Path(args.log), ROOT / "docs")
+        report(Path(args.log), ROOT / "docs" / "training_recipes_study")
         return 0
     train_all(Path(args.runs), args.until, Path(args.log))
     return 0
