@@ -243,6 +243,12 @@ def test_done_signal_on_synthetic_curves():
     # done at the first i with max over (i-2..i) - max over (..i-3) <= 0.005 in both bands: i - 3 >= 6
     assert done_index(curve, margin=0.005, window=3) == 9
     assert done_index(curve, margin=0.005, window=0) is None
+    # gains of 1 point per evaluation around 50%: progress for a margin of 0.5 points, but under the
+    # binomial standard error of 100 images per band (5 points), not evidence of progress
+    slow = [[0.5 + 0.01 * i] for i in range(8)]
+    assert done_index(slow, margin=0.005, window=3) is None
+    se = math.sqrt(0.5 * 0.5 / 100)
+    assert se == pytest.approx(0.05) and done_index(slow, margin=0.005, window=3, n=100) == 3
 
 
 def test_diverging_signals_on_synthetic_curves():

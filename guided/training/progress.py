@@ -1,9 +1,11 @@
 """Is a run done, is it diverging: rules over logged curves, and the classifier's accuracy-against-t figure.
 
 Done (the classifier, train.eval.done_margin / done_window): after evaluation i, a run is done when no band
-of t has raised its best held-out top-1 by more than `margin` over the last `window` evaluations:
-max(acc_b[i-window+1 .. i]) - max(acc_b[0 .. i-window]) <= margin for every band b. It is said once,
-printed and written to metrics.jsonl (`done_step`).
+of t has raised its best held-out top-1 by more than its margin over the last `window` evaluations:
+max(acc_b[i-window+1 .. i]) - max(acc_b[0 .. i-window]) <= m_b for every band b, where
+m_b = max(margin, sqrt(p_b (1 - p_b) / n)) with p_b the earlier best and n the images scored per band:
+a gain under the binomial standard error of the band's accuracy is not evidence of progress. It is
+said once, printed and written to metrics.jsonl (`done_step`).
 
 Diverging: the training loss's mean over the last `window` log intervals exceeds the mean of the
 `window` before by more than `loss_rise` (relative), or is not finite; or held-out top-1 has fallen
@@ -17,15 +19,17 @@ import math
 import torch
 
 
-def done_index(history: list[list[float]], margin: float, window: int) -> int | None:
-    """The first evaluation i at which every band's best rose by at most `margin` over the last `window`
-    evaluations (history[i][b] = top-1 of band b at evaluation i); None if never."""
+def done_index(history: list[list[float]], margin: float, window: int, n: int = 0) -> int | None:
+    """The first evaluation i at which every band's best rose by at most its margin over the last `window`
+    evaluations (history[i][b] = top-1 of band b at evaluation i; the margin is `margin`, or the binomial
+    standard error of n images at the earlier best when larger and n > 0); None if never."""
     if window < 1:
         return None
     for i in range(window, len(history)):
         before = [max(h[b] for h in history[:i - window + 1]) for b in range(len(history[i]))]
         recent = [max(h[b] for h in history[i - window + 1:i + 1]) for b in range(len(history[i]))]
-        if all(r - p <= margin for r, p in zip(recent, before)):
+        margins = [max(margin, math.sqrt(p * (1 - p) / n)) if n else margin for p in before]
+        if all(r - p <= m for r, p, m in zip(recent, before, margins)):
             return i
     return None
 
@@ -76,7 +80,7 @@ class Progress:
                   f"(mean of the last 5 logs over 1.2x the 5 before, or not finite): check train.lr", say)
 
     def see_eval(self, step: int, acc: list[float], ece: list[float], overall: float, margin: float,
-                 window: int, say) -> dict:
+                 window: int, say, n: int = 0) -> dict:
         """Record an evaluation; returns the metrics to log once the run is first seen done."""
         self.steps.append(step)
         self.acc.append([float(a) for a in acc])
@@ -86,13 +90,14 @@ class Progress:
                   f"{overall:.1%} fell over 5 points below its best at 2 evaluations in a row: diverging", say)
         if self.done_step is not None:
             return {}
-        i = done_index(self.acc, margin, window)
+        i = done_index(self.acc, margin, window, n)
         if i is None:
             return {}
         self.done_step = self.steps[i]
         say(f"done: at step {self.done_step} no band of t raised its held-out top-1 by more than "
-            f"{margin:.1%} over the last {window} evaluations (train.eval.done_margin, done_window)")
-        return {"done_step": self.done_step, "done_margin": margin, "done_window": window}
+            f"{margin:.1%} (or the standard error of {n} images) over the last {window} evaluations "
+            f"(train.eval.done_margin, done_window)")
+        return {"done_step": self.done_step, "done_margin": margin, "done_window": window, "done_images": n}
 
 
 def plot_bands(progress: Progress, edges: list[float], path, title: str = "") -> None:
