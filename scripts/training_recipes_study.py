@@ -141,6 +141,15 @@ def table(runs: dict) -> list[str]:
     return lines
 
 
+def at_steps(runs: dict, steps=(1000, 2000, 3000, 4000, 6000, 8000, 12000)) -> list[str]:
+    """Probe FID of every run at the same steps (blank where not probed yet)."""
+    lines = ["| recipe | seed | " + " | ".join(f"{s:,}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for (recipe, seed), pts in runs.items():
+        fid = {p[0]: p[1] for p in pts}
+        lines.append(f"| {recipe} | {seed} | " + " | ".join(f"{fid[s]:.1f}" if s in fid else "" for s in steps) + " |")
+    return lines
+
+
 def report(log: Path, out: Path) -> None:
     """out.png (FID against steps, every run) and out.md (the table)."""
     import matplotlib
@@ -164,7 +173,7 @@ def report(log: Path, out: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
-    text = "\n".join(table(runs)) + "\n"
+    text = "\n".join(at_steps(runs)) + "\n\n" + "\n".join(table(runs)) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)
 
