@@ -2,6 +2,7 @@
 
     python scripts/training_recipes_study.py [--runs runs/recipes] [--until STAGE]   # train (resumable)
     python scripts/training_recipes_study.py --report                               # figure and table
+    python scripts/training_recipes_study.py --pick-ema RUN_DIR [--sigma-rels ...]  # probe post-hoc EMAs
 
 Every run is configs/digits.yaml (the shipped `cond` model's network, batch, lr and EMA) with one recipe's
 train.objective settings (guided.training.recipes) and a seed, probed every 500 steps (300 samples,
@@ -184,7 +185,18 @@ def main(argv=None) -> int:
     p.add_argument("--until", type=int, default=len(STAGES), help="run the first N stages of the plan")
     p.add_argument("--report", action="store_true", help="write the figure and table from the log")
     p.add_argument("--log", default=str(LOG))
+    p.add_argument("--pick-ema", metavar="RUN_DIR", help="probe post-hoc EMAs of a run (train.posthoc_ema) "
+                   "at --sigma-rels and print the table")
+    p.add_argument("--sigma-rels", default="0.01,0.02,0.05,0.10,0.15,0.20")
     args = p.parse_args(argv)
+    if args.pick_ema:
+        from guided.training.probe import probe_ema_lengths
+
+        print("| sigma_rel | step | probe FID | judge accuracy | sum of coefficients |\n|---|---|---|---|---|")
+        for r in probe_ema_lengths(args.pick_ema, [float(x) for x in args.sigma_rels.split(",")]):
+            print(f"| {r['sigma_rel']} | {r['step']} | {r['probe_fid']:.1f} | {r['probe_acc']:.1%} | "
+                  f"{r['coefficient_sum']:.3f} |", flush=True)
+        return 0
     if args.report:
         report(Path(args.log), ROOT / "docs" / "training_recipes_study")
         return 0
