@@ -36,6 +36,7 @@ def by_band(name: str, bands: int, draws: int, seed: int = 0) -> list[dict]:
     x0 = torch.stack([val[i][0] for i in range(len(val))])
     y = torch.tensor([val[i][1] for i in range(len(val))])
     T, gen, rows = objective.num_levels, torch.Generator().manual_seed(seed), []
+    bands = min(bands, T)  # a short ladder has fewer levels than bands
     calib = getattr(net, "calibration", None)
     for b in range(bands):
         lo, hi = (b * T + bands - 1) // bands, ((b + 1) * T + bands - 1) // bands
