@@ -6,11 +6,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from guided.config import load_config, node, saved_config, ObjectiveConfig
+from guided.config import ObjectiveConfig, load_config, node, saved_config
 from guided.diffusion.gaussian import create_diffusion
 from guided.diffusion.losses import LogNormalSampler, training_losses
 from guided.errors import GuidedError

@@ -160,7 +160,7 @@ class ClassifierTrainer(Trainer):
         acc = [stats.get(f"val_acc@1_b{b}", float("nan")) for b in range(B)]
         ece = [stats.get(f"val_ece_b{b}", float("nan")) for b in range(B)]
         edges = stats["val_band_edges"]
-        self.print(f"  top-1 / ECE per band of t: " + ", ".join(
+        self.print("  top-1 / ECE per band of t: " + ", ".join(
             f"{edges[b]}-{edges[b + 1] - 1}: {a:.1%}/{e:.3f}" for b, (a, e) in enumerate(zip(acc, ece))))
         done = self.progress.see_eval(self.step, acc, ece, stats.get("val_acc@1", 0.0), ev.done_margin,
                                       ev.done_window, self.print, n=min(ev.images, len(self.val)))
