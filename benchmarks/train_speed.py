@@ -2,6 +2,8 @@
 
     python benchmarks/train_speed.py --config configs/imagenet64.yaml --batch-size 32 --precision bf16
     python benchmarks/train_speed.py --config configs/imagenet64_classifier.yaml --compile --channels-last
+    python benchmarks/train_speed.py --config configs/imagenet64.yaml --on-cpu --batch-size 2 \
+        --set train.objective.weighting=edm --set train.objective.prediction=edm   # a recipe's step
 
 One step is what the trainer does: sample t, noise x_0 (random images, no data
 needed), forward, loss (the hybrid loss for a score model, cross-entropy for a
@@ -9,7 +11,9 @@ classifier), backward, gradient clipping, AdamW, EMA. FLOPs are counted once wit
 torch.utils.flop_counter.FlopCounterMode over a whole step; utilisation is
 FLOP/s over the device's dense peak for the precision (a table of NVIDIA parts;
 --peak-tflops for others). On a machine without a GPU it measures the tiny
-digits config on the CPU, against a measured float32 matmul peak, and says so.
+digits config on the CPU, against a measured float32 matmul peak, and says so (--on-cpu measures the
+given config there anyway). --set applies config overrides, e.g. a training recipe
+(guided.diffusion.recipes): its network (the preconditioned U-Net), loss weights and timesteps.
 """
 from __future__ import annotations
 
@@ -29,7 +33,9 @@ from guided.config import load_config  # noqa: E402
 from guided.diffusion.gaussian import create_diffusion  # noqa: E402
 from guided.diffusion.losses import training_losses  # noqa: E402
 from guided.speed import adamw  # noqa: E402
-from guided.networks.unet import EncoderUNetModel, UNetModel  # noqa: E402
+from guided.diffusion.objectives import objective_from_config  # noqa: E402
+from guided.networks.unet import EncoderUNetModel  # noqa: E402
+from guided.networks.preconditioned import build_unet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {False: REPO / "configs" / "digits.yaml", True: REPO / "configs" / "digits_classifier.yaml"}
@@ -52,6 +58,9 @@ def parse_args(argv=None):
                    "config whose name contains 'classifier')")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, if not in the table")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)")
+    p.add_argument("--on-cpu", action="store_true", help="measure the given config on the CPU too")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one step fewer)")
     return p.parse_args(argv)
 
 
@@ -60,17 +69,17 @@ def pick_config(args, cuda: bool):
     path = Path(args.config) if args.config else None
     classifier = args.classifier or (path is not None and "classifier" in path.stem)
     tiny = TINY[classifier]
-    if path is None or (not cuda and path.resolve() != tiny.resolve()):
+    if path is None or (not cuda and not args.on_cpu and path.resolve() != tiny.resolve()):
         if path is not None:
             print(f"no GPU: measuring the tiny config {tiny.relative_to(REPO)} on the CPU instead of {path}")
         path = tiny
-    cfg = load_config(path)
+    cfg = load_config(path, args.set)
     return path, cfg, classifier, args.batch_size or (cfg.train.batch_size if cuda else 16)
 
 
 def build(cfg, classifier: bool, device, args):
     node = cfg.classifier if classifier else cfg.model
-    net = (EncoderUNetModel(node) if classifier else UNetModel(node)).to(device)
+    net = (EncoderUNetModel(node) if classifier else build_unet(cfg)).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = adamw(net.parameters(), lr=1e-4, weight_decay=cfg.train.weight_decay, device=device)  # the trainer's
@@ -88,8 +97,12 @@ def make_step(cfg, classifier, net, model, opt, ema, node, batch, device, args):
     x0 = torch.randn(shape, device=device).clamp(-1, 1).contiguous(memory_format=fmt)
     y = torch.randint(0, node.num_classes or 1, (batch,), device=device)
 
+    objective = objective_from_config(cfg)  # the recipe's timesteps and loss weights (the trainer's)
+
     def step():
-        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+        t = objective.sampler.sample(batch, device)[0] if not classifier else \
+            torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+        w = None if classifier or objective.mse_weights is None else objective.mse_weights.to(device)[t]
         with autocast:
             if classifier:
                 x_t = diffusion.q_sample(x0, t, torch.randn_like(x0))
@@ -97,7 +110,7 @@ def make_step(cfg, classifier, net, model, opt, ema, node, batch, device, args):
             else:
                 kwargs = {"y": y} if node.num_classes is not None else {}
                 net_fn = lambda x, tt: model(x, tt, **kwargs).float()  # noqa: E731
-                loss = training_losses(diffusion, net_fn, x0, t, torch.randn_like(x0))["loss"].mean()
+                loss = training_losses(diffusion, net_fn, x0, t, torch.randn_like(x0), mse_weight=w)["loss"].mean()
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
@@ -146,7 +159,7 @@ def measure(args, count_flops: bool = True) -> dict:
     for _ in range(args.warmup):
         step()
     flops = None
-    if count_flops:
+    if count_flops and not args.no_flops:
         with FlopCounterMode(display=False) as counter:
             step()
         flops = counter.get_total_flops()
@@ -175,6 +188,8 @@ def main(argv=None):
           f"channels_last {args.channels_last}, device {r['device']}")
     print(f"  {r['images_per_s']:.1f} images/s ({r['seconds'] * 1000:.1f} ms/step over {args.steps} steps)")
     print(f"  peak memory {r['peak_gib']:.2f} GiB ({r['peak_kind']})")
+    if r["flops"] is None:
+        return
     peak, source = peak_flops(device_of(args)[1], args)
     achieved = r["flops"] / r["seconds"]
     share = f"{achieved / peak:.1%} of {peak / 1e12:.1f} TFLOP/s ({source})" if peak else source

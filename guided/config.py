@@ -101,7 +101,14 @@ class ObjectiveConfig:
     """train.objective: what the network learns (guided.diffusion.objectives)."""
 
     name: str = "eps"  # eps | vp_dsm | ncsn
-    schedule_sampler: str = "uniform"  # uniform | loss-second-moment (eps)
+    schedule_sampler: str = "uniform"  # uniform | loss-second-moment | lognormal (eps): how timesteps are drawn
+    # name=eps training recipes (guided.diffusion.recipes, docs/training.md); the defaults are the paper's
+    weighting: str = "uniform"  # the eps-MSE's weight per level: uniform | min_snr | edm
+    min_snr_gamma: float = 5.0  # weighting=min_snr: min(SNR, gamma) / SNR (Hang et al. 2023)
+    prediction: str = "eps"  # the U-Net's own output, always converted to eps: eps | v | x0 | edm
+    lognormal_mean: float = -1.2  # schedule_sampler=lognormal: ln sigma ~ N(mean, std^2) (Karras et al. 2022)
+    lognormal_std: float = 1.2
+    sigma_data: float = 0.5  # EDM's sigma_data (weighting=edm, prediction=edm)
     label_dropout: float = 0.0  # > 0 trains a null class for classifier-free guidance
     noised: bool = True  # classifier: train on x_t (the noise-aware objective)
     ncsn_sigma_max: float = 50.0  # name=ncsn: the geometric noise ladder (Song & Ermon 2019)
@@ -116,6 +123,9 @@ class EvalConfig:
     every: int = 0  # held-out top-1/top-5 per noise quarter every N steps (0 = at the end)
     images: int = 1024  # held-out images per evaluation (each scored at one t in every quarter)
     calibration_bands: int = 8  # temperatures fitted per band of timesteps at the end (0 = off)
+    bands: int = 8  # top-1 and ECE logged per band of t (val_acc@1_b*, val_ece_b*): each image once per band
+    done_margin: float = 0.005  # "done" once no band's top-1 rose by more than this ...
+    done_window: int = 3  # ... over this many evaluations (0 = no done signal)
 
 
 @dataclass
@@ -124,6 +134,14 @@ class ProbeConfig:
 
     every: int = 0  # judge-space FID of EMA samples every N steps (0 = off)
     samples: int = 300  # samples per probe
+
+
+@dataclass
+class PostHocEMAConfig:
+    """train.posthoc_ema: EDM2's power-function EMAs, snapshotted for a post-hoc choice of length."""
+
+    sigma_rels: List[float] = field(default_factory=list)  # relative widths tracked, e.g. [0.05, 0.10]; [] = off
+    every: int = 1000  # a snapshot of each every N steps (out_dir/phema/)
 
 
 @dataclass
@@ -154,6 +172,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
 
 
 # The flat train.* keys of configs and checkpoints written before train.objective / eval / probe

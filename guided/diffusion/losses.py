@@ -56,9 +56,11 @@ def vb_terms_bpd(diffusion: GaussianDiffusion, model_output, x0, x_t, t, clip_de
     return torch.where(t == 0, nll, kl)
 
 
-def training_losses(diffusion: GaussianDiffusion, model, x0, t, noise=None, model_kwargs=None) -> dict:
+def training_losses(diffusion: GaussianDiffusion, model, x0, t, noise=None, model_kwargs=None,
+                    mse_weight=None) -> dict:
     """Per-example losses: dict(loss, mse[, vb]). `model(x_t, timesteps, **kwargs)`
-    is called on the original timesteps of the indices t."""
+    is called on the original timesteps of the indices t. `mse_weight` (per example):
+    the weight of the mse term in `loss` (a recipe's weighting; `mse` is logged unweighted)."""
     model_kwargs = model_kwargs or {}
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = diffusion.q_sample(x0, t, noise)
@@ -78,7 +80,8 @@ def training_losses(diffusion: GaussianDiffusion, model, x0, t, noise=None, mode
             terms["vb"] = terms["vb"] * (diffusion.num_timesteps / 1000.0)
     target = x0 if diffusion.predict_xstart else noise
     terms["mse"] = mean_flat((target - mean_out) ** 2)
-    terms["loss"] = terms["mse"] + terms.get("vb", 0.0)
+    weighted = terms["mse"] if mse_weight is None else terms["mse"] * mse_weight
+    terms["loss"] = weighted + terms.get("vb", 0.0)
     return terms
 
 
@@ -186,9 +189,36 @@ class LossSecondMomentResampler(UniformSampler):
         self.loss_counts[...] = np.asarray(state["loss_counts"])
 
 
-def create_schedule_sampler(name: str, num_timesteps: int) -> UniformSampler:
+class LogNormalSampler(UniformSampler):
+    """EDM's training noise levels on a discrete chain: ln sigma ~ N(mean, std^2) (Karras et al.
+    2022, Table 1: P_mean -1.2, P_std 1.2), each draw taken to the timestep whose sigma_t =
+    sqrt((1 - abar_t) / abar_t) is nearest in ln sigma. Drawn exactly as that, by the probability
+    mass each timestep receives; the weights are 1, not importance weights: the recipe changes
+    which levels are trained, as EDM's does."""
+
+    def __init__(self, sigmas: torch.Tensor, mean: float = -1.2, std: float = 1.2):
+        super().__init__(len(sigmas))
+        if not (std > 0 and math.isfinite(mean)):
+            raise GuidedError(f"train.objective.lognormal_std must be > 0 and lognormal_mean finite, not {std}, {mean}")
+        log_s = np.log(np.asarray(sigmas, dtype=np.float64))
+        edges = np.concatenate([[-np.inf], (log_s[1:] + log_s[:-1]) / 2, [np.inf]])  # nearest in ln sigma
+        cdf = np.array([0.5 * math.erfc(-(e - mean) / (std * math.sqrt(2))) for e in edges])
+        self.mass = np.diff(cdf)
+
+    def weights(self) -> np.ndarray:
+        return self.mass
+
+    def sample(self, batch_size: int, device, generator: torch.Generator | None = None):
+        t, _ = super().sample(batch_size, device, generator)
+        return t, torch.ones(batch_size, device=device)
+
+
+def create_schedule_sampler(name: str, num_timesteps: int, sigmas=None, mean=-1.2, std=1.2) -> UniformSampler:
+    """The timestep sampler `name`; lognormal needs the chain's `sigmas` (one per timestep)."""
     if name == "uniform":
         return UniformSampler(num_timesteps)
     if name in ("loss-second-moment", "loss_second_moment", "loss-aware"):
         return LossSecondMomentResampler(num_timesteps)
-    raise GuidedError(f"unknown schedule sampler {name!r}; choose uniform or loss-second-moment")
+    if name == "lognormal" and sigmas is not None:
+        return LogNormalSampler(sigmas, mean, std)
+    raise GuidedError(f"unknown schedule sampler {name!r}; choose uniform, loss-second-moment or lognormal")

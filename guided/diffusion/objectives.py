@@ -7,7 +7,8 @@ networks are (`kind`: the sampler registry says which samplers serve each kind).
 `OBJECTIVES` lists them all. Level indices t run from little to much noise for every objective.
 
   eps     the eps-MSE of Ho et al. (eq. 14), plus L_vb on a learned variance (the hybrid loss,
-          Nichol & Dhariwal eq. 16), at uniform or loss-aware timesteps;
+          Nichol & Dhariwal eq. 16), at uniform, loss-aware or log-normal (EDM) timesteps, with the
+          eps-MSE weighted and the network parameterized by a recipe (guided.diffusion.recipes);
   vp_dsm  continuous-time DSM on the VP SDE of the same schedule (Song et al. 2021 eq. 7), the
           network read as an eps predictor;
   ncsn    NCSN's DSM over a geometric ladder (Song & Ermon 2019 eq. 5-6); the network's output
@@ -20,6 +21,7 @@ import torch
 from guided.diffusion.gaussian import create_diffusion
 from guided.diffusion.ladder import Ladder
 from guided.diffusion.models import EpsModel, LadderModel, ScoreModel, eps_model_score
+from guided.diffusion.recipes import chain_sigmas, is_default, loss_weights
 from guided.diffusion.losses import (LossSecondMomentResampler, UniformSampler, create_schedule_sampler,
                                      dsm_loss, ncsn_loss, training_losses)
 from guided.errors import GuidedError
@@ -42,7 +44,10 @@ class Objective:
         raise NotImplementedError
 
     def check(self, model_cfg) -> None:
-        """Refuse a score network this objective cannot train."""
+        """Refuse a score network (or a recipe) this objective cannot train."""
+        if not is_default(self.cfg):
+            raise GuidedError(f"train.objective={self.name} trains the paper's recipe only: the weighting, "
+                              "prediction and lognormal timesteps are settings of train.objective.name=eps")
         if model_cfg.learn_sigma:
             raise GuidedError(f"train.objective={self.name} trains the score only; set model.learn_sigma=false")
 
@@ -98,7 +103,11 @@ class EpsObjective(Objective):
     def __init__(self, objective_cfg, diffusion_cfg):
         super().__init__(objective_cfg, diffusion_cfg)
         self.diffusion = create_diffusion(diffusion_cfg, timestep_respacing="")  # every timestep
-        self.sampler = create_schedule_sampler(objective_cfg.schedule_sampler, self.diffusion.num_timesteps)
+        abar = self.diffusion.alphas_cumprod
+        self.sampler = create_schedule_sampler(objective_cfg.schedule_sampler, self.diffusion.num_timesteps,
+                                               chain_sigmas(abar), objective_cfg.lognormal_mean,
+                                               objective_cfg.lognormal_std)
+        self.mse_weights = loss_weights(objective_cfg, abar)  # None: the paper's uniform weight
         self._uniform = UniformSampler(self.num_levels)
 
     @property
@@ -106,7 +115,7 @@ class EpsObjective(Objective):
         return self.diffusion.num_timesteps
 
     def check(self, model_cfg) -> None:
-        pass  # a learned variance trains through L_vb
+        pass  # a learned variance trains through L_vb; the recipe was checked when it was built
 
     def parts(self) -> dict:
         return {"sampler": self.sampler} if isinstance(self.sampler, LossSecondMomentResampler) else {}
@@ -116,7 +125,8 @@ class EpsObjective(Objective):
         return dict(t=t, weights=weights, noise=torch.randn(x0.shape, generator=noise_gen, device=x0.device))
 
     def loss(self, net, b, noise_gen):
-        terms = training_losses(self.diffusion, net, b["x"], b["t"], b["noise"])
+        w = None if self.mse_weights is None else self.diffusion.on_device(self.mse_weights, b["t"].device)[b["t"]]
+        terms = training_losses(self.diffusion, net, b["x"], b["t"], b["noise"], mse_weight=w)
         return (terms["loss"] * b["weights"]).mean(), terms
 
     def observe(self, t, losses, took, gather):

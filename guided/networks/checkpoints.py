@@ -21,7 +21,8 @@ from guided.files import CKPT_FORMAT, atomic_save, atomic_write_text, list_check
 from guided.networks.adm import RELEASE_URL, clean_state_dict, load_state_dict_strict, released_name
 from guided.data import LabelMap
 from guided.guidance.calibration import Calibration
-from guided.networks.unet import EncoderUNetModel, UNetModel
+from guided.networks.preconditioned import build_unet  # a recipe's U-Net returns eps, as the paper's
+from guided.networks.unet import EncoderUNetModel
 
 WEIGHTS_FORMAT = "guided-weights"
 
@@ -175,8 +176,10 @@ def ship(path_or_dir, out: str | Path, which: str | None = None, dtype: str = "f
 
 def build_network(kind: str, cfg):
 
+    if kind == "unet":
+        return build_unet(cfg)
     try:
-        return UNetModel(cfg.model) if kind == "unet" else EncoderUNetModel(cfg.classifier)
+        return EncoderUNetModel(cfg.classifier)
     except ValueError as e:
         raise GuidedError(f"cannot build the {kind} of this config: {e}") from None
 

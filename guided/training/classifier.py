@@ -24,6 +24,8 @@ from guided.data import build_dataset, shard_indices
 from guided.errors import GuidedError
 from guided.networks.unet import EncoderUNetModel
 from guided.training.meters import QuarterMeter, derive_seed
+from guided.training.progress import band_ece, plot_bands
+from guided.diffusion.recipes import is_default
 from guided.training.trainer import TrainResult, Trainer, train
 from guided.guidance.calibration import Calibration, calibrate
 
@@ -41,6 +43,9 @@ class ClassifierTrainer(Trainer):
         super().fit_config_to_data()
         if self.cfg.train.objective.schedule_sampler != "uniform":
             raise GuidedError("the classifier is trained at uniform timesteps: set train.schedule_sampler=uniform")
+        if not is_default(self.cfg.train.objective):
+            raise GuidedError("train.objective.weighting and prediction are score-model recipes: leave them "
+                              "uniform and eps for a classifier")
         if not self.objective.noises_classifier:
             raise GuidedError("the classifier trains on the diffusion's noise (train.objective=eps) or an NCSN "
                               f"ladder (ncsn), not {self.objective.name!r}")
@@ -85,45 +90,92 @@ class ClassifierTrainer(Trainer):
     def scores(self, model, x, t, y) -> dict:
         logits = model(x, self.objective.network_t(t)).float()
         loss = F.cross_entropy(logits, y, reduction="none")
-        return {"loss": loss, "acc@1": top_k(logits, y, 1), "acc@5": top_k(logits, y, 5)}
+        return {"loss": loss, "acc@1": top_k(logits, y, 1), "acc@5": top_k(logits, y, 5), "logits": logits}
 
     def losses(self, b):
         values = self.scores(self.model, b["x"], b["t"], b["y"])
-        return values["loss"].mean(), {k: v.detach() for k, v in values.items()}
+        return values["loss"].mean(), {k: v.detach() for k, v in values.items() if k != "logits"}
 
     @torch.no_grad()
     def evaluate(self):
-        """Top-1 / top-5 on up to train.eval_images held-out images, each scored at one t drawn
-        in every quarter; the same images and draws at every evaluation."""
+        """Top-1 / top-5 on up to train.eval.images held-out images, each scored at one t drawn in every
+        band of t (train.eval.bands; quarters with 0), with the ECE per band; the same images and draws at
+        every evaluation. Logged per quarter (val_*_q*) and per band (val_*_b*), fed to the done and
+        diverging signals (progress.py)."""
         if self.val is None:
             return
         tc, ev, T = self.cfg.train, self.cfg.train.eval, self.objective.num_levels
-        noised = tc.objective.noised
         order = shard_indices(len(self.val), 0, 1, tc.seed)[:ev.images][self.rank::self.world]
         gen = torch.Generator().manual_seed(derive_seed(tc.seed, self.rank, 7))
-        meter, quarters = QuarterMeter(T, self.device), range(4) if noised else [None]
+        B = min(ev.bands or 4, T) if tc.objective.noised else 0
+        quarters, bands = QuarterMeter(T, self.device), QuarterMeter(T, self.device, bins=max(B, 1), tag="b")
+        logits = [[] for _ in range(B)]
         self.net.eval()
         for i in range(0, len(order), self.local_batch):
             items = [self.val[j] for j in order[i:i + self.local_batch]]
             x0 = torch.stack([x for x, _ in items]).to(self.device)
             y = torch.tensor([label for _, label in items], device=self.device)
-            for q in quarters:
-                if q is None:
+            for b in range(B) if B else [None]:
+                if b is None:
                     t, x = torch.zeros(len(y), dtype=torch.long), x0
                 else:
-                    t = torch.randint(q * T // 4, (q + 1) * T // 4, (len(y),), generator=gen)
+                    t = torch.randint((b * T + B - 1) // B, ((b + 1) * T + B - 1) // B, (len(y),), generator=gen)
                     x = self.objective.noise(x0, t.to(self.device), torch.randn(x0.shape, generator=gen).to(x0))
-                meter.add(t, self.scores(self.net, x, t.to(self.device), y))
+                values = self.scores(self.net, x, t.to(self.device), y)
+                quarters.add(t, {k: v for k, v in values.items() if k != "logits"})
+                if b is not None:
+                    bands.add(t, {"acc@1": values["acc@1"]})
+                    logits[b].append((values["logits"].cpu(), y.cpu()))
         self.net.train()
-        if self.step >= tc.steps and noised and ev.calibration_bands:
+        if self.step >= tc.steps and tc.objective.noised and ev.calibration_bands:
             self.fit_calibration(order, gen)
-        stats = {f"val_{k}": v for k, v in meter.flush(self.accel).items()}
+        stats = {f"val_{k}": v for k, v in quarters.flush(self.accel).items()}
+        if B and ev.bands:
+            stats.update(self.band_stats(bands, logits, B, T))
         self.last_eval = stats
         self.record(stats)
         line = " ".join(f"{stats.get(f'val_acc@1_q{q}', float('nan')):.1%}" for q in range(4))
         self.print(f"eval step {self.step} ({len(self.val)} held-out, {min(ev.images, len(self.val))} used): "
                    f"top-1 {stats.get('val_acc@1', 0):.1%} (quarters {line}), top-5 {stats.get('val_acc@5', 0):.1%}")
+        if B and ev.bands:
+            self.see_bands(stats, B)
 
+    def band_stats(self, meter, logits, B: int, T: int) -> dict:
+        """val_acc@1_b<i> and val_ece_b<i> (ECE over every process's draws in band i), with the band edges."""
+        from accelerate.utils import gather_object
+
+        acc = {k.replace("acc@1_b", "val_acc@1_b"): v for k, v in meter.flush(self.accel).items() if "_b" in k}
+        mine = logits_cat(logits)
+        per_band = gather_object([mine]) if self.world > 1 else [mine]
+        ece = {}
+        for b in range(B):
+            parts = [p[b] for p in per_band if p[b] is not None]
+            if parts:
+                ece[f"val_ece_b{b}"] = band_ece(torch.cat([z for z, _ in parts]), torch.cat([y for _, y in parts]))
+        edges = [(b * T + B - 1) // B for b in range(B + 1)]
+        return {**acc, **ece, "val_band_edges": edges}
+
+    def see_bands(self, stats: dict, B: int):
+        """The accuracy-per-band line, the done and diverging signals."""
+        ev = self.cfg.train.eval
+        acc = [stats.get(f"val_acc@1_b{b}", float("nan")) for b in range(B)]
+        ece = [stats.get(f"val_ece_b{b}", float("nan")) for b in range(B)]
+        edges = stats["val_band_edges"]
+        self.print("  top-1 / ECE per band of t: " + ", ".join(
+            f"{edges[b]}-{edges[b + 1] - 1}: {a:.1%}/{e:.3f}" for b, (a, e) in enumerate(zip(acc, ece))))
+        done = self.progress.see_eval(self.step, acc, ece, stats.get("val_acc@1", 0.0), ev.done_margin,
+                                      ev.done_window, self.print, n=min(ev.images, len(self.val)))
+        if done:
+            self.record(done)
+
+    def finish(self):
+        """out_dir/accuracy_by_t.png: top-1 and ECE against t, one line per evaluation (main process)."""
+        if self.accel.is_main_process and self.progress.steps:
+            B, T = len(self.progress.acc[-1]), self.objective.num_levels
+            edges = [(b * T + B - 1) // B for b in range(B + 1)]
+            path = self.out_dir / "accuracy_by_t.png"
+            plot_bands(self.progress, edges, path, title=f"held-out top-1, {self.out_dir.name}")
+            self.print(f"accuracy against t: {path}")
 
     @torch.no_grad()
     def fit_calibration(self, order, gen, draws: int = 4):
@@ -157,6 +209,11 @@ class ClassifierTrainer(Trainer):
             self.print(f"calibration band {r['band']} (t {r['t_from']:.0f}-{r['t_to']:.0f}): temperature "
                        f"{r['temperature']:.3f} ({r['errors']} errors to fit on), accuracy {r['accuracy']:.1%}, ECE {r['ece_before']:.4f} -> "
                        f"{r['ece_after']:.4f} ({r['n']} held-out draws)")
+
+
+def logits_cat(logits) -> list:
+    """Per band: (logits, labels) of this process's draws, or None."""
+    return [(torch.cat([z for z, _ in lg]), torch.cat([y for _, y in lg])) if lg else None for lg in logits]
 
 
 class CalibrationPart:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from guided.errors import GuidedError
-from guided.networks.unet import UNetModel
+from guided.networks.preconditioned import build_unet
 from guided.training.trainer import TrainResult, Trainer, train
 from guided.generation import Pipeline
 from guided.training.probe import fid_floor, probe
@@ -29,10 +29,7 @@ class DiffusionTrainer(Trainer):
             raise GuidedError("train.label_dropout > 0 needs a class-conditional model with model.null_class=true")
 
     def build_model(self):
-        try:
-            return UNetModel(self.cfg.model)
-        except ValueError as e:
-            raise GuidedError(f"cannot build the U-Net of this config: {e}") from None
+        return build_unet(self.cfg)  # the recipe's parameterization, returning eps (recipes.py)
 
     def prepare_batch(self, x0, y):
         n, dropout = len(x0), self.cfg.train.objective.label_dropout
@@ -60,7 +57,7 @@ class DiffusionTrainer(Trainer):
             return
         if self.accel.is_main_process:
 
-            net = UNetModel(self.cfg.model).to(self.device).eval()
+            net = build_unet(self.cfg).to(self.device).eval()
             net.load_state_dict(next(iter(self.ema.state_dicts().values())))
             n = self.cfg.train.probe.samples
             pipe = Pipeline(net, self.cfg.diffusion, label_map=self.label_map, **self.objective.pipeline_kwargs())

@@ -12,7 +12,8 @@ def derive_seed(*parts: int) -> int:
 
 
 class QuarterMeter:
-    """Per-example values summed per quarter of the original timestep range, on the device.
+    """Per-example values summed per quarter (or per one of `bins` equal bands, named name_<tag><i>)
+    of the original timestep range, on the device.
 
     Nothing leaves the device until `flush`, which reduces over processes and returns
     {name: mean, name_q0..name_q3: means per quarter} (the reference's log_loss_dict).
@@ -20,8 +21,8 @@ class QuarterMeter:
 
     WHOLE_ONLY = ("grad_norm",)  # values that mean nothing per quarter
 
-    def __init__(self, num_steps: int, device):
-        self.num_steps, self.device = num_steps, device
+    def __init__(self, num_steps: int, device, bins: int = 4, tag: str = "q"):
+        self.num_steps, self.device, self.bins, self.tag = num_steps, device, bins, tag
         self.reset()
 
     def reset(self):
@@ -32,14 +33,14 @@ class QuarterMeter:
         """Count the values; `keep` (a 0-dim flag on the device) False counts nothing (a skipped step)."""
         for k, v in values.items():
             if t_orig is None or k in self.WHOLE_ONLY:
-                q = torch.full((len(v),), 4, device=self.device)
+                q = torch.full((len(v),), self.bins, device=self.device)
             else:
-                q = (t_orig.to(self.device) * 4 // self.num_steps).clamp(0, 3)
+                q = (t_orig.to(self.device) * self.bins // self.num_steps).clamp(0, self.bins - 1)
             ones = torch.ones_like(v)
             if keep is not None:  # where(), not a product: a skipped step's values may be NaN
                 v, ones = torch.where(keep, v.detach(), 0), ones * keep
             for table, x in ((self.sums, v.detach()), (self.counts, ones)):
-                acc = table.setdefault(k, torch.zeros(5, device=self.device, dtype=torch.float64))
+                acc = table.setdefault(k, torch.zeros(self.bins + 1, device=self.device, dtype=torch.float64))
                 acc.index_add_(0, q, x.to(self.device, torch.float64))
 
     def flush(self, accelerator) -> dict[str, float]:
@@ -55,7 +56,7 @@ class QuarterMeter:
             if not sum(c):  # every step of the interval was skipped
                 continue
             out[k] = sum(s) / sum(c)
-            out.update({f"{k}_q{i}": s[i] / c[i] for i in range(4) if c[i]})
+            out.update({f"{k}_{self.tag}{i}": s[i] / c[i] for i in range(self.bins) if c[i]})
         self.reset()
         return out
 

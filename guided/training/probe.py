@@ -19,6 +19,8 @@ import numpy as np
 from guided.evaluation.judge import digits_data, load_judge, split_indices
 from guided.evaluation.metrics import feature_stats, frechet_distance
 from guided.generation import SampleOptions, plan_labels, sample_batch, to_uint8
+from guided.generation import load_pipeline
+from guided.training.posthoc_ema import export_posthoc, reconstruct, snapshots
 
 PROBE_OPTIONS = {"eps": dict(sampler="dpm++", steps="quad25"),  # per ScoreModel kind
                  "score": dict(sampler="langevin")}  # the ladder is its steps
@@ -69,3 +71,21 @@ def probe(pipeline, n: int, device="cpu", batch_size: int = 300, null: bool = Fa
     if conditional:
         stats["probe_acc"] = load_judge(images.shape[1]).accuracy(images, labels)
     return stats
+
+
+def probe_ema_lengths(run_dir, sigma_rels, n: int = 300, step: int | None = None, device="cpu") -> list[dict]:
+    """The probe of post-hoc EMAs of several widths (guided.training.posthoc_ema) of one run: the EMA length
+    picked by the judge after training. One dict per sigma_rel: sigma_rel, step, coefficients' sum, probe_*."""
+    import tempfile
+    from pathlib import Path
+
+
+    step = step or snapshots(run_dir)[-1]["step"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in sigma_rels:
+            path = export_posthoc(run_dir, s, Path(tmp) / f"phema_{s}.pt", step)
+            coefficients = reconstruct(run_dir, s, step)[1]
+            stats = probe(load_pipeline(str(path), classifier="none", device=device), n, device=device)
+            rows.append({"sigma_rel": s, "step": step, "coefficient_sum": float(sum(coefficients)), **stats})
+    return rows

@@ -33,7 +33,11 @@ def check_train_config(tc) -> None:
              ("num_threads", tc.num_threads >= 0, "0 (default) or more"),
              ("ema_rates", all(0 <= r <= 1 for r in tc.ema_rates), "a list of rates in [0, 1]"),
              ("seed", 0 <= tc.seed < 2**63, "in 0 .. 2**63 - 1"),
-             ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16")]
+             ("export_dtype", tc.export_dtype in ("fp32", "fp16"), "fp32 or fp16"),
+             ("posthoc_ema.every", tc.posthoc_ema.every >= 1, "at least 1"),
+             ("eval.bands", ev.bands >= 0, "0 (quarters only) or more"),
+             ("eval.done_window", ev.done_window >= 0, "0 (no done signal) or more"),
+             ("eval.done_margin", ev.done_margin >= 0, "0 or more")]
     for key, ok, want in rules:
         if not ok:
             value = list(tc.ema_rates) if key == "ema_rates" else OmegaConf.select(tc, key)
@@ -206,6 +210,7 @@ class RunLog:
         quarters = " ".join(f"{stats[f'loss_q{i}']:.4g}" for i in range(4) if f"loss_q{i}" in stats)
         self.print(f"step {step}: loss {stats.get('loss', float('nan')):.4g} (quarters {quarters}) "
                    f"{stats['images_per_s']:.1f} img/s")
+        return stats
 
     def record(self, stats: dict, step: int, last_ckpt):
         """Send to the trackers and append to out_dir/metrics.jsonl (main process)."""

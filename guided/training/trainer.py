@@ -34,6 +34,8 @@ from guided.signals import StopRequest
 from guided.data.latents import LatentDataset, build_cache
 from guided.networks.diffusers import load_vae
 from guided.training.meters import QuarterMeter
+from guided.training.posthoc_ema import PowerEMA
+from guided.training.progress import Progress
 from guided.training.run_state import EMA, RunState
 from guided.training.steps import (BadSteps, RunLog, check_fits, check_train_config, local_batch, microbatches,
                                    optimizer_step, prepare_network, set_lr, start_accelerate, stop_agreed)
@@ -86,9 +88,13 @@ class Trainer:
         self.model, self.opt, self.net = prepare_network(self.accel, self.build_model(), tc)
         self.ema = EMA(self.net, tc.ema_rates, tc.ema_warmup)
         self.params = self.ema.params
+        ph = tc.posthoc_ema  # EDM2's power-function EMAs, snapshotted for a post-hoc choice (posthoc_ema.py)
+        self.phema = PowerEMA(self.net, ph.sigma_rels) if ph.sigma_rels else None
         self.run_state = RunState(self.accel, self.cfg, kind=self.kind, label_map=self.label_map, net=self.net,
                                   opt=self.opt, ema=self.ema, note=self.print)
-        for name, part in self.state_parts().items():
+        self.progress = Progress()  # the curves the done and diverging signals read (progress.py)
+        parts = {**self.state_parts(), "progress": self.progress, **({"posthoc_ema": self.phema} if self.phema else {})}
+        for name, part in parts.items():
             self.run_state.register(name, part)
         self.rngs, self.step, self.last_ckpt, self.stopped_by = self.run_state.rngs, 0, None, None
         self.bad_steps = BadSteps(tc.max_bad_steps, self.print)
@@ -136,6 +142,9 @@ class Trainer:
 
     def probe(self):
         """A sample-quality probe of the EMA weights, every train.probe.every steps."""
+
+    def finish(self):
+        """At the end of a run that reached train.steps (the figures of its evaluations)."""
 
     def after_step(self, t, values, took):
         """See a finished step's timesteps and per-example values."""
@@ -194,6 +203,8 @@ class Trainer:
         values = {k: torch.cat([v[k] for v in logs]) for k in logs[0]}
         values["grad_norm"] = norm.detach().float().expand(n)
         self.ema.update(took, self.step)
+        if self.phema is not None:
+            self.phema.update(took, self.step)
         return took, values, batch.get("t")
 
     def run(self, stop_after: int | None = None) -> str:
@@ -225,6 +236,7 @@ class Trainer:
                         self.save()
                 if not tc.eval.every or self.step % tc.eval.every:
                     self.evaluate()
+                self.finish()
                 if start < tc.steps or self.last_ckpt is None:
                     self.save()
                 return "done"
@@ -247,14 +259,19 @@ class Trainer:
         read = self.step % tc.log_every == 0 or self.step == tc.steps
         if read:
             self.read_bad_steps()
-            self.runlog.log(self.meter, bar, window, step=self.step, bad_total=self.bad_total,
-                            lr=self.opt.param_groups[0]["lr"], last_ckpt=self.last_ckpt)
+            stats = self.runlog.log(self.meter, bar, window, step=self.step, bad_total=self.bad_total,
+                                    lr=self.opt.param_groups[0]["lr"], last_ckpt=self.last_ckpt)
+            if "loss" in stats:
+                self.progress.see_loss(self.step, stats["loss"], self.print)
         if tc.eval.every and self.step % tc.eval.every == 0:
             self.evaluate()
         if tc.probe.every and self.step % tc.probe.every == 0:
             self.probe()
         if self.step in tc.snapshot_steps and (path := self.run_state.export_snapshot(self.step)):
             self.print(f"step {self.step}: EMA snapshot {path}")
+        if self.phema is not None and self.accel.is_main_process and (
+                self.step % tc.posthoc_ema.every == 0 or self.step == tc.steps):
+            self.phema.snapshot(self.out_dir, self.step)
         return read
 
     def read_bad_steps(self):
