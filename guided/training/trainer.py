@@ -79,41 +79,7 @@ class Trainer:
         self.dataset = self.encoded(build_dataset(self.cfg.data), "train")
         self.label_map = self.dataset.label_map
         self.fit_config_to_data()
-        self.build(resume)
-
-    def build(self, resume: bool):
-        """The network, optimizer, EMA and run state; then resume (or check the run folder)."""
-        tc = self.cfg.train
-        torch.manual_seed(tc.seed)  # the same initial weights in every process
-        self.model, self.opt, self.net = prepare_network(self.accel, self.build_model(), tc)
-        self.ema = EMA(self.net, tc.ema_rates, tc.ema_warmup)
-        self.params = self.ema.params
-        ph = tc.posthoc_ema  # EDM2's power-function EMAs, snapshotted for a post-hoc choice (posthoc_ema.py)
-        self.phema = PowerEMA(self.net, ph.sigma_rels) if ph.sigma_rels else None
-        self.run_state = RunState(self.accel, self.cfg, kind=self.kind, label_map=self.label_map, net=self.net,
-                                  opt=self.opt, ema=self.ema, note=self.print)
-        self.progress = Progress()  # the curves the done and diverging signals read (progress.py)
-        parts = {**self.state_parts(), "progress": self.progress, **({"posthoc_ema": self.phema} if self.phema else {})}
-        for name, part in parts.items():
-            self.run_state.register(name, part)
-        self.rngs, self.step, self.last_ckpt, self.stopped_by = self.run_state.rngs, 0, None, None
-        self.bad_steps = BadSteps(tc.max_bad_steps, self.print)
-        self.meter = QuarterMeter(self.objective.num_levels, self.device)
-        self.stop = StopRequest(lambda: self.print(f"Ctrl-C: saving a checkpoint after step {self.step + 1} "
-                                                   "(press it again to stop at once)"))
-        # rank 0 holds the run folder's lock from here to the end of run(): no second run may
-        # write (or --resume from and clean up) this folder meanwhile
-        self.lock = first_rank(lambda: lock_folder(self.out_dir, "train.out_dir"), self.rank, self.world)
-        try:
-            resumed = self.run_state.resume(resume)
-            if resumed is not None:
-                self.step, self.bad_steps.total, self.last_ckpt = resumed.step, resumed.bad_total, resumed.path
-            self.stream = infinite_batches(self.dataset, self.local_batch, self.rank, self.world, tc.seed,
-                                           self.cfg.data.num_workers, None if resumed is None else resumed.data)
-            self.batches = iter(self.stream)
-        except BaseException:
-            self.release()
-            raise
+        build(self, resume)
 
     @property
     def bad_total(self) -> int:
@@ -154,17 +120,9 @@ class Trainer:
         return self.objective.parts()
 
     def encoded(self, dataset, split: str):
-        """The dataset itself, or with data.vae its latents from the cache (built once, by the main process:
-        guided/data/latents.py), in data.latent_cache/<split> (default: the run folder's latents/<split>)."""
-        if not self.cfg.data.get("vae"):
-            return dataset
-        space = load_vae(self.cfg.data.vae, "data.vae")
-        space.vae.to(self.device)
-        folder = Path(self.cfg.data.latent_cache or self.out_dir / "latents") / split
-        if self.accel.is_main_process:
-            build_cache(dataset, space, folder, self.cfg.data.image_size)
-        self.accel.wait_for_everyone()
-        return LatentDataset(folder, dataset)
+        """The dataset itself, or with data.vae its latents (guided.data.latents.encoded)."""
+        return encoded(dataset, self.cfg.data, split, self.out_dir, self.device, self.accel.is_main_process,
+                       self.accel.wait_for_everyone)
 
     def fit_config_to_data(self):
         """Check that the network fits the images (or their latents), and build the objective."""
@@ -288,6 +246,58 @@ class Trainer:
 
     def result(self, status: str) -> TrainResult:
         return TrainResult(status, self.stopped_by, self.step, self.out_dir, self.last_ckpt, self.cfg, self)
+
+
+def encoded(dataset, data_cfg, split: str, out_dir, device, main: bool, wait):
+    """`dataset` itself, or with data_cfg.vae the dataset of its latents from the cache in
+    data_cfg.latent_cache/<split> (default: <out_dir>/latents/<split>), built once by the `main` process
+    while the others `wait`."""
+    if not data_cfg.get("vae"):
+        return dataset
+    space = load_vae(data_cfg.vae, "data.vae")
+    space.vae.to(device)
+    folder = Path(data_cfg.latent_cache or Path(out_dir) / "latents") / split
+    if main:
+        build_cache(dataset, space, folder, data_cfg.image_size)
+    wait()
+    return LatentDataset(folder, dataset)
+
+
+
+def build(self, resume: bool) -> None:
+    """Assemble a trainer's network, optimizer, EMA, post-hoc EMAs, progress curves and run state; then resume
+    (or check the run folder) and open the batch stream."""
+    tc = self.cfg.train
+    torch.manual_seed(tc.seed)  # the same initial weights in every process
+    self.model, self.opt, self.net = prepare_network(self.accel, self.build_model(), tc)
+    self.ema = EMA(self.net, tc.ema_rates, tc.ema_warmup)
+    self.params = self.ema.params
+    ph = tc.posthoc_ema  # EDM2's power-function EMAs, snapshotted for a post-hoc choice (posthoc_ema.py)
+    self.phema = PowerEMA(self.net, ph.sigma_rels) if ph.sigma_rels else None
+    self.run_state = RunState(self.accel, self.cfg, kind=self.kind, label_map=self.label_map, net=self.net,
+                              opt=self.opt, ema=self.ema, note=self.print)
+    self.progress = Progress()  # the curves the done and diverging signals read (progress.py)
+    parts = {**self.state_parts(), "progress": self.progress, **({"posthoc_ema": self.phema} if self.phema else {})}
+    for name, part in parts.items():
+        self.run_state.register(name, part)
+    self.rngs, self.step, self.last_ckpt, self.stopped_by = self.run_state.rngs, 0, None, None
+    self.bad_steps = BadSteps(tc.max_bad_steps, self.print)
+    self.meter = QuarterMeter(self.objective.num_levels, self.device)
+    self.stop = StopRequest(lambda: self.print(f"Ctrl-C: saving a checkpoint after step {self.step + 1} "
+                                               "(press it again to stop at once)"))
+    # rank 0 holds the run folder's lock from here to the end of run(): no second run may
+    # write (or --resume from and clean up) this folder meanwhile
+    self.lock = first_rank(lambda: lock_folder(self.out_dir, "train.out_dir"), self.rank, self.world)
+    try:
+        resumed = self.run_state.resume(resume)
+        if resumed is not None:
+            self.step, self.bad_steps.total, self.last_ckpt = resumed.step, resumed.bad_total, resumed.path
+        self.stream = infinite_batches(self.dataset, self.local_batch, self.rank, self.world, tc.seed,
+                                       self.cfg.data.num_workers, None if resumed is None else resumed.data)
+        self.batches = iter(self.stream)
+    except BaseException:
+        self.release()
+        raise
 
 
 def train(trainer_cls, cfg, resume: bool = False, stop_after: int | None = None) -> TrainResult:
