@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from guided.errors import GuidedError
 from guided.diffusion.ladder import geometric_sigmas
 from guided.diffusion.sde import VESDE, expand_as
-from guided.samplers.sdedit import check_mask, check_t0
+from guided.samplers.sdedit import check_mask, check_t0, sde_start
 
 
 def _randn(x, generator):
@@ -289,30 +289,13 @@ def sdedit(score_fn, sde, x_guide, *, steps=500, t0=0.5, mask=None, predictor="r
     """
     t0 = check_t0(t0)
     _check_steps(steps)
-    t_start = t0 * sde.T
-    if t_start <= sde.eps:
-        raise GuidedError(f"SDEdit t0 = {t0} is below the SDE's end time eps = {sde.eps}: raise t0")
     if mask is not None:
         mask = check_mask(mask, x_guide)
-    z = _randn(x_guide, generator)
+    x, times, project = sde_start(sde, x_guide, _randn(x_guide, generator), t0, steps, mask)
+    return _reverse_sde(score_fn, sde, x, times, predictor=predictor, corrector=corrector, snr=snr,
+                        n_corrector=n_corrector, denoise=denoise, generator=generator, progress=progress,
+                        project=project, desc="sdedit")
 
-    def noised(t):  # the guide perturbed to time t, x_t ~ p_0t(. | x_g)
-        a, std = sde.marginal(t)
-        return expand_as(a, z) * x_guide + expand_as(std, z) * z
-
-    def project(x, s):  # keep the unmasked region on the guide's noised path
-        keep = x_guide if s is None else noised(s)
-        return mask * x + (1 - mask) * keep
-
-    times = torch.linspace(t_start, sde.eps, steps).tolist()
-    return _reverse_sde(score_fn, sde, noised(_tvec(x_guide, t_start)), times, predictor=predictor,
-                        corrector=corrector, snr=snr, n_corrector=n_corrector, denoise=denoise,
-                        generator=generator, progress=progress,
-                        project=None if mask is None else project, desc="sdedit")
-
-
-SCORE_SAMPLERS = {"pc": pc_sampler, "ode": ode_sampler, "langevin": annealed_langevin,
-                  "sdedit": sdedit}
 
 
 # -- the registry's entries: the guided denoiser and the levels ---------------------------------------

@@ -90,27 +90,29 @@ class SDEdit:
         return x, levels, keep_outside
 
     def _sde_start(self, levels, sde, z):
-        """On SDE time ([SDEdit] Sec. 3): the guide perturbed to t0 T, x = alpha x_g + sigma z, and the
-        reverse SDE from there in the same number of steps; with a mask, x is reset after every step
-        outside it to the guide re-noised to that step's level with the same z (as the SDEdit code does;
-        its mask marks the kept region instead), and to the guide at the end."""
-        t_start = self.t0 * sde.T
-        if t_start <= sde.eps:
-            raise GuidedError(f"SDEdit t0 = {self.t0} is below the SDE's end time eps = {sde.eps}: raise t0")
-        guide = self.image.to(z.device).expand_as(z)
-
-        def noised(t):  # the guide perturbed to time t, x_t ~ p_0t(. | x_g)
-            a, std = sde.marginal(t)
-            return expand_as(a, z) * guide + expand_as(std, z) * z
-
-        times = torch.linspace(t_start, sde.eps, levels.count).tolist()
+        """On SDE time: sde_start from t0 in the levels' step count."""
+        mask = None if self.mask is None else self.mask.to(z.device)
+        x, times, project = sde_start(sde, self.image.to(z.device).expand_as(z), z, self.t0, levels.count, mask)
         sigmas = [float(s) for s in sde.marginal(torch.tensor(times, dtype=torch.float64))[1]]
-        levels = replace(levels, times=times, sigmas=sigmas)
-        x = noised(torch.full((len(z),), float(t_start), device=z.device, dtype=z.dtype))
-        if self.mask is None:
-            return x, levels, None
-        mask = self.mask.to(z.device)
+        return x, replace(levels, times=times, sigmas=sigmas), project
 
-        def project(x, s):  # keep the unmasked region on the guide's noised path
-            return mask * x + (1 - mask) * (guide if s is None else noised(s))
-        return x, levels, project
+
+def sde_start(sde, guide, z, t0: float, steps: int, mask=None):
+    """SDEdit on SDE time ([SDEdit] Sec. 3): (x, times, project). x is the guide perturbed to t0 T,
+    alpha x_g + sigma z; times run from t0 T to the SDE's eps in `steps` steps; with a mask, `project(x, s)`
+    resets x outside it to the guide re-noised to time s with the same z (as the SDEdit code does; its
+    mask marks the kept region instead), and to the guide at the end (s None); None without a mask."""
+    t_start = t0 * sde.T
+    if t_start <= sde.eps:
+        raise GuidedError(f"SDEdit t0 = {t0} is below the SDE's end time eps = {sde.eps}: raise t0")
+
+    def noised(t):  # the guide perturbed to time t, x_t ~ p_0t(. | x_g)
+        a, std = sde.marginal(t)
+        return expand_as(a, z) * guide + expand_as(std, z) * z
+
+    def project(x, s):  # keep the unmasked region on the guide's noised path
+        return mask * x + (1 - mask) * (guide if s is None else noised(s))
+
+    times = torch.linspace(t_start, sde.eps, steps).tolist()
+    x = noised(torch.full((len(z),), float(t_start), device=z.device, dtype=z.dtype))
+    return x, times, None if mask is None else project
