@@ -133,18 +133,33 @@ def test_bf16_guided_samples_match_fp32():
 
 # -- benchmarks/gpu_suite.sh: the script that fills the README's performance table on a GPU ---------------
 REPO = Path(__file__).resolve().parents[1]
+IN64, DIT = "ImageNet-64 reverse step, batch 64", "DiT-XL/2 latent 256 (SD VAE, latent classifier), batch 16"
 SUITE_ROWS = ["ImageNet-64 training, batch 64: images/s", "ImageNet-64 training, batch 64: peak GiB",
+              f"{IN64}: unguided ms", f"{IN64}: guided ms", f"{IN64}: 250-step guided DDPM run, images/s",
+              f"{IN64}: few-step default guided run (dpm++2m-sde, karras20), images/s",
+              f"{DIT}: unguided ms", f"{DIT}: guided ms", f"{DIT}: VAE decode of the batch, ms",
+              f"{DIT}: few-step default guided run with the decode, images/s",
+              "ImageNet-256 reverse step, batch 16: unguided ms", "ImageNet-256 reverse step, batch 16: guided ms",
               "ImageNet-256 training, batch 16: images/s", "ImageNet-256 training, batch 16: peak GiB",
-              "digits training, batch 64: steps/s", "ImageNet-64 reverse step, batch 64: unguided ms",
-              "ImageNet-64 reverse step, batch 64: guided ms",
-              "ImageNet-64 reverse step, batch 64: 250-step guided run, images/s",
-              "ImageNet-256 reverse step, batch 16: unguided ms", "ImageNet-256 reverse step, batch 16: guided ms"]
+              "digits training, batch 64: steps/s"]
+HEADER = ["figure", "standard", "fastest", "paper's code (H100)", "fastest / paper"]
 
 
 def table_rows(stdout: str) -> dict:
-    rows = [line.strip("| ").split(" | ") for line in stdout.splitlines() if line.startswith("| ")]
-    assert rows[0] == ["figure", "standard", "fastest"], stdout
+    rows = [[c.strip() for c in line.strip()[1:-1].split("|")] for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == HEADER, stdout
     return {r[0]: r[1:] for r in rows[2:]}
+
+
+def import_suite():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import suite
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return suite
 
 
 def test_gpu_suite_dry_run_prints_every_row_of_the_table():
@@ -161,7 +176,10 @@ def test_gpu_suite_dry_run_prints_every_row_of_the_table():
     assert done.stdout.startswith("DRY RUN"), done.stdout
     rows = table_rows(done.stdout)
     assert list(rows) == SUITE_ROWS
-    assert all(float(cell) > 0 for cells in rows.values() for cell in cells), done.stdout
+    assert all(float(cell) > 0 for cells in rows.values() for cell in cells[:2]), done.stdout
+    assert [name for name, cells in rows.items() if cells[2]] == SUITE_ROWS[:2] + [f"{IN64}: guided ms"]
+    assert rows[f"{IN64}: guided ms"][2] == "240.0"  # the paper's figure, and the fastest cell over it
+    assert float(rows[f"{IN64}: guided ms"][3]) == pytest.approx(float(rows[f"{IN64}: guided ms"][1]) / 240, abs=0.01)
     if not torch.cuda.is_available():  # without --dry-run it wants a GPU, and says so in one line
         refused = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=REPO, env=env, capture_output=True,
                                  text=True, timeout=120)
@@ -171,13 +189,8 @@ def test_gpu_suite_dry_run_prints_every_row_of_the_table():
 
 def test_gpu_suite_goes_on_past_a_failed_cell_and_names_the_rows_past_its_budget(monkeypatch, capsys):
     import itertools
-    import sys
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import suite
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    suite = import_suite()
 
     def out_of_memory(args, count_flops=True):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
@@ -188,6 +201,57 @@ def test_gpu_suite_goes_on_past_a_failed_cell_and_names_the_rows_past_its_budget
     assert suite.main(["--dry-run", "--budget", "5"]) == 0
     rows = table_rows(capsys.readouterr().out)
     oom = "error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    assert rows["ImageNet-64 training, batch 64: images/s"] == [oom, oom]
-    assert "ImageNet-64 reverse step, batch 64: left out (time budget)" in rows
-    assert "ImageNet-256 reverse step, batch 16: left out (time budget)" in rows
+    assert rows["ImageNet-64 training, batch 64: images/s"] == [oom, oom, "154.0", ""]
+    assert [r for r in rows if "left out" in r] == [f"{what}: left out (time budget)" for what in (
+        "ImageNet-256 reverse step, batch 16", "ImageNet-256 training, batch 16", "digits training, batch 64")]
+
+
+def test_gpu_suite_fills_the_performance_page_from_a_saved_run(tmp_path, capsys):
+    """What a GPU call brings back (--json) becomes the page's table here (--from-json --page): the figures,
+    the paper's, the fastest over the paper's; the page around the markers is kept, and a page without
+    them is refused in one line."""
+    import json
+
+    suite = import_suite()
+    fast = {"images_per_s": 462.0, "peak_gib": 12.3, "seconds": 0.1, "unguided_ms": 20.0, "guided_ms": 48.0,
+            "run_images_per_s": [3.5, 41.0]}
+    run = dict(results={"ImageNet-64 training, batch 64": {"standard": dict(fast, images_per_s=200.0), "fastest": fast},
+                        IN64: {"standard": dict(fast, guided_ms=120.0), "fastest": fast}},
+               left_out=[DIT], device="NVIDIA H100 80GB HBM3", torch="2.11.0", seconds=290, dry_run=False,
+               settings=suite.SETTINGS, command="python benchmarks/suite.py --budget 300 --json out/suite.json",
+               date="2026-12-07")
+    (tmp_path / "suite.json").write_text(json.dumps(run))
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Performance\n\nbefore\n\n{suite.BEGIN}\n| old | table |\n{suite.END}\n\nafter\n")
+    assert suite.main(["--from-json", str(tmp_path / "suite.json"), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Performance\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "| old |" not in text
+    assert "device NVIDIA H100 80GB HBM3, torch 2.11.0, 290 s" in text
+    rows = table_rows(text)
+    assert rows["ImageNet-64 training, batch 64: images/s"] == ["200.0", "462.0", "154.0", "3.00"]
+    assert rows["ImageNet-64 training, batch 64: peak GiB"] == ["12.30", "12.30", "24.6", "0.50"]
+    assert rows[f"{IN64}: guided ms"] == ["120.0", "48.0", "240.0", "0.20"]
+    assert rows[f"{IN64}: few-step default guided run (dpm++2m-sde, karras20), images/s"][:2] == ["41.00", "41.00"]
+    assert f"{DIT}: left out (time budget)" in rows
+    page.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="has no"):
+        suite.main(["--from-json", str(tmp_path / "suite.json"), "--page", str(page)])
+    assert page.read_text() == "# no markers\n"
+
+
+def test_profile_step_names_the_top_operators_of_a_benchmark_step(capsys):
+    """benchmarks/profile_step.py profiles the benchmark's own workload (here a guided reverse step of the
+    digits stand-in on the CPU) and prints its operators by self time; a pixel preset has no decode to profile."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert profile_step.main(["guided", "--repeats", "1", "--warmup", "1", "--top", "5", "--",
+                              "--preset", "digits", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "one guided reverse step of digits, batch 2" in out and "aten::" in out
+    with pytest.raises(SystemExit, match="pixel model"):
+        profile_step.main(["decode", "--", "--preset", "digits", "--batch-size", "2"])
