@@ -24,9 +24,12 @@ from guided.errors import GuidedError
 
 @dataclass
 class UNetConfig:
-    """The ADM U-Net (Dhariwal & Nichol 2021). `attention_resolutions` are image
-    resolutions (as in the paper's flags), not downsampling factors."""
+    """The score network: the ADM U-Net (Dhariwal & Nichol 2021; `arch: adm`), or a DiT (Peebles & Xie 2023;
+    `arch: dit`, guided/networks/dit.py). `attention_resolutions` are image resolutions (as in the paper's
+    flags), not downsampling factors. The shared fields: image_size, in_channels, num_classes, null_class,
+    learn_sigma; the U-Net's and the DiT's own below."""
 
+    arch: str = "adm"  # adm | dit
     image_size: int = 64
     in_channels: int = 3
     model_channels: int = 128
@@ -44,6 +47,11 @@ class UNetConfig:
     null_class: bool = False  # one extra label embedding for classifier-free guidance
     learn_sigma: bool = False
     use_checkpoint: bool = False
+    # arch: dit (DiT-XL/2: hidden 1152, depth 28, num_heads 16, patch 2; DiT-B/2: 768, 12, 12, 2)
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    mlp_ratio: float = 4.0
 
 
 @dataclass

@@ -23,7 +23,8 @@ from guided.networks import adm
 from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
 from guided.networks.diffusers import (PIPELINE_STEPS, default_sampler, is_diffusers_folder, load_latent, load_network,
                                       load_vae)
-from guided.networks.unet import EncoderUNetModel, UNetModel
+from guided.networks.preconditioned import SCORE_NETWORKS
+from guided.networks.unet import EncoderUNetModel
 from guided.samplers.sdedit import SDEdit, check_t0
 from guided.speed import speed_up
 from guided.data.labels import LabelMap, imagenet_classes
@@ -95,7 +96,7 @@ def load_pipeline(model: str = "cond", classifier: Optional[str] = None, *, adm_
 
     def wanted(term):
         return term in guides or (term in optional_guides and (named[term] or getattr(defaults, term)))
-    weak = guide_network(named["autoguide"], "autoguide", defaults, UNetModel, "a score model") \
+    weak = guide_network(named["autoguide"], "autoguide", defaults, SCORE_NETWORKS, "a score model") \
         if wanted("autoguide") else None
     clean = guide_network(named["x0_classifier"], "x0_classifier", defaults, EncoderUNetModel, "a classifier") \
         if wanted("x0_classifier") else None
@@ -162,7 +163,7 @@ def _score_network(model: str, adm_flags, scheduler=None, vae=None):
         return net, adm.diffusion_config(model_flags), _imagenet_labels(net.num_classes), {}, model_flags
     path = SHIPPED / f"{SHIPPED_MODELS[model]['file']}.pt" if shipped else Path(model)
     net, run_cfg, label_map = load_trained(path)
-    if not isinstance(net, UNetModel):
+    if not isinstance(net, SCORE_NETWORKS):
         raise GuidedError(f"--model {model} holds a noise-aware classifier, not a score model "
                           f"(pass it as --classifier)")
     extra = {**objective_from_config(run_cfg).pipeline_kwargs(), "defaults": run_cfg.sampling}
@@ -245,7 +246,7 @@ def guide_network(named, option: str, defaults: SamplingConfig, kind, what: str)
     flag = "--" + option.replace("_", "-")
     if spec is None:
         raise GuidedError(f"{flag} is needed: {what} for this guidance term (a run dir or checkpoint)")
-    if kind is UNetModel and is_diffusers_folder(spec):  # a second diffusers model (its own scheduler folder)
+    if kind is SCORE_NETWORKS and is_diffusers_folder(spec):  # a second diffusers model (its own scheduler folder)
         return load_network(spec)[0]  # a latent one's VAE is the main model's
     net, _, _ = load_trained(shipped_path(spec))
     if not isinstance(net, kind):

@@ -94,7 +94,8 @@ def _label_map_for(path: Path, embedded: dict | None):
 
 
 def _infer_kind(state_dict: dict) -> str:
-    return "unet" if any(k.startswith("output_blocks.") for k in clean_state_dict(state_dict)) else "classifier"
+    score = ("output_blocks.", "final_layer.")  # the U-Net's decoder, the DiT's last layer
+    return "unet" if any(k.startswith(score) for k in clean_state_dict(state_dict)) else "classifier"
 
 
 def _weights_file(path: Path, which: str | None) -> Path:

@@ -11,7 +11,10 @@ from guided.diffusion.gaussian import create_diffusion
 from guided.diffusion.recipes import PREDICTIONS, check_recipe
 from guided.diffusion.sde import lerp_table
 from guided.errors import GuidedError
+from guided.networks.dit import DiT
 from guided.networks.unet import UNetModel
+
+SCORE_NETWORKS = (UNetModel, DiT)  # what a score model's weights build: model.arch adm | dit
 
 
 class PreconditionedUNet(UNetModel):
@@ -46,11 +49,19 @@ class PreconditionedUNet(UNetModel):
         return torch.cat([eps.to(out.dtype), out[:, c:]], dim=1)
 
 
-def build_unet(cfg) -> UNetModel:
-    """The score U-Net of a RunConfig: the plain ADM U-Net for the paper's eps prediction (unchanged
-    arithmetic), else a PreconditionedUNet that still returns eps."""
+def build_unet(cfg) -> UNetModel | DiT:
+    """The score network of a RunConfig: a DiT (model.arch: dit), the plain ADM U-Net for the paper's eps
+    prediction (unchanged arithmetic), else a PreconditionedUNet that still returns eps."""
     objective = cfg.train.objective if "train" in cfg else None
+    arch = cfg.model.get("arch", "adm")
+    if arch not in ("adm", "dit"):
+        raise GuidedError(f"model.arch={arch}: choose adm (the ADM U-Net) or dit (a DiT)")
     try:
+        if arch == "dit":
+            if objective is not None and objective.get("prediction", "eps") != "eps":
+                raise GuidedError(f"train.objective.prediction={objective.prediction} preconditions the ADM U-Net; "
+                                  "a DiT trains as its paper does, on eps (prediction: eps)")
+            return DiT(cfg.model)
         if objective is None or objective.get("prediction", "eps") == "eps" or objective.name != "eps":
             return UNetModel(cfg.model)
         return PreconditionedUNet(cfg.model, cfg.diffusion, objective)
