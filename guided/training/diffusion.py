@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from guided.diffusion.space import PIXELS
 from guided.errors import GuidedError
+from guided.networks.diffusers import load_vae
 from guided.networks.preconditioned import build_unet
 from guided.training.trainer import TrainResult, Trainer, train
 from guided.generation import Pipeline
@@ -60,7 +62,12 @@ class DiffusionTrainer(Trainer):
             net = build_unet(self.cfg).to(self.device).eval()
             net.load_state_dict(next(iter(self.ema.state_dicts().values())))
             n = self.cfg.train.probe.samples
-            pipe = Pipeline(net, self.cfg.diffusion, label_map=self.label_map, **self.objective.pipeline_kwargs())
+            space = PIXELS
+            if self.cfg.data.get("vae"):  # a latent model's samples are judged decoded
+                space = load_vae(self.cfg.data.vae, "data.vae")
+                space.vae.to(self.device)
+            pipe = Pipeline(net, self.cfg.diffusion, label_map=self.label_map, space=space,
+                            **self.objective.pipeline_kwargs())
             stats = probe(pipe, n, device=self.device)
             if self.cfg.model.num_classes is not None and self.cfg.model.null_class:  # the unconditional score too
                 stats.update({f"{k}_null": v for k, v in probe(pipe, n, device=self.device, null=True).items()})
