@@ -82,16 +82,21 @@ def test_a_network_that_does_not_fit_the_latents_is_one_line(tiny, tmp_path, vae
         train_diffusion(cfg)
 
 
-def test_a_dit_trains_on_latents_and_its_run_samples_decoded_images(tiny, tmp_path, vaes):
+def test_a_dit_trains_on_latents_and_its_run_samples_decoded_images(tiny, tmp_path, vaes, capsys):
     """The project's DiT (model.arch: dit) on a VAE's latents, as configs/imagenet256_dit_*.yaml trains it; the
     digits probe judges its samples decoded (16x16 images), not its latents."""
     cfg = tiny("diffusion", *LATENT, f"data.vae={vaes[0]}", f"data.latent_cache={tmp_path / 'cache'}", "model.arch=dit",
                "model.in_channels=4", "model.image_size=8", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
                "train.objective.label_dropout=0.1", "train.probe.every=4", "train.probe.samples=10")
     run = train_diffusion(cfg)
+    assert "note: latents are never clipped, and this chain's first reverse step (from t = T) multiplies the " \
+           "network's eps error by 31.6" in capsys.readouterr().out  # the tiny config's cosine chain
     probed = [json.loads(line) for line in (run.out_dir / "metrics.jsonl").read_text().splitlines() if "probe_fid" in line]
     assert probed and np.isfinite(probed[-1]["probe_fid"]) and 0 <= probed[-1]["probe_acc"] <= 1
     p = load_pipeline(str(run.out_dir), classifier="none")
     assert type(p.model).__name__ == "DiT" and p.shape() == (4, 8, 8) and not p.score_model.space.bounded
     x = sample_batch(p, [1, 2], [0, 1], SampleOptions(sampler="ddim", steps="3", cfg_scale=1.5))
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+    cfg.train.out_dir, cfg.diffusion.noise_schedule = str(tmp_path / "linear"), "linear"
+    train_diffusion(cfg)
+    assert "latents are never clipped" not in capsys.readouterr().out

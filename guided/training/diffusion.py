@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from guided.diffusion.gaussian import create_diffusion
 from guided.diffusion.space import PIXELS
 from guided.errors import GuidedError
 from guided.networks.diffusers import load_vae
@@ -29,6 +30,19 @@ class DiffusionTrainer(Trainer):
             self.set_num_classes(m)
         if o.label_dropout > 0 and not (m.num_classes is not None and m.null_class):
             raise GuidedError("train.label_dropout > 0 needs a class-conditional model with model.null_class=true")
+        if self.cfg.data.get("vae"):
+            self.note_latent_chain()
+
+    def note_latent_chain(self):
+        """One line where a latent model trains on a chain whose first reverse step amplifies the network's error:
+        the step from t = T divides by sqrt(alpha_T) (Ho et al. eq. 11), 31.6 for the cosine chain's clipped
+        beta_T = 0.999, which clipping x0 absorbs on pixels but nothing absorbs on latents (a DiT on the digits'
+        latents sampled latents of std 30-500 with ddpm and ddim: scripts/latent_digits_example.py)."""
+        gain = float(1 / (1 - create_diffusion(self.cfg.diffusion, "").betas[-1]).sqrt())
+        if gain > 10:
+            self.print(f"note: latents are never clipped, and this chain's first reverse step (from t = T) multiplies the network's "
+                       f"eps error by {gain:.1f} (beta_T {1 - 1 / gain**2:.3f}): latent models train on the linear "
+                       f"chain (diffusion.noise_schedule=linear), as latent diffusion and DiT do")
 
     def build_model(self):
         return build_unet(self.cfg)  # the recipe's parameterization, returning eps (recipes.py)
