@@ -139,3 +139,30 @@ def test_the_trainer_trains_a_dit_that_resumes_and_samples_with_classifier_free_
     assert (cond - null).abs().max() > 1e-2
     assert torch.allclose(eps, null + 3.0 * (cond - null), rtol=1e-5, atol=1e-8)  # Ho & Salimans eq. 6
     assert torch.isfinite(sample_batch(p, [1, 7], [0, 1], opts)).all()
+
+
+def test_a_released_dit_checkpoint_samples_with_its_vae(tmp_path):
+    """A checkpoint as facebookresearch/DiT releases it (a plain state dict; train.py's {"ema": ...} too) loads as
+    --model with --vae: the network is read off the weights' shapes, on the chain of their train.py, sampled as
+    their sample.py does by default (DDPM, 250 steps); without --vae it is one line."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from test_latent import VAE, made
+
+    net = perturbed(DiT(dit_config("model.hidden_size=128").model))  # heads: width / 64 where not a released width
+    torch.save(net.state_dict(), tmp_path / "DiT-T-2-8.pt")
+    torch.save({"ema": net.state_dict(), "args": None}, tmp_path / "checkpoint.pt")
+    made(AutoencoderKL, 1, **VAE).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    for name in ("DiT-T-2-8.pt", "checkpoint.pt"):
+        p = load_pipeline(str(tmp_path / name), classifier="none", vae=str(tmp_path / "vae"))
+        assert isinstance(p.model, DiT) and p.shape() == (4, 8, 8) and p.image_shape() == (3, 16, 16)
+        assert (p.model.cfg.hidden_size, p.model.cfg.depth, p.model.cfg.num_heads, p.model.num_classes) == (128, 2, 2, 10)
+        assert (p.defaults.sampler, p.defaults.steps, p.diffusion_cfg.noise_schedule) == ("ddpm", "250", "linear")
+        x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([3, 10])
+        with torch.no_grad():
+            assert torch.equal(p.model(x, t, y), net(x, t, y))
+    images = sample_batch(p, [1, 2], [0, 1], SampleOptions(steps="4", cfg_scale=2.0))
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    with pytest.raises(GuidedError, match="give its VAE with --vae FOLDER"):
+        load_pipeline(str(tmp_path / "DiT-T-2-8.pt"), classifier="none")

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from guided.config import DiffusionConfig, SamplingConfig, node
+from guided.config import DiffusionConfig, SamplingConfig, UNetConfig, node
 from guided.diffusion.models import noise_process
 from guided.diffusion.scheduler_config import clips_by_default, read as read_scheduler, scheduler_file
 from guided.diffusion.objectives import adapt, objective_from_config
@@ -21,6 +21,7 @@ from guided.generation.pipeline import Pipeline
 from guided.guidance.terms import KINDS
 from guided.networks import adm
 from guided.networks.checkpoints import config_beside, load_trained, read_state_dict
+from guided.networks.dit import DiT, released_config, released_state_dict
 from guided.networks.diffusers import (PIPELINE_STEPS, default_sampler, is_diffusers_folder, load_latent, load_network,
                                       load_vae)
 from guided.networks.preconditioned import SCORE_NETWORKS
@@ -200,6 +201,31 @@ def _pixel_defaults(model: str, scheduler) -> SamplingConfig:
 
 
 register_format(ModelFormat("diffusers", is_diffusers_folder, _diffusers_network, takes_vae=True))
+
+
+def _released_dit(model: str, scheduler=None, vae=None):
+    """A released DiT checkpoint (guided.networks.dit.released_state_dict) with the VAE of --vae: the chain of
+    its train.py (linear, 1000 steps, learned sigma) and the sampler of its sample.py (DDPM, 250 steps)."""
+    if vae is None:
+        raise GuidedError(f"{model} is a released DiT: it samples a VAE's latents; give its VAE with --vae FOLDER "
+                          f"(the diffusers AutoencoderKL sd-vae-ft-ema or sd-vae-ft-mse)")
+    sd = released_state_dict(model)
+    try:
+        net = DiT(node(UNetConfig, released_config(sd)))
+    except ValueError as e:
+        raise GuidedError(f"{model}: {e}") from None
+    adm.load_state_dict_strict(net, {k: v.float() for k, v in sd.items()}, model)
+    space = load_vae(vae)
+    if space.latent_channels != net.cfg.in_channels:
+        raise GuidedError(f"the VAE of {vae} makes {space.latent_channels}-channel latents but {model} takes "
+                          f"{net.cfg.in_channels}: use the VAE the model was trained with")
+    chain = node(DiffusionConfig, dict(steps=1000, noise_schedule="linear", variance="learned_range", loss="mse"))
+    defaults = SamplingConfig(sampler="ddpm", steps="250")
+    return net, chain, _imagenet_labels(net.num_classes), {"space": space, "defaults": defaults}
+
+
+register_format(ModelFormat("released DiT", lambda path: released_state_dict(path) is not None, _released_dit,
+                            takes_vae=True))
 
 
 def _term_network(name: str, path: str, device):

@@ -179,3 +179,37 @@ class DiT(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
+
+
+# -- the released checkpoints (facebookresearch/DiT: DiT-XL-2-256x256.pt, ...) ------------------------------------
+RELEASED_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}  # XL, L, B, S: heads are not in the weights' shapes
+
+
+def released_state_dict(path) -> dict | None:
+    """The state dict of a released DiT checkpoint (a plain state dict, or train.py's {"ema": ...} checkpoint),
+    or None when `path` is not one. Read memory-mapped where the file allows, so a look is cheap."""
+    if not str(path).endswith((".pt", ".pth")):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint, a damaged file, not a file: not ours to say here
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]
+    keys = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight", "pos_embed")
+    return obj if isinstance(obj, dict) and all(k in obj for k in keys) else None
+
+
+def released_config(sd: dict) -> dict:
+    """The model config values (arch dit) of a released DiT's state dict, read off its shapes."""
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    tokens = sd["pos_embed"].shape[1]
+    grid = round(tokens ** 0.5)
+    out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    heads = RELEASED_HEADS.get(hidden, hidden // 64 if hidden % 64 == 0 else None)
+    if heads is None or grid * grid != tokens:
+        raise ValueError(f"a DiT of width {hidden} and {tokens} tokens is none of the released shapes")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    return dict(arch="dit", image_size=grid * patch, in_channels=in_channels, patch_size=patch, hidden_size=hidden,
+                depth=depth, num_heads=heads, num_classes=rows - 1, null_class=True, learn_sigma=out == 2 * in_channels)
