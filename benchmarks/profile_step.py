@@ -43,8 +43,12 @@ def parse_args(argv=None):
 def workload(args):
     """(the function to profile, sync, a line saying what it is)."""
     if args.work == "train":
-        w = train_speed.workload(train_speed.parse_args(args.bench_args))
-        return w.step, w.sync, f"a training step of {w.path}, batch {w.batch}"
+        b = train_speed.parse_args(args.bench_args)
+        cuda, device = train_speed.device_of(b)
+        path, cfg, classifier, batch = train_speed.pick_config(b, cuda)
+        net, model, opt, ema, node = train_speed.build(cfg, classifier, device, b)
+        step = train_speed.make_step(cfg, classifier, net, model, opt, ema, node, batch, device, b)
+        return step, torch.cuda.synchronize if cuda else (lambda: None), f"a training step of {path}, batch {batch}"
     b = sample_speed.parse_args(args.bench_args)
     w = sample_speed.workloads(b)
     what = f"{w.preset}, batch {w.batch}, precision {b.precision}, compile {b.compile}, channels_last {b.channels_last}"

@@ -23,7 +23,6 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -150,21 +149,13 @@ def device_of(args) -> tuple[bool, torch.device]:
     return cuda, torch.device("cuda" if cuda else "cpu")
 
 
-def workload(args) -> SimpleNamespace:
-    """One training step of args' config on this device (`step`), with what it was built from
-    (benchmarks/profile_step.py profiles it)."""
+def measure(args, count_flops: bool = True) -> dict:
+    """Time args.steps training steps after args.warmup; the figures as a dict (see main for the units)."""
     cuda, device = device_of(args)
     path, cfg, classifier, batch = pick_config(args, cuda)
     net, model, opt, ema, node = build(cfg, classifier, device, args)
     step = make_step(cfg, classifier, net, model, opt, ema, node, batch, device, args)
-    return SimpleNamespace(step=step, sync=torch.cuda.synchronize if cuda else (lambda: None), cuda=cuda, path=path,
-                           classifier=classifier, batch=batch, net=net, node=node)
-
-
-def measure(args, count_flops: bool = True) -> dict:
-    """Time args.steps training steps after args.warmup; the figures as a dict (see main for the units)."""
-    w = workload(args)
-    cuda, path, batch, step = w.cuda, w.path, w.batch, w.step
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
     flops = None
@@ -174,16 +165,16 @@ def measure(args, count_flops: bool = True) -> dict:
         flops = counter.get_total_flops()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    w.sync()
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
-    w.sync()
+    sync()
     seconds = (time.perf_counter() - t0) / args.steps
     shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(what="classifier" if w.classifier else "score model", config=str(shown), batch=batch,
-                params_m=sum(p.numel() for p in w.net.parameters()) / 1e6, size=w.node.image_size, seconds=seconds,
+    return dict(what="classifier" if classifier else "score model", config=str(shown), batch=batch,
+                params_m=sum(p.numel() for p in net.parameters()) / 1e6, size=node.image_size, seconds=seconds,
                 images_per_s=batch / seconds, peak_gib=peak / 2**30,
                 peak_kind="torch allocator" if cuda else "process RSS", flops=flops,
                 device=torch.cuda.get_device_name() if cuda else "CPU")

@@ -72,11 +72,10 @@ def build_cache(dataset, space, folder, image_size: int, batch_size: int = 32, p
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """The latents of a cache, in memory, with the encoded dataset's labels and label map; `space`: the VAE's
-    guided.diffusion.space.LatentSpace that made them, where the caller has it (it decodes samples)."""
+    """The latents of a cache, in memory, with the encoded dataset's labels and label map."""
 
-    def __init__(self, folder, source, space=None):
-        folder, self.space = Path(folder), space
+    def __init__(self, folder, source):
+        folder = Path(folder)
         shards = sorted(folder.glob("shard-*.pt"))
         parts = [read_file(f) for f in shards]
         self.latents = torch.cat([p["latents"] for p in parts])

@@ -12,6 +12,7 @@ import torch
 from guided.diffusion.gaussian import create_diffusion
 from guided.diffusion.space import PIXELS
 from guided.errors import GuidedError
+from guided.networks.diffusers import load_vae
 from guided.networks.preconditioned import build_unet
 from guided.training.trainer import TrainResult, Trainer, train
 from guided.generation import Pipeline
@@ -75,7 +76,10 @@ class DiffusionTrainer(Trainer):
             net = build_unet(self.cfg).to(self.device).eval()
             net.load_state_dict(next(iter(self.ema.state_dicts().values())))
             n = self.cfg.train.probe.samples
-            space = getattr(self.dataset, "space", None) or PIXELS  # a latent model's samples are judged decoded
+            space = PIXELS
+            if self.cfg.data.get("vae"):  # a latent model's samples are judged decoded
+                space = load_vae(self.cfg.data.vae, "data.vae")
+                space.vae.to(self.device)
             pipe = Pipeline(net, self.cfg.diffusion, label_map=self.label_map, space=space,
                             **self.objective.pipeline_kwargs())
             stats = probe(pipe, n, device=self.device)

@@ -260,7 +260,7 @@ def encoded(dataset, data_cfg, split: str, out_dir, device, main: bool, wait):
     if main:
         build_cache(dataset, space, folder, data_cfg.image_size)
     wait()
-    return LatentDataset(folder, dataset, space)
+    return LatentDataset(folder, dataset)
 
 
 
